@@ -1,0 +1,7 @@
+//! ringnbd: an NBD server on io_uring, one pinned ring per core.
+//!
+//! Layout: `proto` is the pure protocol; `net` accepts and negotiates;
+//! `engine` runs transmission on io_uring; `backend` holds exports' storage.
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
+pub mod proto;

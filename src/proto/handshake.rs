@@ -1,0 +1,470 @@
+//! The fixed-newstyle handshake as a pure state machine.
+//!
+//! The driver (net::negotiate) sends [`Handshake::greeting`], then asks
+//! [`Handshake::want`] how many bytes the machine needs, reads exactly that
+//! many and hands them to [`Handshake::feed`], which appends any reply bytes
+//! to `out`. Oversized options are skipped without being buffered:
+//! `want` returns [`Want::Discard`] and the driver calls
+//! [`Handshake::discarded`] once the bytes are gone. Nothing here touches a
+//! socket or a clock, so the whole negotiation is unit-testable and fuzzable.
+
+use thiserror::Error;
+
+use super::error::DecodeError;
+use super::meta::{self, ContextKind, QueryMode};
+use super::transmission::ReplyMode;
+use super::wire::*;
+
+/// Block-size constraints advertised with NBD_INFO_BLOCK_SIZE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSize {
+    pub minimum: u32,
+    pub preferred: u32,
+    pub maximum: u32,
+}
+
+/// What negotiation needs to know about one export.
+#[derive(Debug, Clone)]
+pub struct ExportInfo {
+    pub name: String,
+    pub description: String,
+    pub size: u64,
+    /// Transmission flags that do not depend on negotiation.
+    pub flags: u16,
+    pub block_size: BlockSize,
+    pub contexts: Vec<ContextKind>,
+}
+
+/// Every bound on a client's negotiation, in one place.
+#[derive(Debug, Clone, Copy)]
+pub struct HandshakeLimits {
+    /// Options accepted before the client is considered abusive.
+    pub options_max: u32,
+    /// Largest option payload that is buffered and parsed.
+    pub option_bytes_max: u32,
+    /// Largest oversized option that is skipped (answered ERR_TOO_BIG);
+    /// anything longer is a hard disconnect.
+    pub option_discard_bytes_max: u32,
+}
+
+impl Default for HandshakeLimits {
+    fn default() -> Self {
+        Self {
+            options_max: 1024,
+            // Room for a 4096-byte name plus a generous query or info list.
+            option_bytes_max: 64 * 1024,
+            option_discard_bytes_max: 1024 * 1024,
+        }
+    }
+}
+
+/// The outcome of a successful negotiation, handed to a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    pub export: usize,
+    /// Transmission flags exactly as sent to the client.
+    pub flags: u16,
+    pub reply_mode: ReplyMode,
+    /// Selected contexts with the IDs the client was given.
+    pub contexts: Vec<(u32, ContextKind)>,
+    /// The client asked for INFO_BLOCK_SIZE in GO and is bound by it.
+    pub block_size_agreed: bool,
+}
+
+/// What the machine needs from the driver next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    Bytes(usize),
+    Discard(usize),
+}
+
+/// What a fed chunk led to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Progress {
+    Continue,
+    /// Negotiation finished; transmission starts after `out` is sent.
+    Ready(Negotiated),
+    /// The client sent ABORT; send `out` (best effort) and close.
+    Aborted,
+}
+
+/// Hard-disconnect reasons (the spec allows or requires dropping the client).
+#[derive(Debug, Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    /// Client flags with bits we never offered.
+    #[error("client flags {0:#x} carry unknown bits")]
+    BadClientFlags(u32),
+    /// Option framing was lost.
+    #[error("bad option magic {0:#x}")]
+    BadOptionMagic(u64),
+    /// Too many option rounds.
+    #[error("more than {0} options")]
+    TooManyOptions(u32),
+    /// An option too large even to skip.
+    #[error("option of {0} bytes exceeds the discard limit")]
+    OptionTooLarge(u32),
+    /// EXPORT_NAME cannot carry an error, so an unknown name disconnects.
+    #[error("EXPORT_NAME for unknown export {0:?}")]
+    UnknownExport(String),
+    /// A non-fixed-newstyle client may only send EXPORT_NAME.
+    #[error("option {0} from a client without fixed newstyle")]
+    NotFixedNewstyle(u32),
+    /// EXPORT_NAME is not allowed once extended headers are on.
+    #[error("EXPORT_NAME after extended headers")]
+    ExportNameAfterExtendedHeaders,
+    /// `feed` was called with a different number of bytes than wanted.
+    #[error("fed {got} bytes, wanted {wanted}")]
+    Driver { wanted: usize, got: usize },
+}
+
+/// Option header: magic u64 + option u32 + length u32.
+const OPTION_HEADER_BYTES: usize = 8 + 4 + 4;
+/// Handshake-flags greeting: NBDMAGIC + IHAVEOPT + flags u16.
+pub const GREETING_BYTES: usize = 8 + 8 + 2;
+/// Zero padding after an EXPORT_NAME reply unless NO_ZEROES was agreed.
+const EXPORT_NAME_PADDING: usize = 124;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    ClientFlags,
+    OptionHeader,
+    OptionData { option: u32, length: usize },
+    Discarding { option: u32, length: usize },
+    Finished,
+}
+
+pub struct Handshake<'a> {
+    exports: &'a [ExportInfo],
+    limits: HandshakeLimits,
+    state: State,
+    fixed_newstyle: bool,
+    no_zeroes: bool,
+    structured: bool,
+    extended: bool,
+    /// The last SET_META_CONTEXT: (export index it named, contexts chosen).
+    meta: Option<(Option<usize>, Vec<ContextKind>)>,
+    options_seen: u32,
+}
+
+impl<'a> Handshake<'a> {
+    pub fn new(exports: &'a [ExportInfo], limits: HandshakeLimits) -> Self {
+        Self {
+            exports,
+            limits,
+            state: State::ClientFlags,
+            fixed_newstyle: false,
+            no_zeroes: false,
+            structured: false,
+            extended: false,
+            meta: None,
+            options_seen: 0,
+        }
+    }
+
+    pub fn greeting(&self, out: &mut Vec<u8>) {
+        out.put_u64(NBDMAGIC);
+        out.put_u64(IHAVEOPT);
+        out.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    }
+
+    pub fn want(&self) -> Want {
+        match self.state {
+            State::ClientFlags => Want::Bytes(4),
+            State::OptionHeader => Want::Bytes(OPTION_HEADER_BYTES),
+            State::OptionData { length, .. } => Want::Bytes(length),
+            State::Discarding { length, .. } => Want::Discard(length),
+            State::Finished => Want::Bytes(0),
+        }
+    }
+
+    /// Feed exactly the bytes `want()` asked for.
+    pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<Progress, HandshakeError> {
+        let wanted = match self.want() {
+            Want::Bytes(n) => n,
+            Want::Discard(_) => 0,
+        };
+        if data.len() != wanted || self.state == State::Finished {
+            return Err(HandshakeError::Driver { wanted, got: data.len() });
+        }
+        match self.state {
+            State::ClientFlags => self.client_flags(data),
+            State::OptionHeader => self.option_header(data, out),
+            State::OptionData { option, .. } => {
+                self.state = State::OptionHeader;
+                self.option(option, data, out)
+            }
+            State::Discarding { .. } | State::Finished => unreachable!("checked above"),
+        }
+    }
+
+    /// The bytes of an oversized option were skipped by the driver.
+    pub fn discarded(&mut self, out: &mut Vec<u8>) {
+        if let State::Discarding { option, .. } = self.state {
+            option_reply(out, option, REP_ERR_TOO_BIG, b"option too large");
+            self.state = State::OptionHeader;
+        }
+    }
+
+    fn client_flags(&mut self, data: &[u8]) -> Result<Progress, HandshakeError> {
+        let flags = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
+        if flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+            return Err(HandshakeError::BadClientFlags(flags));
+        }
+        self.fixed_newstyle = flags & FLAG_C_FIXED_NEWSTYLE != 0;
+        self.no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
+        self.state = State::OptionHeader;
+        Ok(Progress::Continue)
+    }
+
+    fn option_header(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<Progress, HandshakeError> {
+        let mut r = Reader::new(data);
+        let magic = r.u64("option magic").expect("length checked by feed");
+        let option = r.u32("option").expect("length checked by feed");
+        let length = r.u32("option length").expect("length checked by feed");
+        if magic != IHAVEOPT {
+            return Err(HandshakeError::BadOptionMagic(magic));
+        }
+        self.options_seen += 1;
+        if self.options_seen > self.limits.options_max {
+            return Err(HandshakeError::TooManyOptions(self.limits.options_max));
+        }
+        if !self.fixed_newstyle && option != OPT_EXPORT_NAME {
+            return Err(HandshakeError::NotFixedNewstyle(option));
+        }
+        if length > self.limits.option_discard_bytes_max {
+            return Err(HandshakeError::OptionTooLarge(length));
+        }
+        let length = length as usize;
+        if length > self.limits.option_bytes_max as usize {
+            self.state = State::Discarding { option, length };
+        } else if length == 0 {
+            return self.option(option, &[], out);
+        } else {
+            self.state = State::OptionData { option, length };
+        }
+        Ok(Progress::Continue)
+    }
+
+    fn option(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) -> Result<Progress, HandshakeError> {
+        match option {
+            OPT_EXPORT_NAME => return self.export_name(data, out),
+            OPT_ABORT => {
+                option_reply(out, option, REP_ACK, &[]);
+                self.state = State::Finished;
+                return Ok(Progress::Aborted);
+            }
+            OPT_INFO | OPT_GO => return Ok(self.info_or_go(option, data, out)),
+            OPT_LIST => self.list(data, out),
+            OPT_STARTTLS => {
+                reply_if_empty(out, option, data, REP_ERR_POLICY, b"TLS is not configured");
+            }
+            OPT_STRUCTURED_REPLY => self.structured_reply(data, out),
+            OPT_EXTENDED_HEADERS => {
+                if reply_if_empty(out, option, data, REP_ACK, &[]) {
+                    self.extended = true;
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta_context(option, data, out),
+            _ => option_reply(out, option, REP_ERR_UNSUP, b"unknown option"),
+        }
+        Ok(Progress::Continue)
+    }
+
+    fn export_name(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<Progress, HandshakeError> {
+        if self.extended {
+            return Err(HandshakeError::ExportNameAfterExtendedHeaders);
+        }
+        let name = String::from_utf8_lossy(data);
+        let export = self
+            .find_export(&name)
+            .ok_or_else(|| HandshakeError::UnknownExport(name.into_owned()))?;
+        let negotiated = self.negotiated(export, false);
+        out.put_u64(self.exports[export].size);
+        out.put_u16(negotiated.flags);
+        if !self.no_zeroes {
+            out.extend_from_slice(&[0u8; EXPORT_NAME_PADDING]);
+        }
+        self.state = State::Finished;
+        Ok(Progress::Ready(negotiated))
+    }
+
+    fn info_or_go(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) -> Progress {
+        let request = match parse_info_request(data) {
+            Ok(request) => request,
+            Err(e) => {
+                option_reply(out, option, REP_ERR_INVALID, e.to_string().as_bytes());
+                return Progress::Continue;
+            }
+        };
+        let Some(export) = self.find_export(request.name) else {
+            option_reply(out, option, REP_ERR_UNKNOWN, b"no such export");
+            return Progress::Continue;
+        };
+        let wants = |code| request.info_codes.contains(&code);
+        let info = &self.exports[export];
+        let negotiated = self.negotiated(export, wants(INFO_BLOCK_SIZE));
+
+        let mut payload = Vec::with_capacity(12);
+        payload.put_u16(INFO_EXPORT);
+        payload.put_u64(info.size);
+        payload.put_u16(negotiated.flags);
+        option_reply(out, option, REP_INFO, &payload);
+        if wants(INFO_NAME) {
+            info_string(out, option, INFO_NAME, &info.name);
+        }
+        if wants(INFO_DESCRIPTION) && !info.description.is_empty() {
+            info_string(out, option, INFO_DESCRIPTION, &info.description);
+        }
+        // Sent even when not requested: the spec allows it and clients that
+        // did not ask are not bound by it.
+        payload.clear();
+        payload.put_u16(INFO_BLOCK_SIZE);
+        payload.put_u32(info.block_size.minimum);
+        payload.put_u32(info.block_size.preferred);
+        payload.put_u32(info.block_size.maximum);
+        option_reply(out, option, REP_INFO, &payload);
+        option_reply(out, option, REP_ACK, &[]);
+        if option == OPT_GO {
+            self.state = State::Finished;
+            return Progress::Ready(negotiated);
+        }
+        Progress::Continue
+    }
+
+    fn list(&self, data: &[u8], out: &mut Vec<u8>) {
+        if !data.is_empty() {
+            option_reply(out, OPT_LIST, REP_ERR_INVALID, b"LIST takes no data");
+            return;
+        }
+        for export in self.exports {
+            let mut payload = Vec::with_capacity(4 + export.name.len() + export.description.len());
+            payload.put_u32(export.name.len() as u32);
+            payload.extend_from_slice(export.name.as_bytes());
+            payload.extend_from_slice(export.description.as_bytes());
+            option_reply(out, OPT_LIST, REP_SERVER, &payload);
+        }
+        option_reply(out, OPT_LIST, REP_ACK, &[]);
+    }
+
+    fn structured_reply(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        if self.extended {
+            option_reply(out, OPT_STRUCTURED_REPLY, REP_ERR_EXT_HEADER_REQD, b"extended headers in use");
+        } else if reply_if_empty(out, OPT_STRUCTURED_REPLY, data, REP_ACK, &[]) {
+            self.structured = true;
+        }
+    }
+
+    fn meta_context(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) {
+        let mode = if option == OPT_SET_META_CONTEXT { QueryMode::Set } else { QueryMode::List };
+        if mode == QueryMode::Set {
+            // Each SET replaces the selection, even when it fails.
+            self.meta = None;
+            if !self.structured && !self.extended {
+                option_reply(out, option, REP_ERR_INVALID, b"negotiate structured replies first");
+                return;
+            }
+        }
+        let request = match meta::parse_meta_request(data) {
+            Ok(request) => request,
+            Err(e) => {
+                option_reply(out, option, REP_ERR_INVALID, e.to_string().as_bytes());
+                return;
+            }
+        };
+        let Some(export) = self.find_export(request.export) else {
+            option_reply(out, option, REP_ERR_UNKNOWN, b"no such export");
+            return;
+        };
+        let chosen = meta::match_queries(mode, &request.queries, &self.exports[export].contexts);
+        for (index, kind) in chosen.iter().enumerate() {
+            // LIST replies carry ID 0; SET IDs are 1-based positions.
+            let id = if mode == QueryMode::Set { index as u32 + 1 } else { 0 };
+            let mut payload = Vec::with_capacity(4 + kind.name().len());
+            payload.put_u32(id);
+            payload.extend_from_slice(kind.name().as_bytes());
+            option_reply(out, option, REP_META_CONTEXT, &payload);
+        }
+        if mode == QueryMode::Set {
+            self.meta = Some((Some(export), chosen));
+        }
+        option_reply(out, option, REP_ACK, &[]);
+    }
+
+    fn find_export(&self, name: &str) -> Option<usize> {
+        if name.is_empty() && !self.exports.is_empty() {
+            return Some(0);
+        }
+        self.exports.iter().position(|e| e.name == name)
+    }
+
+    /// Flags and contexts as they apply to `export` in the current state.
+    /// INFO and an identical GO call this with the same state, so they agree.
+    fn negotiated(&self, export: usize, block_size_agreed: bool) -> Negotiated {
+        let reply_mode = match (self.extended, self.structured) {
+            (true, _) => ReplyMode::Extended,
+            (false, true) => ReplyMode::Structured,
+            (false, false) => ReplyMode::Simple,
+        };
+        let contexts = match &self.meta {
+            Some((Some(named), chosen)) if *named == export && reply_mode != ReplyMode::Simple => chosen
+                .iter()
+                .enumerate()
+                .map(|(index, kind)| (index as u32 + 1, *kind))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut flags = self.exports[export].flags | TF_HAS_FLAGS;
+        if reply_mode != ReplyMode::Simple {
+            flags |= TF_SEND_DF;
+        }
+        Negotiated { export, flags, reply_mode, contexts, block_size_agreed }
+    }
+}
+
+struct InfoRequest<'a> {
+    name: &'a str,
+    info_codes: Vec<u16>,
+}
+
+fn parse_info_request(data: &[u8]) -> Result<InfoRequest<'_>, DecodeError> {
+    let mut r = Reader::new(data);
+    let name = r.string32("export name")?;
+    let count = r.u16("info count")? as usize;
+    let mut info_codes = Vec::with_capacity(count.min(r.remaining() / 2));
+    for _ in 0..count {
+        info_codes.push(r.u16("info code")?);
+    }
+    r.expect_end("info codes")?;
+    Ok(InfoRequest { name, info_codes })
+}
+
+fn option_reply(out: &mut Vec<u8>, option: u32, reply: u32, payload: &[u8]) {
+    out.put_u64(OPTION_REPLY_MAGIC);
+    out.put_u32(option);
+    out.put_u32(reply);
+    out.put_u32(payload.len() as u32);
+    out.extend_from_slice(payload);
+}
+
+/// Options that take no data: INVALID if some came, else `reply`.
+/// Returns whether the option was accepted.
+fn reply_if_empty(out: &mut Vec<u8>, option: u32, data: &[u8], reply: u32, payload: &[u8]) -> bool {
+    if !data.is_empty() {
+        option_reply(out, option, REP_ERR_INVALID, b"option takes no data");
+        return false;
+    }
+    option_reply(out, option, reply, payload);
+    reply == REP_ACK
+}
+
+fn info_string(out: &mut Vec<u8>, option: u32, info: u16, text: &str) {
+    let mut payload = Vec::with_capacity(2 + text.len());
+    payload.put_u16(info);
+    payload.extend_from_slice(text.as_bytes());
+    option_reply(out, option, REP_INFO, &payload);
+}
+
+#[cfg(test)]
+#[path = "handshake_tests.rs"]
+mod tests;

@@ -1,0 +1,162 @@
+//! Metadata-context negotiation: parsing LIST/SET_META_CONTEXT data and
+//! matching queries against the contexts an export offers.
+//!
+//! Query grammar (see doc/contexts.md): every query is `namespace:rest`.
+//! A query with an empty `rest` is a wildcard that LIST expands to every
+//! context of the namespace and SET ignores. Unknown namespaces and leaves are
+//! silently ignored, as the spec requires.
+
+use super::error::DecodeError;
+use super::wire::Reader;
+
+/// A context this server knows how to answer BLOCK_STATUS for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ContextKind {
+    /// `base:allocation`: HOLE (bit 0) and ZERO (bit 1).
+    BaseAllocation,
+}
+
+impl ContextKind {
+    pub const ALL: [ContextKind; 1] = [ContextKind::BaseAllocation];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ContextKind::BaseAllocation => "base:allocation",
+        }
+    }
+
+    fn namespace(self) -> &'static str {
+        let name = self.name();
+        &name[..name.find(':').expect("context names carry a namespace")]
+    }
+}
+
+/// Which option the queries came from; they differ on wildcards and on an
+/// empty query list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryMode {
+    List,
+    Set,
+}
+
+/// The decoded data of LIST_META_CONTEXT / SET_META_CONTEXT.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MetaRequest<'a> {
+    pub export: &'a str,
+    pub queries: Vec<&'a str>,
+}
+
+/// Upper bound on queries per option; the option-length cap bounds it anyway,
+/// this keeps the allocation honest when a client lies about the count.
+pub const QUERIES_MAX: usize = 1024;
+
+pub fn parse_meta_request(data: &[u8]) -> Result<MetaRequest<'_>, DecodeError> {
+    let mut r = Reader::new(data);
+    let export = r.string32("export name")?;
+    let count = r.u32("query count")? as usize;
+    // Each query needs at least its 4-byte length, so a count beyond what the
+    // remaining bytes could hold is a structural overrun.
+    if count > r.remaining() / 4 || count > QUERIES_MAX {
+        return Err(DecodeError::Short("queries"));
+    }
+    let mut queries = Vec::with_capacity(count);
+    for _ in 0..count {
+        queries.push(r.string32("query")?);
+    }
+    r.expect_end("queries")?;
+    Ok(MetaRequest { export, queries })
+}
+
+/// The contexts selected (SET) or listed (LIST) by `queries`, in first-match
+/// order without duplicates.
+pub fn match_queries(mode: QueryMode, queries: &[&str], available: &[ContextKind]) -> Vec<ContextKind> {
+    let mut chosen: Vec<ContextKind> = Vec::new();
+    if queries.is_empty() {
+        if mode == QueryMode::List {
+            chosen.extend_from_slice(available);
+        }
+        return chosen;
+    }
+    for query in queries {
+        for &kind in available {
+            if query_selects(mode, query, kind) && !chosen.contains(&kind) {
+                chosen.push(kind);
+            }
+        }
+    }
+    chosen
+}
+
+fn query_selects(mode: QueryMode, query: &str, kind: ContextKind) -> bool {
+    let Some((namespace, leaf)) = query.split_once(':') else {
+        return false;
+    };
+    if namespace != kind.namespace() {
+        return false;
+    }
+    if leaf.is_empty() {
+        return mode == QueryMode::List;
+    }
+    query == kind.name()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::wire::PutBe;
+
+    fn encode(export: &str, queries: &[&str]) -> Vec<u8> {
+        let mut v = vec![];
+        v.put_u32(export.len() as u32);
+        v.extend_from_slice(export.as_bytes());
+        v.put_u32(queries.len() as u32);
+        for q in queries {
+            v.put_u32(q.len() as u32);
+            v.extend_from_slice(q.as_bytes());
+        }
+        v
+    }
+
+    const ALL: &[ContextKind] = &ContextKind::ALL;
+
+    #[test]
+    fn parses_export_and_queries() {
+        let data = encode("disk", &["base:allocation", "qemu:"]);
+        let req = parse_meta_request(&data).unwrap();
+        assert_eq!(req.export, "disk");
+        assert_eq!(req.queries, vec!["base:allocation", "qemu:"]);
+    }
+
+    #[test]
+    fn structural_overruns_are_errors() {
+        let mut data = encode("", &["base:allocation"]);
+        data.pop();
+        assert!(parse_meta_request(&data).is_err());
+        let mut trailing = encode("", &[]);
+        trailing.push(0);
+        assert_eq!(parse_meta_request(&trailing), Err(DecodeError::Trailing("queries")));
+        let mut lying = vec![];
+        lying.put_u32(0);
+        lying.put_u32(u32::MAX);
+        assert!(parse_meta_request(&lying).is_err());
+    }
+
+    #[test]
+    fn empty_query_list_lists_all_and_selects_nothing() {
+        assert_eq!(match_queries(QueryMode::List, &[], ALL), vec![ContextKind::BaseAllocation]);
+        assert!(match_queries(QueryMode::Set, &[], ALL).is_empty());
+    }
+
+    #[test]
+    fn namespace_wildcard_lists_but_does_not_select() {
+        assert_eq!(match_queries(QueryMode::List, &["base:"], ALL), vec![ContextKind::BaseAllocation]);
+        assert!(match_queries(QueryMode::Set, &["base:"], ALL).is_empty());
+    }
+
+    #[test]
+    fn exact_names_select_and_unknowns_are_ignored() {
+        let q = ["x-foo:bar", "base:nope", "nocolon", "base:allocation", "base:allocation"];
+        assert_eq!(match_queries(QueryMode::Set, &q, ALL), vec![ContextKind::BaseAllocation]);
+        assert!(match_queries(QueryMode::Set, &["qemu:dirty-bitmap:x"], ALL).is_empty());
+    }
+}
