@@ -4,4 +4,10 @@
 //! `engine` runs transmission on io_uring; `backend` holds exports' storage.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
+pub mod backend;
+pub mod cli;
+pub mod engine;
+pub mod export;
+pub mod net;
 pub mod proto;
+pub mod server;

@@ -184,7 +184,8 @@ impl<'a> Handshake<'a> {
             Want::Bytes(n) => n,
             Want::Discard(_) => 0,
         };
-        if data.len() != wanted || self.state == State::Finished {
+        let discarding = matches!(self.state, State::Discarding { .. });
+        if data.len() != wanted || self.state == State::Finished || discarding {
             return Err(HandshakeError::Driver { wanted, got: data.len() });
         }
         match self.state {
@@ -232,7 +233,10 @@ impl<'a> Handshake<'a> {
         if !self.fixed_newstyle && option != OPT_EXPORT_NAME {
             return Err(HandshakeError::NotFixedNewstyle(option));
         }
-        if length > self.limits.option_discard_bytes_max {
+        // EXPORT_NAME has no error reply, so an oversized one cannot be
+        // skipped and answered: the only option is to disconnect.
+        let export_name_too_long = option == OPT_EXPORT_NAME && length > self.limits.option_bytes_max;
+        if length > self.limits.option_discard_bytes_max || export_name_too_long {
             return Err(HandshakeError::OptionTooLarge(length));
         }
         let length = length as usize;
@@ -276,9 +280,7 @@ impl<'a> Handshake<'a> {
             return Err(HandshakeError::ExportNameAfterExtendedHeaders);
         }
         let name = String::from_utf8_lossy(data);
-        let export = self
-            .find_export(&name)
-            .ok_or_else(|| HandshakeError::UnknownExport(name.into_owned()))?;
+        let export = self.find_export(&name).ok_or_else(|| HandshakeError::UnknownExport(name.into_owned()))?;
         let negotiated = self.negotiated(export, false);
         out.put_u64(self.exports[export].size);
         out.put_u16(negotiated.flags);
@@ -407,11 +409,9 @@ impl<'a> Handshake<'a> {
             (false, false) => ReplyMode::Simple,
         };
         let contexts = match &self.meta {
-            Some((Some(named), chosen)) if *named == export && reply_mode != ReplyMode::Simple => chosen
-                .iter()
-                .enumerate()
-                .map(|(index, kind)| (index as u32 + 1, *kind))
-                .collect(),
+            Some((Some(named), chosen)) if *named == export && reply_mode != ReplyMode::Simple => {
+                chosen.iter().enumerate().map(|(index, kind)| (index as u32 + 1, *kind)).collect()
+            }
             _ => Vec::new(),
         };
         let mut flags = self.exports[export].flags | TF_HAS_FLAGS;

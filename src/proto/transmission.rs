@@ -103,17 +103,25 @@ pub enum Verdict {
     Run(Command),
     /// A zero-length request: answer success without touching the backend.
     /// `payload` bytes (none in practice) still follow and must be drained.
-    Empty { payload: u64 },
+    Empty {
+        payload: u64,
+    },
     /// Answer `error` after draining `payload` bytes from the socket.
-    Reject { error: NbdError, payload: u64 },
+    Reject {
+        error: NbdError,
+        payload: u64,
+    },
 }
 
 /// How many payload bytes follow this header on the wire.
+///
+/// WRITE always carries `length` bytes. With extended headers other commands
+/// carry a payload only when they set PAYLOAD_LEN; qemu (8.2 to 10) sends
+/// extended WRITEs without the flag, so it cannot be required there.
 fn payload_bytes(h: &RequestHeader, mode: ReplyMode) -> u64 {
     match mode {
-        ReplyMode::Extended if h.flags & CMD_FLAG_PAYLOAD_LEN != 0 => h.length,
-        ReplyMode::Extended => 0,
         _ if h.kind == CMD_WRITE => h.length,
+        ReplyMode::Extended if h.flags & CMD_FLAG_PAYLOAD_LEN != 0 => h.length,
         _ => 0,
     }
 }
@@ -154,10 +162,6 @@ pub fn validate(h: &RequestHeader, limits: &RequestLimits) -> Result<Verdict, Fr
         _ => false,
     };
     if !supported {
-        return reject(NbdError::Inval);
-    }
-    if h.kind == CMD_WRITE && limits.reply_mode == ReplyMode::Extended && payload != length {
-        // Extended WRITE must say PAYLOAD_LEN; without it nothing follows.
         return reject(NbdError::Inval);
     }
     if writes && needs(TF_READ_ONLY) {
@@ -206,7 +210,7 @@ pub fn validate(h: &RequestHeader, limits: &RequestLimits) -> Result<Verdict, Fr
 fn is_aligned(offset: u64, length: u64, limits: &RequestLimits) -> bool {
     let align = u64::from(limits.alignment_bytes.max(1));
     let end = offset + length;
-    offset % align == 0 && (end % align == 0 || end == limits.export_bytes)
+    offset.is_multiple_of(align) && (end.is_multiple_of(align) || end == limits.export_bytes)
 }
 
 #[cfg(test)]

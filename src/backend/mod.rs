@@ -1,0 +1,55 @@
+//! Storage behind an export. Backends only describe storage and offer the
+//! non-ring operations; the engine turns commands into io_uring submissions
+//! (file) or direct memory copies (memory).
+
+pub mod file;
+pub mod memory;
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+pub use file::FileBackend;
+pub use memory::MemoryBackend;
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The file or device could not be opened or inspected.
+    #[error("{path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    /// Only regular files and block devices can be exported.
+    #[error("{0}: not a regular file or block device")]
+    NotAFile(PathBuf),
+}
+
+pub enum Backend {
+    File(FileBackend),
+    Memory(MemoryBackend),
+}
+
+impl Backend {
+    pub fn size(&self) -> u64 {
+        match self {
+            Backend::File(f) => f.size,
+            Backend::Memory(m) => m.size(),
+        }
+    }
+
+    /// Offset/length alignment the hot path needs; requests that break it
+    /// take the bounce/read-modify-write path.
+    pub fn alignment(&self) -> u32 {
+        match self {
+            Backend::File(f) => f.alignment,
+            Backend::Memory(_) => 1,
+        }
+    }
+
+    /// Zeroing is metadata-only (FAST_ZERO can be honoured).
+    pub fn fast_zero(&self) -> bool {
+        match self {
+            Backend::File(f) => f.can_punch_hole,
+            Backend::Memory(_) => true,
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Command line, nbdkit-style: `ringnbd [OPTIONS] [EXPORT]...`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::engine::worker::WorkerConfig;
+use crate::export::{ExportOptions, ExportSpec, parse_size};
+use crate::server::ServerConfig;
+
+/// Serve files, block devices or sparse memory over NBD, on io_uring.
+#[derive(Debug, Parser)]
+#[command(name = "ringnbd", version, about)]
+pub struct Cli {
+    /// Exports: `[NAME=]PATH` or `[NAME=]memory:SIZE`. The first is also the
+    /// default export (empty name). Default: `memory:1G`.
+    #[arg(value_name = "EXPORT")]
+    pub exports: Vec<ExportSpec>,
+
+    /// TCP address to listen on (repeatable). Default 127.0.0.1:10809
+    /// unless only --unix is given. Port 0 picks a free port.
+    #[arg(short = 'l', long = "listen", value_name = "ADDR")]
+    pub listen: Vec<String>,
+
+    /// Unix socket path to listen on (repeatable).
+    #[arg(short = 'U', long = "unix", value_name = "PATH")]
+    pub unix: Vec<PathBuf>,
+
+    /// Serve every export read-only.
+    #[arg(short = 'r', long)]
+    pub read_only: bool,
+
+    /// Worker threads, each with its own io_uring. Default: one per core.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+
+    /// Do not pin worker threads to cores.
+    #[arg(long)]
+    pub no_pin: bool,
+
+    /// Use buffered I/O instead of O_DIRECT for files and devices.
+    #[arg(long)]
+    pub no_direct: bool,
+
+    /// Largest READ/WRITE payload (e.g. 32M). At least 1M.
+    #[arg(long, value_name = "BYTES", default_value = "32M", value_parser = parse_payload)]
+    pub max_payload: u32,
+
+    /// Seconds a client may take to negotiate.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub handshake_timeout: f64,
+
+    /// Description shown by `nbdinfo --list` and NBD_INFO_DESCRIPTION.
+    #[arg(long, value_name = "TEXT")]
+    pub description: Option<String>,
+
+    /// Requests one connection may have in flight (backpressure).
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub inflight: usize,
+
+    /// Registered buffer region per worker (e.g. 64M).
+    #[arg(long, value_name = "BYTES", default_value = "96M", value_parser = parse_buffer)]
+    pub buffers: usize,
+
+    /// Submission queue entries per ring.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub ring_entries: u32,
+
+    /// Log connections and protocol errors to stderr.
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+fn parse_payload(text: &str) -> Result<u32, String> {
+    let bytes = parse_size(text).map_err(|e| e.to_string())?;
+    if !(1 << 20..=u32::MAX as u64).contains(&bytes) {
+        return Err("must be between 1M and 4G-1".into());
+    }
+    Ok(bytes as u32)
+}
+
+fn parse_buffer(text: &str) -> Result<usize, String> {
+    let bytes = parse_size(text).map_err(|e| e.to_string())?;
+    if !(1 << 20..=1 << 30).contains(&bytes) {
+        return Err("must be between 1M and 1G".into());
+    }
+    Ok(bytes as usize)
+}
+
+impl Cli {
+    pub fn export_specs(&self) -> Vec<ExportSpec> {
+        if self.exports.is_empty() {
+            return vec!["memory:1G".parse().expect("valid default export")];
+        }
+        self.exports.clone()
+    }
+
+    pub fn export_options(&self) -> ExportOptions {
+        ExportOptions {
+            read_only: self.read_only,
+            direct_io: !self.no_direct,
+            description: self.description.clone(),
+            payload_bytes_max: self.max_payload,
+        }
+    }
+
+    pub fn server_config(&self) -> ServerConfig {
+        let threads =
+            self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+        let tcp = if self.listen.is_empty() && self.unix.is_empty() {
+            vec!["127.0.0.1:10809".to_owned()]
+        } else {
+            self.listen.clone()
+        };
+        ServerConfig {
+            tcp,
+            unix: self.unix.clone(),
+            threads,
+            pin_workers: !self.no_pin,
+            handshake_timeout: Duration::from_secs_f64(self.handshake_timeout.max(0.001)),
+            handshakes_max: 1024,
+            worker: WorkerConfig {
+                ring_entries: self.ring_entries.clamp(8, 32768),
+                buffer_bytes: self.buffers,
+                inflight_per_conn_max: self.inflight.clamp(1, 4096),
+                requests_max: 8192,
+                payload_bytes_max: self.max_payload,
+                verbose: self.verbose,
+            },
+            verbose: self.verbose,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_serve_one_gib_of_memory_on_localhost() {
+        let cli = Cli::parse_from(["ringnbd"]);
+        assert_eq!(cli.export_specs(), vec!["memory:1G".parse::<ExportSpec>().unwrap()]);
+        let config = cli.server_config();
+        assert_eq!(config.tcp, vec!["127.0.0.1:10809"]);
+        assert_eq!(config.worker.payload_bytes_max, 32 << 20);
+        assert_eq!(config.handshake_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn unix_only_disables_tcp_and_options_parse() {
+        let cli = Cli::parse_from([
+            "ringnbd",
+            "-U",
+            "/tmp/s",
+            "-r",
+            "--threads",
+            "3",
+            "--max-payload",
+            "64M",
+            "disk=/tmp/x.img",
+        ]);
+        let config = cli.server_config();
+        assert!(config.tcp.is_empty());
+        assert_eq!(config.threads, 3);
+        assert_eq!(config.worker.payload_bytes_max, 64 << 20);
+        assert!(cli.export_options().read_only);
+        assert_eq!(cli.exports[0].name.as_deref(), Some("disk"));
+    }
+
+    #[test]
+    fn out_of_range_limits_are_refused() {
+        assert!(Cli::try_parse_from(["ringnbd", "--max-payload", "4K"]).is_err());
+        assert!(Cli::try_parse_from(["ringnbd", "--buffers", "2G"]).is_err());
+        assert!(Cli::try_parse_from(["ringnbd", "bad=memory:1Q"]).is_err());
+    }
+}

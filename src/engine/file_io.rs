@@ -1,0 +1,324 @@
+//! File-backend requests as io_uring steps.
+//!
+//! `start` picks a request's first step, `on_result` consumes a step's CQE
+//! and picks the next; each returns what the worker should do. A step that
+//! needs a resource held elsewhere (the RMW guard, a zero buffer) returns
+//! `Next::Defer` and is retried from the worker's deferred queue.
+
+use io_uring::{opcode, squeue, types};
+
+use crate::backend::FileBackend;
+use crate::export::Export;
+use crate::proto::NbdError;
+use crate::proto::transmission::Command;
+
+use super::buffers::BufferPool;
+use super::request::{Request, Step};
+use super::user_data::Token;
+
+/// Largest zero buffer the ZeroFill fallback writes from.
+const ZERO_FILL_BYTES_MAX: usize = 1 << 20;
+
+#[derive(Debug)]
+pub enum Next {
+    Submit(squeue::Entry),
+    Finished,
+    Defer,
+}
+
+/// Zeroing strategies in order of preference; `ZeroFill` is the slow last
+/// resort that FAST_ZERO refuses.
+const PLAN_MAY_PUNCH: [Step; 3] = [Step::Punch, Step::ZeroRange, Step::ZeroFill];
+const PLAN_NO_HOLE: [Step; 3] = [Step::ZeroRange, Step::Punch, Step::ZeroFill];
+
+pub struct FileIo<'a> {
+    pub file: &'a FileBackend,
+    pub export: &'a Export,
+    pub pool: &'a mut BufferPool,
+    pub id: u32,
+}
+
+impl FileIo<'_> {
+    pub fn start(&mut self, req: &mut Request) -> Next {
+        match req.command {
+            Command::Read { .. } => self.step(req, Step::Read),
+            Command::Write { offset, length, .. } => self.start_write(req, offset, length as usize),
+            Command::Flush => self.step(req, Step::Sync),
+            Command::Trim { .. } if self.file.can_punch_hole => self.step(req, Step::Punch),
+            Command::Trim { fua: true, .. } => self.step(req, Step::Sync),
+            Command::Trim { .. } => Next::Finished, // advisory, nothing to do
+            Command::WriteZeroes { .. } => self.next_zero_strategy(req),
+            Command::Cache { .. } if !self.file.direct_io => self.step(req, Step::Advise),
+            // O_DIRECT bypasses the page cache, so prefetching into it would
+            // not help later reads.
+            Command::Cache { .. } => Next::Finished,
+            Command::BlockStatus { .. } | Command::Disconnect => unreachable!("handled by the worker"),
+        }
+    }
+
+    /// Re-runs the current step after a deferral.
+    pub fn resume(&mut self, req: &mut Request) -> Next {
+        match req.step {
+            Step::WaitRmw => self.start(req),
+            step => self.step(req, step),
+        }
+    }
+
+    fn start_write(&mut self, req: &mut Request, offset: u64, length: usize) -> Next {
+        if req.span.is_exact(length) {
+            return self.step(req, Step::Write);
+        }
+        if req.span.end() > self.file.size {
+            // Aligned I/O would extend the file past its unaligned end.
+            return self.step(req, Step::WriteBuffered);
+        }
+        if !req.holds_rmw {
+            if !self.export.try_begin_rmw() {
+                req.step = Step::WaitRmw;
+                return Next::Defer;
+            }
+            req.holds_rmw = true;
+        }
+        let block = self.file.alignment as u64;
+        if !offset.is_multiple_of(block) {
+            return self.step(req, Step::RmwHead);
+        }
+        self.step(req, Step::RmwTail)
+    }
+
+    pub fn on_result(&mut self, req: &mut Request, result: i32) -> Next {
+        if result < 0 {
+            return self.on_error(req, -result);
+        }
+        let done = result as usize;
+        match req.step {
+            Step::Read => {
+                req.progress += done;
+                let needed = req.span.head + req.client_len();
+                if req.progress >= needed {
+                    return Next::Finished;
+                }
+                if done == 0 {
+                    // The file shrank under us: report, don't spin.
+                    req.error = Some(NbdError::Io);
+                    return Next::Finished;
+                }
+                self.step(req, Step::Read)
+            }
+            Step::RmwHead => self.merge_head(req),
+            Step::RmwTail => {
+                self.merge_tail(req);
+                self.step(req, Step::Write)
+            }
+            Step::Write | Step::WriteBuffered | Step::ZeroFill => self.on_written(req, done),
+            Step::Punch if self.no_hole(req) => self.step(req, Step::Allocate),
+            Step::Punch | Step::ZeroRange | Step::Allocate => self.after_mutation(req),
+            Step::Sync | Step::Advise => Next::Finished,
+            Step::Start | Step::WaitRmw => unreachable!("no operation was submitted"),
+        }
+    }
+
+    fn merge_head(&mut self, req: &mut Request) -> Next {
+        let block = self.file.alignment as usize;
+        let (head, len, span_len) = (req.span.head, req.client_len(), req.span.len);
+        let buffer = req.buffer.as_mut().expect("writes own a buffer").as_mut_slice();
+        let (data, scratch) = buffer.split_at_mut(span_len);
+        data[..head].copy_from_slice(&scratch[..head]);
+        if span_len == block {
+            // Head and tail are the same block: one read covers both.
+            data[head + len..block].copy_from_slice(&scratch[head + len..block]);
+            return self.step(req, Step::Write);
+        }
+        if (head + len) % block != 0 {
+            return self.step(req, Step::RmwTail);
+        }
+        self.step(req, Step::Write)
+    }
+
+    fn merge_tail(&mut self, req: &mut Request) {
+        let block = self.file.alignment as usize;
+        let span_len = req.span.len;
+        let tail_used = (req.span.head + req.client_len()) % block;
+        let buffer = req.buffer.as_mut().expect("writes own a buffer").as_mut_slice();
+        let (data, scratch) = buffer.split_at_mut(span_len);
+        data[span_len - block + tail_used..].copy_from_slice(&scratch[tail_used..block]);
+    }
+
+    fn on_written(&mut self, req: &mut Request, done: usize) -> Next {
+        req.progress += done;
+        let total = match req.step {
+            Step::Write => req.span.len,
+            Step::WriteBuffered => req.client_len(),
+            _ => {
+                let (_, end) = self.range(req);
+                req.fill_at += done as u64;
+                req.progress = 0;
+                if req.fill_at < end {
+                    return self.step(req, Step::ZeroFill);
+                }
+                return self.after_mutation(req);
+            }
+        };
+        if done == 0 {
+            req.error = Some(NbdError::Io);
+            return Next::Finished;
+        }
+        if req.progress < total {
+            return self.step(req, req.step);
+        }
+        if req.holds_rmw {
+            self.export.end_rmw();
+            req.holds_rmw = false;
+        }
+        // Writes carry RWF_DSYNC when FUA was asked, so they are durable here.
+        Next::Finished
+    }
+
+    fn after_mutation(&mut self, req: &mut Request) -> Next {
+        let fua = matches!(req.command, Command::Trim { fua: true, .. } | Command::WriteZeroes { fua: true, .. });
+        if fua { self.step(req, Step::Sync) } else { Next::Finished }
+    }
+
+    fn on_error(&mut self, req: &mut Request, errno: i32) -> Next {
+        let unsupported = errno == libc::EOPNOTSUPP || errno == libc::ENOTTY;
+        match (req.step, &req.command) {
+            (Step::Punch | Step::ZeroRange | Step::Allocate, Command::WriteZeroes { .. }) if unsupported => {
+                self.next_zero_strategy(req)
+            }
+            // TRIM is advisory: a filesystem that cannot punch just keeps the data.
+            (Step::Punch, Command::Trim { .. }) if unsupported => self.after_mutation(req),
+            (Step::Advise, _) => Next::Finished,
+            _ => {
+                if req.holds_rmw {
+                    self.export.end_rmw();
+                    req.holds_rmw = false;
+                }
+                req.error = Some(NbdError::from_errno(errno));
+                Next::Finished
+            }
+        }
+    }
+
+    fn no_hole(&self, req: &Request) -> bool {
+        matches!(req.command, Command::WriteZeroes { no_hole: true, .. })
+    }
+
+    fn next_zero_strategy(&mut self, req: &mut Request) -> Next {
+        let Command::WriteZeroes { no_hole, fast, .. } = req.command else { unreachable!("zeroing plan") };
+        let plan = if no_hole { PLAN_NO_HOLE } else { PLAN_MAY_PUNCH };
+        while let Some(&step) = plan.get(req.zero_plan as usize) {
+            req.zero_plan += 1;
+            match step {
+                Step::Punch if !self.file.can_punch_hole => continue,
+                Step::ZeroFill if fast => {
+                    req.error = Some(NbdError::NotSup);
+                    return Next::Finished;
+                }
+                Step::ZeroFill => {
+                    req.fill_at = self.range(req).0;
+                    return self.step(req, Step::ZeroFill);
+                }
+                _ => return self.step(req, step),
+            }
+        }
+        unreachable!("ZeroFill always ends the plan")
+    }
+
+    /// The client's byte range for range commands.
+    fn range(&self, req: &Request) -> (u64, u64) {
+        match req.command {
+            Command::Trim { offset, length, .. }
+            | Command::WriteZeroes { offset, length, .. }
+            | Command::Cache { offset, length } => (offset, offset + length),
+            Command::Read { offset, length, .. } | Command::Write { offset, length, .. } => {
+                (offset, offset + u64::from(length))
+            }
+            _ => (0, 0),
+        }
+    }
+
+    /// Builds the SQE for `step` and records it as the current step.
+    fn step(&mut self, req: &mut Request, step: Step) -> Next {
+        if step == Step::ZeroFill && req.buffer.is_none() {
+            let (start, end) = self.range(req);
+            let len = ((end - start) as usize).min(ZERO_FILL_BYTES_MAX);
+            let Some(mut buffer) = self.pool.alloc(len) else {
+                req.step = Step::ZeroFill;
+                return Next::Defer;
+            };
+            buffer.as_mut_slice().fill(0);
+            req.buffer = Some(buffer);
+        }
+        req.step = step;
+        let entry = self.entry(req);
+        Next::Submit(entry.user_data(Token::Request { request: self.id }.encode()))
+    }
+
+    fn entry(&self, req: &Request) -> squeue::Entry {
+        let direct = types::Fd(self.file.direct_fd());
+        let buffered = types::Fd(self.file.buffered_fd());
+        let fua = matches!(req.command, Command::Write { fua: true, .. });
+        let dsync = if fua { libc::RWF_DSYNC } else { 0 };
+        let (start, end) = self.range(req);
+        let block = self.file.alignment as usize;
+        match req.step {
+            Step::Read => {
+                let at = req.progress;
+                self.rw(req, direct, at, req.span.len - at, req.span.start + at as u64, false, 0)
+            }
+            Step::RmwHead => self.rw(req, direct, req.span.len, block, req.span.start, false, 0),
+            Step::RmwTail => self.rw(req, direct, req.span.len, block, req.span.end() - block as u64, false, 0),
+            Step::Write => {
+                let at = req.progress;
+                self.rw(req, direct, at, req.span.len - at, req.span.start + at as u64, true, dsync)
+            }
+            Step::WriteBuffered => {
+                let at = req.progress;
+                let len = req.client_len() - at;
+                self.rw(req, buffered, req.span.head + at, len, start + at as u64, true, dsync)
+            }
+            Step::ZeroFill => {
+                let len = ((end - req.fill_at) as usize).min(req.buffer.as_ref().expect("allocated").len());
+                self.rw(req, buffered, 0, len, req.fill_at, true, 0)
+            }
+            Step::Punch => fallocate(direct, start, end, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE),
+            Step::ZeroRange => fallocate(direct, start, end, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE),
+            Step::Allocate => fallocate(direct, start, end, libc::FALLOC_FL_KEEP_SIZE),
+            Step::Sync => opcode::Fsync::new(direct).flags(types::FsyncFlags::DATASYNC).build(),
+            Step::Advise => opcode::Fadvise::new(buffered, (end - start) as libc::off_t, libc::POSIX_FADV_WILLNEED)
+                .offset(start)
+                .build(),
+            Step::Start | Step::WaitRmw => unreachable!("not an I/O step"),
+        }
+    }
+
+    /// A read or write of `len` buffer bytes starting at buffer offset `at`.
+    #[allow(clippy::too_many_arguments)]
+    fn rw(
+        &self,
+        req: &Request,
+        fd: types::Fd,
+        at: usize,
+        len: usize,
+        offset: u64,
+        write: bool,
+        flags: i32,
+    ) -> squeue::Entry {
+        let buffer = req.buffer.as_ref().expect("I/O steps own a buffer");
+        assert!(at + len <= buffer.len());
+        // SAFETY: in bounds (asserted); the buffer stays owned by the request
+        // until this operation's CQE is reaped.
+        let ptr = unsafe { buffer.as_ptr().add(at) };
+        let len = len as u32;
+        match (write, buffer.is_registered(self.pool)) {
+            (false, true) => opcode::ReadFixed::new(fd, ptr, len, 0).offset(offset).rw_flags(flags).build(),
+            (false, false) => opcode::Read::new(fd, ptr, len).offset(offset).rw_flags(flags).build(),
+            (true, true) => opcode::WriteFixed::new(fd, ptr, len, 0).offset(offset).rw_flags(flags).build(),
+            (true, false) => opcode::Write::new(fd, ptr, len).offset(offset).rw_flags(flags).build(),
+        }
+    }
+}
+
+fn fallocate(fd: types::Fd, start: u64, end: u64, mode: i32) -> squeue::Entry {
+    opcode::Fallocate::new(fd, end - start).offset(start).mode(mode).build()
+}

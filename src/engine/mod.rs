@@ -1,0 +1,28 @@
+//! Transmission on io_uring: one [`worker::Worker`] per core.
+//! See doc/architecture.md for the threads, the ring loop, and who owns
+//! `user_data` and buffers.
+
+pub mod block_status;
+pub mod buffers;
+pub mod conn;
+pub mod file_io;
+pub mod memory_io;
+pub mod request;
+pub mod ring;
+pub mod user_data;
+pub mod worker;
+pub mod write_path;
+
+use thiserror::Error;
+
+/// Worker start-up and ring failures (request errors never get here).
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// io_uring setup or io_uring_enter failed.
+    #[error("io_uring: {0}")]
+    Ring(std::io::Error),
+    /// The buffer region could not be mapped.
+    #[error("buffer region: {0}")]
+    Buffers(std::io::Error),
+}

@@ -1,0 +1,95 @@
+//! A worker's io_uring with a spill queue.
+//!
+//! A full submission queue is backpressure, not an error: entries that do
+//! not fit wait in `backlog` and go first on the next flush, so old work is
+//! never starved by new. Completions are copied out in batches and handled
+//! after reaping, never from inside the reap loop.
+
+use std::collections::VecDeque;
+use std::io;
+
+use io_uring::{IoUring, cqueue, squeue};
+
+/// CQEs copied out per reap; bounds the work done per loop turn.
+pub const REAP_BATCH_MAX: usize = 256;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Completion {
+    pub user_data: u64,
+    pub result: i32,
+}
+
+pub struct Ring {
+    ring: IoUring,
+    backlog: VecDeque<squeue::Entry>,
+}
+
+impl Ring {
+    pub fn new(entries: u32) -> io::Result<Self> {
+        let ring = IoUring::builder()
+            // Connections come and go on other threads; completions for one
+            // worker are only ever reaped by that worker.
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .setup_cqsize(entries * 4)
+            .build(entries)
+            .or_else(|_| IoUring::new(entries))?;
+        Ok(Self { ring, backlog: VecDeque::with_capacity(entries as usize) })
+    }
+
+    pub fn submitter(&self) -> io_uring::Submitter<'_> {
+        self.ring.submitter()
+    }
+
+    /// Queues an entry whose pointers stay valid until its completion.
+    ///
+    /// # Safety
+    /// Every buffer, iovec, msghdr or timespec the entry points to must stay
+    /// alive and unmoved until the entry's CQE has been reaped.
+    pub unsafe fn push(&mut self, entry: squeue::Entry) {
+        if !self.backlog.is_empty() {
+            self.backlog.push_back(entry);
+            return;
+        }
+        // SAFETY: forwarded from this function's contract.
+        if unsafe { self.ring.submission().push(&entry) }.is_err() {
+            self.backlog.push_back(entry);
+        }
+    }
+
+    fn drain_backlog(&mut self) {
+        let mut sq = self.ring.submission();
+        while let Some(entry) = self.backlog.front() {
+            // SAFETY: entries in the backlog were pushed under `push`'s contract.
+            if unsafe { sq.push(entry) }.is_err() {
+                break;
+            }
+            self.backlog.pop_front();
+        }
+    }
+
+    /// Submits everything queued and waits for at least one completion.
+    pub fn submit_and_wait(&mut self) -> io::Result<()> {
+        loop {
+            self.drain_backlog();
+            let want = if self.backlog.is_empty() { 1 } else { 0 };
+            match self.ring.submit_and_wait(want) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // The CQ is full or the kernel is short of memory: reap first.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) => {}
+                Err(e) => return Err(e),
+            }
+            return Ok(());
+        }
+    }
+
+    /// Copies out up to REAP_BATCH_MAX completions.
+    pub fn reap(&mut self, batch: &mut Vec<Completion>) {
+        batch.clear();
+        let cq: cqueue::CompletionQueue<'_> = self.ring.completion();
+        for cqe in cq.take(REAP_BATCH_MAX) {
+            batch.push(Completion { user_data: cqe.user_data(), result: cqe.result() });
+        }
+    }
+}

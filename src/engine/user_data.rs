@@ -1,0 +1,96 @@
+//! The io_uring `user_data` keyspace. This module is its only owner: every
+//! SQE's user_data is built by [`Token::encode`] and every CQE's is read by
+//! [`Token::decode`], so submitters and the reaper cannot drift apart.
+//!
+//! Layout (u64): bits 0..32 slot index, bits 32..40 kind. Sentinels live at
+//! the top of the u64 range and are never produced by `encode`.
+//!
+//! Invariant relied on instead of a generation counter: a slot (connection
+//! or request) is freed only after the CQE of its last submitted operation
+//! has been reaped, so a CQE can never name a reused slot.
+
+const KIND_SHIFT: u32 = 32;
+const SLOT_MASK: u64 = (1 << KIND_SHIFT) - 1;
+/// Values at or above this are sentinels.
+const SENTINEL_MIN: u64 = u64::MAX - 15;
+const WAKE: u64 = u64::MAX;
+const TICK: u64 = u64::MAX - 1;
+const CANCEL: u64 = u64::MAX - 2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Token {
+    /// Receive on a connection's socket (header bytes or payload).
+    Recv { conn: u32 },
+    /// Send of a connection's queued replies.
+    Send { conn: u32 },
+    /// Backend I/O of one request.
+    Request { request: u32 },
+    /// The worker's eventfd read: new connections or shutdown.
+    Wake,
+    /// A timeout used to retry deferred work.
+    Tick,
+    /// Completion of an async-cancel itself (ignored).
+    Cancel,
+}
+
+const KIND_RECV: u64 = 1;
+const KIND_SEND: u64 = 2;
+const KIND_REQUEST: u64 = 3;
+
+impl Token {
+    pub fn encode(self) -> u64 {
+        let pack = |kind: u64, slot: u32| (kind << KIND_SHIFT) | u64::from(slot);
+        match self {
+            Token::Recv { conn } => pack(KIND_RECV, conn),
+            Token::Send { conn } => pack(KIND_SEND, conn),
+            Token::Request { request } => pack(KIND_REQUEST, request),
+            Token::Wake => WAKE,
+            Token::Tick => TICK,
+            Token::Cancel => CANCEL,
+        }
+    }
+
+    /// Panics on a value `encode` cannot produce: that would be a kernel or
+    /// memory-safety bug, never client input.
+    pub fn decode(user_data: u64) -> Token {
+        if user_data >= SENTINEL_MIN {
+            return match user_data {
+                WAKE => Token::Wake,
+                TICK => Token::Tick,
+                CANCEL => Token::Cancel,
+                _ => panic!("unknown sentinel user_data {user_data:#x}"),
+            };
+        }
+        let slot = (user_data & SLOT_MASK) as u32;
+        match user_data >> KIND_SHIFT {
+            KIND_RECV => Token::Recv { conn: slot },
+            KIND_SEND => Token::Send { conn: slot },
+            KIND_REQUEST => Token::Request { request: slot },
+            kind => panic!("unknown user_data kind {kind} in {user_data:#x}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_every_kind_including_extreme_slots() {
+        for slot in [0, 1, 12345, u32::MAX] {
+            for token in [Token::Recv { conn: slot }, Token::Send { conn: slot }, Token::Request { request: slot }] {
+                assert_eq!(Token::decode(token.encode()), token);
+                assert!(token.encode() < SENTINEL_MIN);
+            }
+        }
+        for token in [Token::Wake, Token::Tick, Token::Cancel] {
+            assert_eq!(Token::decode(token.encode()), token);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "unknown user_data kind")]
+    fn zero_is_not_a_valid_token() {
+        Token::decode(0);
+    }
+}

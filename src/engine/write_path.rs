@@ -1,0 +1,42 @@
+//! The write path: every WRITE, WRITE_ZEROES and TRIM that reaches a
+//! backend passes through [`enter`] first, on every worker and for every
+//! backend. Anything that must observe mutations (dirty tracking, extent
+//! cache invalidation) attaches here and nowhere else.
+
+use std::sync::atomic::Ordering;
+
+use crate::export::Export;
+use crate::proto::transmission::Command;
+
+/// A range about to change, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutation {
+    Write { offset: u64, length: u64 },
+    Zero { offset: u64, length: u64 },
+    Trim { offset: u64, length: u64 },
+}
+
+impl Mutation {
+    pub fn of(command: &Command) -> Option<Mutation> {
+        match *command {
+            Command::Write { offset, length, .. } => Some(Mutation::Write { offset, length: u64::from(length) }),
+            Command::WriteZeroes { offset, length, .. } => Some(Mutation::Zero { offset, length }),
+            Command::Trim { offset, length, .. } => Some(Mutation::Trim { offset, length }),
+            _ => None,
+        }
+    }
+
+    pub fn length(self) -> u64 {
+        match self {
+            Mutation::Write { length, .. } | Mutation::Zero { length, .. } | Mutation::Trim { length, .. } => length,
+        }
+    }
+}
+
+/// Called for every command before the backend sees it; non-mutating
+/// commands pass straight through.
+pub fn enter(export: &Export, command: &Command) {
+    if let Some(mutation) = Mutation::of(command) {
+        export.mutated_bytes.fetch_add(mutation.length(), Ordering::Relaxed);
+    }
+}

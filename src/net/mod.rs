@@ -1,0 +1,5 @@
+//! Accepting connections and negotiating with blocking I/O, before a
+//! connection is handed to an io_uring worker.
+
+pub mod listener;
+pub mod negotiate;

@@ -1,0 +1,128 @@
+//! Drives the pure handshake machine over a blocking socket under a
+//! deadline. Runs on a handshake thread of its own, so a silent or slow
+//! client only ever delays itself.
+
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::proto::handshake::{ExportInfo, Handshake, HandshakeError, HandshakeLimits, Negotiated, Progress, Want};
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum NegotiateError {
+    /// The client did not finish negotiating in time.
+    #[error("handshake deadline passed")]
+    Deadline,
+    /// The socket failed or the client went away.
+    #[error("socket: {0}")]
+    Io(#[from] io::Error),
+    /// The client broke the protocol badly enough to be dropped.
+    #[error(transparent)]
+    Protocol(#[from] HandshakeError),
+}
+
+/// A socket whose read and write timeouts can be set (TCP or Unix).
+pub trait TimedStream: Read + Write {
+    fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()>;
+}
+
+impl TimedStream for std::net::TcpStream {
+    fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(timeout)?;
+        self.set_write_timeout(timeout)
+    }
+}
+
+impl TimedStream for std::os::unix::net::UnixStream {
+    fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(timeout)?;
+        self.set_write_timeout(timeout)
+    }
+}
+
+/// Scratch for skipping oversized options without buffering them.
+const DISCARD_CHUNK_BYTES: usize = 16 * 1024;
+
+/// Negotiates; returns None if the client aborted.
+pub fn negotiate<S: TimedStream>(
+    stream: &mut S,
+    exports: &[ExportInfo],
+    limits: HandshakeLimits,
+    timeout: Duration,
+) -> Result<Option<Negotiated>, NegotiateError> {
+    let deadline = Instant::now() + timeout;
+    let mut machine = Handshake::new(exports, limits);
+    let mut out = Vec::with_capacity(256);
+    machine.greeting(&mut out);
+    send(stream, &mut out, deadline)?;
+    let mut input = Vec::new();
+    loop {
+        match machine.want() {
+            Want::Bytes(n) => {
+                input.resize(n, 0);
+                receive(stream, &mut input, deadline)?;
+                match machine.feed(&input, &mut out)? {
+                    Progress::Continue => send(stream, &mut out, deadline)?,
+                    Progress::Ready(negotiated) => {
+                        send(stream, &mut out, deadline)?;
+                        stream.set_timeouts(None)?;
+                        return Ok(Some(negotiated));
+                    }
+                    Progress::Aborted => {
+                        // The client may close before reading the ACK.
+                        let _ = send(stream, &mut out, deadline);
+                        return Ok(None);
+                    }
+                }
+            }
+            Want::Discard(mut n) => {
+                let mut scratch = [0u8; DISCARD_CHUNK_BYTES];
+                while n > 0 {
+                    let chunk = n.min(DISCARD_CHUNK_BYTES);
+                    receive(stream, &mut scratch[..chunk], deadline)?;
+                    n -= chunk;
+                }
+                machine.discarded(&mut out);
+                send(stream, &mut out, deadline)?;
+            }
+        }
+    }
+}
+
+fn remaining(deadline: Instant) -> Result<Duration, NegotiateError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() { Err(NegotiateError::Deadline) } else { Ok(left) }
+}
+
+fn map_timeout(e: io::Error) -> NegotiateError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => NegotiateError::Deadline,
+        _ => NegotiateError::Io(e),
+    }
+}
+
+fn receive<S: TimedStream>(stream: &mut S, buf: &mut [u8], deadline: Instant) -> Result<(), NegotiateError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        stream.set_timeouts(Some(remaining(deadline)?))?;
+        match stream.read(&mut buf[filled..]) {
+            Ok(0) => return Err(NegotiateError::Io(io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(map_timeout(e)),
+        }
+    }
+    Ok(())
+}
+
+fn send<S: TimedStream>(stream: &mut S, out: &mut Vec<u8>, deadline: Instant) -> Result<(), NegotiateError> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    stream.set_timeouts(Some(remaining(deadline)?))?;
+    stream.write_all(out).map_err(map_timeout)?;
+    out.clear();
+    Ok(())
+}

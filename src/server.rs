@@ -1,0 +1,236 @@
+//! Wiring: listeners, workers, the accept thread, and orderly shutdown on
+//! SIGINT/SIGTERM (stop accepting, finish in-flight requests, flush, exit).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+use thiserror::Error;
+
+use crate::backend::Backend;
+use crate::engine::EngineError;
+use crate::engine::worker::{NewConnection, Worker, WorkerConfig, WorkerParts};
+use crate::export::Export;
+use crate::net::listener::{AcceptConfig, Dispatch, Listener, NetError, accept_loop};
+use crate::proto::handshake::{ExportInfo, HandshakeLimits};
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("worker: {0}")]
+    Engine(#[from] EngineError),
+    /// Threads, eventfds or signal masks could not be set up.
+    #[error("{what}: {source}")]
+    System { what: &'static str, source: std::io::Error },
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub tcp: Vec<String>,
+    pub unix: Vec<PathBuf>,
+    pub threads: usize,
+    pub pin_workers: bool,
+    pub handshake_timeout: Duration,
+    pub handshakes_max: usize,
+    pub worker: WorkerConfig,
+    pub verbose: bool,
+}
+
+fn system(what: &'static str) -> impl FnOnce(std::io::Error) -> ServerError {
+    move |source| ServerError::System { what, source }
+}
+
+fn eventfd() -> Result<Arc<OwnedFd>, ServerError> {
+    // SAFETY: plain syscall; the result is checked before use.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(system("eventfd")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd was just created and is owned by nobody else.
+    Ok(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+fn signal(fd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 to an eventfd.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+struct WorkerHandle {
+    sender: Sender<NewConnection>,
+    wake: Arc<OwnedFd>,
+    load: Arc<AtomicUsize>,
+    thread: JoinHandle<Result<(), EngineError>>,
+}
+
+struct Workers {
+    handles: Vec<WorkerHandle>,
+}
+
+impl Dispatch for Workers {
+    /// Least-loaded worker by connection count.
+    fn dispatch(&self, connection: NewConnection) {
+        let Some(target) = self.handles.iter().min_by_key(|h| h.load.load(Ordering::Relaxed)) else { return };
+        target.load.fetch_add(1, Ordering::Relaxed);
+        if target.sender.send(connection).is_ok() {
+            signal(&target.wake);
+        }
+    }
+}
+
+fn spawn_workers(
+    config: &ServerConfig,
+    exports: &Arc<[Arc<Export>]>,
+    shutdown: &Arc<AtomicBool>,
+) -> Result<Workers, ServerError> {
+    let cores = if config.pin_workers { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
+    let mut handles = Vec::with_capacity(config.threads);
+    for index in 0..config.threads {
+        let (sender, incoming) = crossbeam_channel::unbounded();
+        let wake = eventfd()?;
+        let load = Arc::new(AtomicUsize::new(0));
+        let parts = WorkerParts {
+            index,
+            config: config.worker.clone(),
+            exports: Arc::clone(exports),
+            incoming,
+            wake_fd: Arc::clone(&wake),
+            load: Arc::clone(&load),
+            shutdown: Arc::clone(shutdown),
+        };
+        let core = (!cores.is_empty()).then(|| cores[index % cores.len()]);
+        // The ring is created on its own thread (SINGLE_ISSUER); report
+        // set-up failures back before the server claims to be up.
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name(format!("ringnbd-worker-{index}"))
+            .spawn(move || {
+                if let Some(core) = core {
+                    core_affinity::set_for_current(core);
+                }
+                match Worker::new(parts) {
+                    Ok(worker) => {
+                        let _ = ready_tx.send(Ok(()));
+                        worker.run()
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        Ok(())
+                    }
+                }
+            })
+            .map_err(system("spawn worker"))?;
+        ready_rx.recv().expect("worker reports readiness")?;
+        handles.push(WorkerHandle { sender, wake, load, thread });
+    }
+    Ok(Workers { handles })
+}
+
+/// Blocks SIGINT/SIGTERM in this thread (and every thread it spawns later)
+/// so that `wait_for_signal` receives them synchronously.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local, then a mask change for this thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+    let mut signal = 0;
+    // SAFETY: `set` is initialised; sigwait writes one int.
+    unsafe { libc::sigwait(set, &mut signal) };
+    signal
+}
+
+pub fn serve(config: ServerConfig, exports: Vec<Export>) -> Result<(), ServerError> {
+    let signals = block_signals();
+    let mut listeners = Vec::new();
+    for address in &config.tcp {
+        listeners.push(Listener::bind_tcp(address)?);
+    }
+    for path in &config.unix {
+        listeners.push(Listener::bind_unix(path.clone())?);
+    }
+    let exports: Arc<[Arc<Export>]> = exports.into_iter().map(Arc::new).collect();
+    let infos: Arc<[ExportInfo]> = exports.iter().map(|e| e.info.clone()).collect();
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let workers = Arc::new(spawn_workers(&config, &exports, &shutdown)?);
+
+    let accept_config = Arc::new(AcceptConfig {
+        exports: infos,
+        limits: HandshakeLimits::default(),
+        handshake_timeout: config.handshake_timeout,
+        handshakes_max: config.handshakes_max,
+        verbose: config.verbose,
+    });
+    let stop = eventfd()?;
+    let stop_fd = stop.as_raw_fd();
+    let dispatch: Arc<dyn Dispatch> = Arc::clone(&workers) as Arc<dyn Dispatch>;
+    let uris: Vec<String> = listeners.iter().map(Listener::uri).collect();
+    let acceptor = std::thread::Builder::new()
+        .name("ringnbd-accept".into())
+        .spawn(move || {
+            accept_loop(&listeners, stop_fd, accept_config, dispatch);
+            drop(listeners); // removes Unix socket files
+        })
+        .map_err(system("spawn acceptor"))?;
+
+    print_banner(&config, &exports, &uris);
+    let signal_number = wait_for_signal(&signals);
+    eprintln!("ringnbd: signal {signal_number}: finishing in-flight requests");
+
+    signal(&stop);
+    let _ = acceptor.join();
+    shutdown.store(true, Ordering::Release);
+    let workers = Arc::try_unwrap(workers).ok().expect("acceptor joined, so no other owner");
+    for handle in &workers.handles {
+        signal(&handle.wake);
+    }
+    let mut first_error = None;
+    for handle in workers.handles {
+        if let Ok(Err(e)) = handle.thread.join() {
+            first_error.get_or_insert(e);
+        }
+    }
+    for export in exports.iter() {
+        if let Backend::File(file) = &export.backend
+            && !export.read_only
+            && let Err(e) = file.sync()
+        {
+            eprintln!("ringnbd: {}: final flush failed: {e}", file.path.display());
+        }
+    }
+    first_error.map_or(Ok(()), |e| Err(e.into()))
+}
+
+fn print_banner(config: &ServerConfig, exports: &[Arc<Export>], uris: &[String]) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "ringnbd {}: {} worker(s)", env!("CARGO_PKG_VERSION"), config.threads);
+    for (index, export) in exports.iter().enumerate() {
+        let default = if index == 0 { " [default]" } else { "" };
+        let _ = writeln!(
+            out,
+            "export {:?}: {} bytes, {}{default}",
+            export.info.name, export.info.size, export.info.description
+        );
+    }
+    for uri in uris {
+        let _ = writeln!(out, "{uri}");
+    }
+    if let Some(uri) = uris.first() {
+        let _ = writeln!(out, "connect with: nbdinfo {uri}");
+    }
+    let _ = out.flush();
+}
