@@ -1,0 +1,187 @@
+//! Shared harness for integration tests: starts the real `ringnbd` binary,
+//! finds its URIs from the banner, and stops it (SIGTERM, then wait) when
+//! dropped. Tools the tests need are checked with [`require`]: under
+//! `CI=true` a missing tool fails the test instead of skipping it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Debian's python3-libnbd lives in the system interpreter only.
+pub const PYTHON: &str = "/usr/bin/python3";
+
+/// Returns false (skip) when `tool` is missing, unless CI=true, where it panics.
+pub fn require(tool: &str) -> bool {
+    let found = if tool == "nbd-python" {
+        Command::new(PYTHON).args(["-c", "import nbd"]).output().is_ok_and(|o| o.status.success())
+    } else {
+        Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
+    };
+    if !found {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("required test tool {tool:?} is missing (run tests/run to install it)");
+        }
+        eprintln!("SKIP: {tool} not installed");
+    }
+    found
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("ringnbd-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Creates a sparse file of `size` bytes.
+pub fn sparse_file(path: &Path, size: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+}
+
+pub struct Server {
+    child: Option<Child>,
+    /// `nbd://127.0.0.1:PORT/` when listening on TCP.
+    pub tcp_uri: Option<String>,
+    /// `nbd+unix:///?socket=PATH` when listening on a Unix socket.
+    pub unix_uri: Option<String>,
+    pub unix_socket: Option<PathBuf>,
+    pub port: Option<u16>,
+    _dir: TempDir,
+}
+
+impl Server {
+    /// Starts ringnbd on an ephemeral 127.0.0.1 port and a Unix socket,
+    /// with `args` appended (exports and options).
+    pub fn start(args: &[&str]) -> Server {
+        Self::start_with(args, true, true)
+    }
+
+    pub fn start_with(args: &[&str], tcp: bool, unix: bool) -> Server {
+        let dir = TempDir::new("server");
+        let socket = dir.path("nbd.sock");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ringnbd"));
+        if tcp {
+            command.args(["-l", "127.0.0.1:0"]);
+        }
+        if unix {
+            command.arg("-U").arg(&socket);
+        }
+        command.args(["--threads", "2", "--buffers", "64M"]).args(args);
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("start ringnbd");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let (mut tcp_uri, mut unix_uri) = (None, None);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while (tcp && tcp_uri.is_none()) || (unix && unix_uri.is_none()) {
+            assert!(Instant::now() < deadline, "ringnbd did not print its URIs in time");
+            let Some(Ok(line)) = lines.next() else { panic!("ringnbd exited before printing its URIs") };
+            if line.starts_with("nbd://") {
+                tcp_uri = Some(line);
+            } else if line.starts_with("nbd+unix://") {
+                unix_uri = Some(line);
+            }
+        }
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let port = tcp_uri.as_ref().map(|u| {
+            let rest = u.trim_start_matches("nbd://127.0.0.1:");
+            rest.trim_end_matches('/').parse().expect("port in URI")
+        });
+        Server { child: Some(child), tcp_uri, unix_uri, unix_socket: unix.then_some(socket), port, _dir: dir }
+    }
+
+    pub fn uri(&self) -> &str {
+        self.tcp_uri.as_deref().or(self.unix_uri.as_deref()).unwrap()
+    }
+
+    /// URI of a named export over TCP.
+    pub fn export_uri(&self, name: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{name}", self.port.expect("tcp"))
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port.expect("tcp"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// True while the server process is alive.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    /// Sends SIGTERM and waits; returns the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        // SAFETY: signalling a child we spawned and have not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("ringnbd did not exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs a command, returning its output; panics if it cannot start.
+pub fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program).args(args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+/// Runs a command and asserts success, returning stdout as a string.
+pub fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = run(program, args);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a Python snippet with python3-libnbd; `args` become sys.argv[1:].
+pub fn python(script: &str, args: &[&str]) -> String {
+    let mut full = vec!["-c", script];
+    full.extend_from_slice(args);
+    run_ok(PYTHON, &full)
+}
