@@ -290,6 +290,11 @@ impl Worker {
         if self.conns.contains(id as usize) {
             self.pump(id);
         }
+        // Bytes that raced a shutdown cancel are dropped; the connection may
+        // now be idle.
+        if self.conns.contains(id as usize) {
+            self.release_if_idle(id);
+        }
     }
 
     /// Parses every complete request in the receive buffer, then posts the
@@ -588,7 +593,8 @@ impl Worker {
     fn on_send(&mut self, id: u32, result: i32) {
         let conn = &mut self.conns[id as usize];
         conn.send_in_flight = false;
-        if result < 0 || conn.closing == Closing::Hard {
+        // A zero-byte send of a non-empty message means the socket is dead.
+        if result <= 0 || conn.closing == Closing::Hard {
             if conn.closing != Closing::Hard {
                 return self.hard_close(id);
             }
