@@ -472,45 +472,46 @@ impl Worker {
     // --- executing --------------------------------------------------------------
 
     fn start_request(&mut self, request: u32) {
-        let req = &mut self.requests[request as usize];
-        let conn = &self.conns[req.conn as usize];
-        let export = Arc::clone(&conn.export);
-        if let Command::BlockStatus { offset, length, req_one } = req.command {
+        // Borrow disjoint fields: the export is reached through its
+        // connection without cloning the Arc, whose refcount every worker
+        // would otherwise bounce between cores on each request.
+        let Worker { requests, conns, pool, extents, .. } = self;
+        let req = &mut requests[request as usize];
+        let conn = &conns[req.conn as usize];
+        let export = &*conn.export;
+        let next = if let Command::BlockStatus { offset, length, req_one } = req.command {
             let query = Query { offset, length, req_one };
             let buffer = req.buffer.as_mut().expect("block status owns a buffer");
-            let used = block_status::encode(
-                &export.backend,
-                &conn.contexts,
-                &query,
-                req.to,
-                &mut self.extents,
-                buffer.as_mut_slice(),
-            );
+            let to = req.to;
+            let used =
+                block_status::encode(&export.backend, &conn.contexts, &query, to, extents, buffer.as_mut_slice());
             req.reply_data = (0, used);
-            return self.finish(request, false);
-        }
-        write_path::enter(&export, &req.command);
-        match &export.backend {
-            Backend::Memory(memory) => {
-                memory_io::execute(memory, req);
-                let is_read = matches!(req.command, Command::Read { .. });
-                self.finish(request, is_read);
+            Next::Finished
+        } else {
+            write_path::enter(export, &req.command);
+            match &export.backend {
+                Backend::Memory(memory) => {
+                    memory_io::execute(memory, req);
+                    Next::Finished
+                }
+                Backend::File(file) => FileIo { file, export, pool, id: request }.start(req),
             }
-            Backend::File(file) => {
-                let mut io = FileIo { file, export: &export, pool: &mut self.pool, id: request };
-                let next = io.start(req);
-                self.follow(request, next);
-            }
-        }
+        };
+        self.follow(request, next);
+    }
+
+    /// Runs one step of a file request's state machine.
+    fn file_step(&mut self, request: u32, step: impl FnOnce(&mut FileIo<'_>, &mut Request) -> Next) {
+        let Worker { requests, conns, pool, .. } = self;
+        let req = &mut requests[request as usize];
+        let export = &*conns[req.conn as usize].export;
+        let Backend::File(file) = &export.backend else { unreachable!("only file requests use the ring") };
+        let next = step(&mut FileIo { file, export, pool, id: request }, req);
+        self.follow(request, next);
     }
 
     fn on_io(&mut self, request: u32, result: i32) {
-        let req = &mut self.requests[request as usize];
-        let export = Arc::clone(&self.conns[req.conn as usize].export);
-        let Backend::File(file) = &export.backend else { unreachable!("only file requests use the ring") };
-        let mut io = FileIo { file, export: &export, pool: &mut self.pool, id: request };
-        let next = io.on_result(req, result);
-        self.follow(request, next);
+        self.file_step(request, |io, req| io.on_result(req, result));
     }
 
     fn follow(&mut self, request: u32, next: Next) {
@@ -539,12 +540,7 @@ impl Worker {
     fn retry_deferred(&mut self) {
         for _ in 0..self.deferred.len() {
             let Some(request) = self.deferred.pop_front() else { break };
-            let req = &mut self.requests[request as usize];
-            let export = Arc::clone(&self.conns[req.conn as usize].export);
-            let Backend::File(file) = &export.backend else { unreachable!("only file requests defer") };
-            let mut io = FileIo { file, export: &export, pool: &mut self.pool, id: request };
-            let next = io.resume(req);
-            self.follow(request, next);
+            self.file_step(request, |io, req| io.resume(req));
         }
     }
 
