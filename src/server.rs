@@ -173,6 +173,7 @@ pub fn serve(config: ServerConfig, exports: Vec<Export>) -> Result<(), ServerErr
         handshake_timeout: config.handshake_timeout,
         handshakes_max: config.handshakes_max,
         verbose: config.verbose,
+        shutdown: Arc::clone(&shutdown),
     });
     let stop = eventfd()?;
     let stop_fd = stop.as_raw_fd();
@@ -190,9 +191,9 @@ pub fn serve(config: ServerConfig, exports: Vec<Export>) -> Result<(), ServerErr
     let signal_number = wait_for_signal(&signals);
     eprintln!("ringnbd: signal {signal_number}: finishing in-flight requests");
 
+    shutdown.store(true, Ordering::Release);
     signal(&stop);
     let _ = acceptor.join();
-    shutdown.store(true, Ordering::Release);
     let workers = Arc::try_unwrap(workers).ok().expect("acceptor joined, so no other owner");
     for handle in &workers.handles {
         signal(&handle.wake);

@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -98,6 +98,8 @@ pub struct AcceptConfig {
     /// Concurrent handshakes; more are closed at once (DoS bound).
     pub handshakes_max: usize,
     pub verbose: bool,
+    /// Set when the server stops: handshakes in progress get ERR_SHUTDOWN.
+    pub shutdown: Arc<AtomicBool>,
 }
 
 /// Runs until `stop_fd` (an eventfd) becomes readable.
@@ -184,5 +186,5 @@ fn run<S: TimedStream>(
     stream: &mut S,
     config: &AcceptConfig,
 ) -> Result<Option<crate::proto::handshake::Negotiated>, NegotiateError> {
-    negotiate(stream, &config.exports, config.limits, config.handshake_timeout)
+    negotiate(stream, &config.exports, config.limits, config.handshake_timeout, &config.shutdown)
 }

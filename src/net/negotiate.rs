@@ -3,6 +3,7 @@
 //! client only ever delays itself.
 
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -46,11 +47,13 @@ impl TimedStream for std::os::unix::net::UnixStream {
 const DISCARD_CHUNK_BYTES: usize = 16 * 1024;
 
 /// Negotiates; returns None if the client aborted.
+/// Once `shutdown` is set, remaining options are refused with ERR_SHUTDOWN.
 pub fn negotiate<S: TimedStream>(
     stream: &mut S,
     exports: &[ExportInfo],
     limits: HandshakeLimits,
     timeout: Duration,
+    shutdown: &AtomicBool,
 ) -> Result<Option<Negotiated>, NegotiateError> {
     let deadline = Instant::now() + timeout;
     let mut machine = Handshake::new(exports, limits);
@@ -63,6 +66,9 @@ pub fn negotiate<S: TimedStream>(
             Want::Bytes(n) => {
                 input.resize(n, 0);
                 receive(stream, &mut input, deadline)?;
+                if shutdown.load(Ordering::Acquire) {
+                    machine.set_shutting_down();
+                }
                 match machine.feed(&input, &mut out)? {
                     Progress::Continue => send(stream, &mut out, deadline)?,
                     Progress::Ready(negotiated) => {

@@ -113,6 +113,9 @@ pub enum HandshakeError {
     /// EXPORT_NAME is not allowed once extended headers are on.
     #[error("EXPORT_NAME after extended headers")]
     ExportNameAfterExtendedHeaders,
+    /// EXPORT_NAME while the server shuts down (it cannot carry ERR_SHUTDOWN).
+    #[error("server shutting down")]
+    ShuttingDown,
     /// `feed` was called with a different number of bytes than wanted.
     #[error("fed {got} bytes, wanted {wanted}")]
     Driver { wanted: usize, got: usize },
@@ -145,6 +148,7 @@ pub struct Handshake<'a> {
     /// The last SET_META_CONTEXT: (export index it named, contexts chosen).
     meta: Option<(Option<usize>, Vec<ContextKind>)>,
     options_seen: u32,
+    shutting_down: bool,
 }
 
 impl<'a> Handshake<'a> {
@@ -159,7 +163,14 @@ impl<'a> Handshake<'a> {
             extended: false,
             meta: None,
             options_seen: 0,
+            shutting_down: false,
         }
+    }
+
+    /// From now on every option but ABORT is refused with ERR_SHUTDOWN,
+    /// which tells the client to disconnect cleanly.
+    pub fn set_shutting_down(&mut self) {
+        self.shutting_down = true;
     }
 
     pub fn greeting(&self, out: &mut Vec<u8>) {
@@ -251,6 +262,13 @@ impl<'a> Handshake<'a> {
     }
 
     fn option(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) -> Result<Progress, HandshakeError> {
+        if self.shutting_down && option != OPT_ABORT {
+            if option == OPT_EXPORT_NAME {
+                return Err(HandshakeError::ShuttingDown);
+            }
+            option_reply(out, option, REP_ERR_SHUTDOWN, b"server is shutting down");
+            return Ok(Progress::Continue);
+        }
         match option {
             OPT_EXPORT_NAME => return self.export_name(data, out),
             OPT_ABORT => {

@@ -866,3 +866,18 @@ fn oversized_export_name_disconnects_instead_of_sending_an_option_reply() {
     assert!(c.send(&option_header(OPT_EXPORT_NAME, 32)).is_err(), "want() = {:?}", c.hs.want());
     assert!(c.out.is_empty());
 }
+
+#[test]
+fn shutting_down_refuses_every_option_but_abort() {
+    let ex = exports();
+    let mut c = Client::fixed(&ex);
+    c.hs.set_shutting_down();
+    let codes = |rs: Vec<(u32, u32, Vec<u8>)>| rs.iter().map(|r| r.1).collect::<Vec<_>>();
+    assert_eq!(codes(c.cont(OPT_GO, &info_data("", &[]))), vec![REP_ERR_SHUTDOWN]);
+    assert_eq!(codes(c.cont(OPT_LIST, &[])), vec![REP_ERR_SHUTDOWN]);
+    assert_eq!(c.opt(OPT_EXPORT_NAME, b""), Err(HandshakeError::ShuttingDown));
+    let mut c = Client::fixed(&ex);
+    c.hs.set_shutting_down();
+    assert_eq!(c.opt(OPT_ABORT, &[]), Ok(Progress::Aborted));
+    assert_eq!(replies(&c.out), vec![ack(OPT_ABORT)]);
+}
