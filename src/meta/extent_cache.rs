@@ -1,0 +1,241 @@
+//! The per-export extent cache shared by every worker and connection.
+//!
+//! A map of non-overlapping known ranges (start -> end, status). Lookups
+//! return the cached prefix of a request; the uncached rest is scanned by a
+//! lookup helper and inserted. Coherence with writes through the server:
+//!
+//! - every mutation *completion* (write, zero, trim) updates or clears the
+//!   range and bumps `epoch` (a WRITE marks its range data; zero and trim
+//!   clear it, since the filesystem decides what they become);
+//! - a scan remembers the epoch it started at, and its result is cached only
+//!   if no mutation completed meanwhile, so a scan racing a write can never
+//!   leave stale "hole" entries behind. The scan's own answer may predate the
+//!   write, which is fine: the client had not seen that write's reply when
+//!   it asked.
+//!
+//! Changes made to the file by other processes are not seen; run with
+//! `--extent-cache=off` when the export is shared (doc/contexts.md).
+
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use super::extent::{DATA, Extent, push_coalesced};
+
+pub struct ExtentCache {
+    /// start -> (end, status); ranges never overlap and neighbours with the
+    /// same status are merged.
+    map: RwLock<BTreeMap<u64, (u64, u32)>>,
+    /// Mirrors `map.len()` so writers can skip the lock while nothing is cached.
+    entries: AtomicUsize,
+    epoch: AtomicU64,
+    entries_max: usize,
+}
+
+impl ExtentCache {
+    pub fn new(entries_max: usize) -> Self {
+        Self { map: RwLock::new(BTreeMap::new()), entries: AtomicUsize::new(0), epoch: AtomicU64::new(0), entries_max }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends cached extents covering `[offset, end)` from `offset` on,
+    /// stopping at the first gap or after `extents_max` extents. Returns the
+    /// offset up to which `out` now describes the range.
+    pub fn lookup(&self, offset: u64, end: u64, extents_max: usize, out: &mut Vec<Extent>) -> u64 {
+        if self.is_empty() {
+            return offset;
+        }
+        let map = self.map.read().expect("extent cache lock");
+        let mut at = offset;
+        let first = map.range(..=offset).next_back().filter(|(_, (e, _))| *e > offset).map(|(s, _)| *s);
+        let start_key = first.unwrap_or(offset);
+        for (&start, &(stop, status)) in map.range(start_key..) {
+            if start > at || at >= end {
+                break;
+            }
+            let merges = out.last().is_some_and(|last| last.status == status);
+            if !merges && out.len() >= extents_max {
+                break;
+            }
+            let piece_end = stop.min(end);
+            push_coalesced(out, Extent { length: piece_end - at, status });
+            at = piece_end;
+        }
+        at
+    }
+
+    /// Caches a scan of `[offset, offset + covered(extents))` that began at
+    /// `epoch`; dropped if a mutation completed since.
+    pub fn insert(&self, offset: u64, extents: &[Extent], epoch: u64) {
+        let mut map = self.map.write().expect("extent cache lock");
+        if self.epoch.load(Ordering::Acquire) != epoch {
+            return;
+        }
+        if map.len() + extents.len() > self.entries_max {
+            map.clear(); // bounded memory: start over rather than grow
+        }
+        let mut at = offset;
+        for extent in extents {
+            put(&mut map, at, at + extent.length, extent.status);
+            at += extent.length;
+        }
+        self.entries.store(map.len(), Ordering::Relaxed);
+    }
+
+    /// A WRITE completed: its range now holds data.
+    pub fn wrote(&self, offset: u64, end: u64) {
+        self.mutated(offset, end, Some(DATA));
+    }
+
+    /// A zero or trim completed: what the range became is the filesystem's
+    /// choice, so forget it.
+    pub fn forget(&self, offset: u64, end: u64) {
+        self.mutated(offset, end, None);
+    }
+
+    fn mutated(&self, offset: u64, end: u64, status: Option<u32>) {
+        if self.is_empty() {
+            // Nothing cached to correct, but scans in flight must not insert
+            // what they saw before this mutation.
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+            return;
+        }
+        let mut map = self.map.write().expect("extent cache lock");
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        cut(&mut map, offset, end);
+        if let Some(status) = status {
+            put(&mut map, offset, end, status);
+        }
+        self.entries.store(map.len(), Ordering::Relaxed);
+    }
+
+    pub fn clear(&self) {
+        let mut map = self.map.write().expect("extent cache lock");
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        map.clear();
+        self.entries.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Removes `[offset, end)` from the map, trimming entries that overlap it.
+fn cut(map: &mut BTreeMap<u64, (u64, u32)>, offset: u64, end: u64) {
+    if let Some((&start, &(stop, status))) = map.range(..offset).next_back()
+        && stop > offset
+    {
+        map.insert(start, (offset, status));
+        if stop > end {
+            map.insert(end, (stop, status));
+        }
+    }
+    let inside: Vec<u64> = map.range(offset..end).map(|(&s, _)| s).collect();
+    for start in inside {
+        let (stop, status) = map.remove(&start).expect("key from range");
+        if stop > end {
+            map.insert(end, (stop, status));
+        }
+    }
+}
+
+/// Sets `[offset, end)` to `status`, merging with equal neighbours.
+fn put(map: &mut BTreeMap<u64, (u64, u32)>, offset: u64, end: u64, status: u32) {
+    if offset >= end {
+        return;
+    }
+    cut(map, offset, end);
+    let (mut start, mut stop) = (offset, end);
+    if let Some((&prev, &(prev_end, prev_status))) = map.range(..offset).next_back()
+        && prev_end == offset
+        && prev_status == status
+    {
+        map.remove(&prev);
+        start = prev;
+    }
+    if let Some(&(next_end, next_status)) = map.get(&end)
+        && next_status == status
+    {
+        map.remove(&end);
+        stop = next_end;
+    }
+    map.insert(start, (stop, status));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::extent::{HOLE, ZERO};
+    use super::*;
+
+    fn ext(length: u64, status: u32) -> Extent {
+        Extent { length, status }
+    }
+
+    fn all(cache: &ExtentCache, offset: u64, end: u64) -> (Vec<Extent>, u64) {
+        let mut out = vec![];
+        let at = cache.lookup(offset, end, usize::MAX, &mut out);
+        (out, at)
+    }
+
+    #[test]
+    fn lookups_return_the_cached_prefix_and_stop_at_gaps() {
+        let c = ExtentCache::new(1000);
+        c.insert(100, &[ext(100, DATA), ext(100, HOLE)], c.epoch());
+        assert_eq!(all(&c, 150, 1000), (vec![ext(50, DATA), ext(100, HOLE)], 300));
+        assert_eq!(all(&c, 0, 1000), (vec![], 0), "gap at the start");
+        assert_eq!(all(&c, 250, 260), (vec![ext(10, HOLE)], 260), "clipped to the request");
+        c.insert(300, &[ext(50, HOLE)], c.epoch());
+        assert_eq!(all(&c, 200, 400), (vec![ext(150, HOLE)], 350), "coalesced across inserts");
+    }
+
+    #[test]
+    fn writes_mark_data_and_zeroes_forget() {
+        let c = ExtentCache::new(1000);
+        c.insert(0, &[ext(1000, HOLE)], c.epoch());
+        c.wrote(100, 200);
+        assert_eq!(all(&c, 0, 1000), (vec![ext(100, HOLE), ext(100, DATA), ext(800, HOLE)], 1000));
+        c.forget(150, 300);
+        assert_eq!(all(&c, 0, 1000), (vec![ext(100, HOLE), ext(50, DATA)], 150));
+        assert_eq!(all(&c, 300, 1000), (vec![ext(700, HOLE)], 1000));
+        c.wrote(150, 300);
+        assert_eq!(all(&c, 0, 1000), (vec![ext(100, HOLE), ext(200, DATA), ext(700, HOLE)], 1000));
+    }
+
+    #[test]
+    fn a_scan_that_raced_a_mutation_is_not_cached() {
+        let c = ExtentCache::new(1000);
+        let epoch = c.epoch();
+        c.wrote(0, 10); // completes while the scan is running
+        c.insert(0, &[ext(100, HOLE)], epoch);
+        assert_eq!(all(&c, 0, 100).1, 0, "stale scan dropped");
+    }
+
+    #[test]
+    fn descriptor_cap_is_respected_and_capacity_is_bounded() {
+        let c = ExtentCache::new(4);
+        c.insert(0, &[ext(1, DATA), ext(1, HOLE), ext(1, DATA)], c.epoch());
+        let mut out = vec![];
+        assert_eq!(c.lookup(0, 3, 2, &mut out), 2);
+        assert_eq!(out.len(), 2);
+        c.insert(3, &[ext(1, HOLE), ext(1, ZERO)], c.epoch());
+        assert!(c.len() <= 4, "over capacity clears before inserting");
+    }
+
+    #[test]
+    fn cut_splits_an_entry_that_spans_the_range() {
+        let c = ExtentCache::new(100);
+        c.insert(0, &[ext(100, HOLE)], c.epoch());
+        c.forget(40, 60);
+        assert_eq!(all(&c, 0, 100), (vec![ext(40, HOLE)], 40));
+        assert_eq!(all(&c, 60, 100), (vec![ext(40, HOLE)], 100));
+        assert_eq!(c.len(), 2);
+    }
+}
