@@ -67,6 +67,20 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub ring_entries: u32,
 
+    /// Cache allocation lookups of file exports (`off` when other processes
+    /// modify the file while it is served; see doc/contexts.md).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_switch)]
+    pub extent_cache: bool,
+
+    /// Extents the cache keeps per export before starting over.
+    #[arg(long, value_name = "N", default_value_t = 4 << 20)]
+    pub extent_cache_entries: usize,
+
+    /// Descriptors per context in one BLOCK_STATUS reply (the spec suggests
+    /// at most 1048576; the rest of the range is left for the next request).
+    #[arg(long, value_name = "N", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+    pub max_extents: u32,
+
     /// Log connections and protocol errors to stderr.
     #[arg(short, long)]
     pub verbose: bool,
@@ -78,6 +92,14 @@ fn parse_payload(text: &str) -> Result<u32, String> {
         return Err("must be between 1M and 4G-1".into());
     }
     Ok(bytes as u32)
+}
+
+fn parse_switch(text: &str) -> Result<bool, String> {
+    match text {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err("expected on or off".into()),
+    }
 }
 
 fn parse_buffer(text: &str) -> Result<usize, String> {
@@ -102,6 +124,7 @@ impl Cli {
             direct_io: !self.no_direct,
             description: self.description.clone(),
             payload_bytes_max: self.max_payload,
+            extent_cache_entries: if self.extent_cache { self.extent_cache_entries } else { 0 },
         }
     }
 
@@ -126,6 +149,7 @@ impl Cli {
                 inflight_per_conn_max: self.inflight.clamp(1, 4096),
                 requests_max: 8192,
                 payload_bytes_max: self.max_payload,
+                extents_max: self.max_extents as usize,
                 verbose: self.verbose,
             },
             verbose: self.verbose,

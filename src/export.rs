@@ -7,6 +7,7 @@ use thiserror::Error;
 
 use crate::backend::memory::MEMORY_EXPORT_BYTES_MAX;
 use crate::backend::{Backend, BackendError, FileBackend, MemoryBackend};
+use crate::meta::extent_cache::ExtentCache;
 use crate::proto::handshake::{BlockSize, ExportInfo};
 use crate::proto::meta::ContextKind;
 use crate::proto::wire::*;
@@ -93,6 +94,8 @@ pub struct ExportOptions {
     pub direct_io: bool,
     pub description: Option<String>,
     pub payload_bytes_max: u32,
+    /// Extent-cache capacity per file export; 0 turns the cache off.
+    pub extent_cache_entries: usize,
 }
 
 pub struct Export {
@@ -106,6 +109,8 @@ pub struct Export {
     pub rmw_busy: AtomicBool,
     /// Bytes changed by writes, zeroes and trims (all pass the write path).
     pub mutated_bytes: AtomicU64,
+    /// Cached allocation of a file export (None: memory, block device, or off).
+    pub extent_cache: Option<ExtentCache>,
 }
 
 impl Export {
@@ -120,7 +125,14 @@ impl Export {
         };
         let name = spec.name.clone().unwrap_or(default_name);
         let description = options.description.clone().unwrap_or_else(|| describe(&backend, options.read_only));
-        let minimum = backend.alignment();
+        // Clients bound by a minimum block size may not address an unaligned
+        // tail (libnbd refuses, qemu asserts), so an export whose size is not
+        // a multiple of the O_DIRECT alignment advertises 1 and relies on the
+        // bounce/read-modify-write path instead.
+        let minimum = match backend.alignment() {
+            a if backend.size().is_multiple_of(u64::from(a)) => a,
+            _ => 1,
+        };
         let info = ExportInfo {
             name,
             description,
@@ -129,12 +141,16 @@ impl Export {
             block_size: BlockSize { minimum, preferred: minimum.max(4096), maximum: options.payload_bytes_max },
             contexts: ContextKind::ALL.to_vec(),
         };
+        let cacheable = matches!(&backend, Backend::File(f) if !f.is_block_device);
+        let extent_cache =
+            (cacheable && options.extent_cache_entries > 0).then(|| ExtentCache::new(options.extent_cache_entries));
         Ok(Self {
             info,
             backend,
             read_only: options.read_only,
             rmw_busy: AtomicBool::new(false),
             mutated_bytes: AtomicU64::new(0),
+            extent_cache,
         })
     }
 
@@ -215,8 +231,13 @@ mod tests {
 
     #[test]
     fn read_only_exports_do_not_offer_writes() {
-        let options =
-            ExportOptions { read_only: true, direct_io: false, description: None, payload_bytes_max: 1 << 25 };
+        let options = ExportOptions {
+            read_only: true,
+            direct_io: false,
+            description: None,
+            payload_bytes_max: 1 << 25,
+            extent_cache_entries: 0,
+        };
         let e = Export::open(&"memory:1M".parse().unwrap(), 0, &options).unwrap();
         assert_ne!(e.info.flags & TF_READ_ONLY, 0);
         assert_eq!(e.info.flags & (TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO), 0);
@@ -226,8 +247,13 @@ mod tests {
 
     #[test]
     fn duplicate_names_are_refused() {
-        let options =
-            ExportOptions { read_only: false, direct_io: false, description: None, payload_bytes_max: 1 << 25 };
+        let options = ExportOptions {
+            read_only: false,
+            direct_io: false,
+            description: None,
+            payload_bytes_max: 1 << 25,
+            extent_cache_entries: 0,
+        };
         let specs = vec!["a=memory:1M".parse().unwrap(), "a=memory:2M".parse().unwrap()];
         assert!(matches!(open_all(&specs, &options), Err(ExportError::DuplicateName(_))));
     }

@@ -7,6 +7,8 @@
 
 use std::sync::{OnceLock, RwLock};
 
+use crate::meta::extent::{DATA, Extent, HOLE, push_capped};
+
 /// Allocation granularity. Large enough that the page table stays small for
 /// terabyte-sized sparse exports, small enough to keep sparse writes cheap.
 pub const PAGE_BYTES: usize = 64 * 1024;
@@ -22,13 +24,6 @@ type Page = RwLock<Option<Box<[u8]>>>;
 pub struct MemoryBackend {
     size: u64,
     directories: Box<[OnceLock<Box<[Page]>>]>,
-}
-
-/// Whether a run of the export holds data or reads as zero without storage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MemoryExtent {
-    pub length: u64,
-    pub allocated: bool,
 }
 
 impl MemoryBackend {
@@ -131,22 +126,19 @@ impl MemoryBackend {
         }
     }
 
-    /// Allocation map of `[offset, offset+length)`, coalesced, at most
-    /// `extents_max` entries; the last one may end short of the range.
-    pub fn extents(&self, offset: u64, length: u64, extents_max: usize, out: &mut Vec<MemoryExtent>) {
-        out.clear();
+    /// Allocation map of `[offset, offset+length)`: written pages are data,
+    /// the rest holes. Coalesced, at most `extents_max` entries; the last one
+    /// may end short of the range.
+    pub fn extents(&self, offset: u64, length: u64, extents_max: usize, out: &mut Vec<Extent>) {
         let end = offset + length;
         let mut at = offset;
         while at < end {
             let index = at / PAGE_BYTES as u64;
             let page_end = ((index + 1) * PAGE_BYTES as u64).min(end);
             let allocated = self.existing_page(index).is_some_and(|p| p.read().expect("page lock poisoned").is_some());
-            let piece = page_end - at;
-            let full = out.len() == extents_max;
-            match out.last_mut() {
-                Some(last) if last.allocated == allocated => last.length += piece,
-                _ if full => break,
-                _ => out.push(MemoryExtent { length: piece, allocated }),
+            let status = if allocated { DATA } else { HOLE };
+            if !push_capped(out, Extent { length: page_end - at, status }, extents_max) {
+                break;
             }
             at = page_end;
         }
@@ -181,9 +173,9 @@ mod tests {
         assert_eq!(
             out,
             vec![
-                MemoryExtent { length: PAGE_BYTES as u64, allocated: true },
-                MemoryExtent { length: PAGE_BYTES as u64, allocated: false },
-                MemoryExtent { length: PAGE_BYTES as u64, allocated: true },
+                Extent { length: PAGE_BYTES as u64, status: DATA },
+                Extent { length: PAGE_BYTES as u64, status: HOLE },
+                Extent { length: PAGE_BYTES as u64, status: DATA },
             ]
         );
         let mut buf = vec![9u8; 3 * PAGE_BYTES];
@@ -199,12 +191,13 @@ mod tests {
         m.zero(0, PAGE_BYTES as u64, true);
         let mut out = vec![];
         m.extents(0, PAGE_BYTES as u64, 4, &mut out);
-        assert_eq!(out, vec![MemoryExtent { length: PAGE_BYTES as u64, allocated: true }]);
+        assert_eq!(out, vec![Extent { length: PAGE_BYTES as u64, status: DATA }]);
         m.write(0, &vec![5u8; 2 * PAGE_BYTES]);
         m.trim(1, 2 * PAGE_BYTES as u64);
+        out.clear();
         m.extents(0, 2 * PAGE_BYTES as u64, 4, &mut out);
         assert_eq!(out.len(), 2);
-        assert!(out[0].allocated && !out[1].allocated);
+        assert!(out[0].status == DATA && out[1].status == HOLE);
     }
 
     #[test]

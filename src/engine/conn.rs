@@ -36,6 +36,8 @@ pub enum Closing {
 pub struct Conn {
     pub socket: OwnedFd,
     pub export: Arc<Export>,
+    /// Position of `export` in the server's export list.
+    pub export_index: usize,
     pub limits: RequestLimits,
     pub contexts: Vec<(u32, ContextKind)>,
     receive: Box<[u8]>,
@@ -63,6 +65,7 @@ impl Conn {
     pub fn new(
         socket: OwnedFd,
         export: Arc<Export>,
+        export_index: usize,
         limits: RequestLimits,
         contexts: Vec<(u32, ContextKind)>,
         queue_capacity: usize,
@@ -73,6 +76,7 @@ impl Conn {
         Self {
             socket,
             export,
+            export_index,
             limits,
             contexts,
             receive: vec![0u8; RECV_BUFFER_BYTES].into_boxed_slice(),

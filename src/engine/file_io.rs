@@ -114,7 +114,7 @@ impl FileIo<'_> {
             Step::Punch if self.no_hole(req) => self.step(req, Step::Allocate),
             Step::Punch | Step::ZeroRange | Step::Allocate => self.after_mutation(req),
             Step::Sync | Step::Advise => Next::Finished,
-            Step::Start | Step::WaitRmw => unreachable!("no operation was submitted"),
+            Step::Start | Step::WaitRmw | Step::Lookup => unreachable!("no operation was submitted"),
         }
     }
 
@@ -288,7 +288,7 @@ impl FileIo<'_> {
             Step::Advise => opcode::Fadvise::new(buffered, (end - start) as libc::off_t, libc::POSIX_FADV_WILLNEED)
                 .offset(start)
                 .build(),
-            Step::Start | Step::WaitRmw => unreachable!("not an I/O step"),
+            Step::Start | Step::WaitRmw | Step::Lookup => unreachable!("not an I/O step"),
         }
     }
 

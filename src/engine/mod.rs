@@ -25,4 +25,7 @@ pub enum EngineError {
     /// The buffer region could not be mapped.
     #[error("buffer region: {0}")]
     Buffers(std::io::Error),
+    /// The worker's lookup helper thread could not start.
+    #[error("lookup helper: {0}")]
+    Helper(std::io::Error),
 }

@@ -64,6 +64,8 @@ pub enum Step {
     Advise,
     /// Waiting for the export's read-modify-write guard.
     WaitRmw,
+    /// BLOCK_STATUS waiting for its lookup helper's scan.
+    Lookup,
 }
 
 pub struct Request {
@@ -82,6 +84,8 @@ pub struct Request {
     /// Next offset for ZeroFill.
     pub fill_at: u64,
     pub holds_rmw: bool,
+    /// BLOCK_STATUS: which of the connection's contexts to answer for.
+    pub status_mask: u32,
     pub error: Option<NbdError>,
     /// Reply bytes sent before `buffer[reply_data]`.
     pub header: HeaderBuf,
@@ -104,6 +108,7 @@ impl Request {
             zero_plan: 0,
             fill_at: 0,
             holds_rmw: false,
+            status_mask: u32::MAX,
             error: None,
             header: [0; REPLY_HEADER_BYTES_MAX],
             header_len: 0,

@@ -16,15 +16,16 @@ use io_uring::{opcode, types};
 use slab::Slab;
 
 use crate::backend::Backend;
-use crate::backend::memory::MemoryExtent;
 use crate::export::Export;
+use crate::meta::extent::Extent;
+use crate::meta::lookup::{LookupDone, LookupJob, LookupService};
 use crate::proto::NbdError;
 use crate::proto::handshake::Negotiated;
 use crate::proto::reply::{self, ReplyTo};
 use crate::proto::transmission::{self, Command, RequestHeader, RequestLimits, Verdict};
 
 use super::EngineError;
-use super::block_status::{self, Query};
+use super::block_status::{self, Gathered, Query};
 use super::buffers::BufferPool;
 use super::conn::{Closing, Conn};
 use super::file_io::{FileIo, Next};
@@ -44,6 +45,8 @@ pub struct WorkerConfig {
     /// Request slots across all of the worker's connections.
     pub requests_max: usize,
     pub payload_bytes_max: u32,
+    /// Descriptors per context in one BLOCK_STATUS reply.
+    pub extents_max: usize,
     pub verbose: bool,
 }
 
@@ -78,7 +81,9 @@ pub struct Worker {
     shutdown: Arc<AtomicBool>,
     draining: bool,
     batch: Vec<Completion>,
-    extents: Vec<MemoryExtent>,
+    /// Scratch for BLOCK_STATUS answers gathered inline.
+    extents: Vec<Extent>,
+    lookups: LookupService,
 }
 
 pub struct WorkerParts {
@@ -103,7 +108,10 @@ impl Worker {
             eprintln!("ringnbd: worker {}: buffer registration failed ({e}); using unregistered I/O", parts.index);
         }
         pool.set_registered(registered.is_ok());
+        let lookups = LookupService::spawn(parts.index, Arc::clone(&parts.exports), Arc::clone(&parts.wake_fd))
+            .map_err(EngineError::Helper)?;
         Ok(Self {
+            lookups,
             index: parts.index,
             ring,
             pool,
@@ -121,7 +129,7 @@ impl Worker {
             shutdown: parts.shutdown,
             draining: false,
             batch: Vec::with_capacity(REAP_BATCH_MAX),
-            extents: Vec::with_capacity(block_status::DESCRIPTORS_MAX),
+            extents: Vec::with_capacity(config.extents_max.min(1 << 16)),
             config,
         })
     }
@@ -180,12 +188,14 @@ impl Worker {
             }
             self.adopt(new);
         }
+        while let Ok(done) = self.lookups.done.try_recv() {
+            self.on_lookup(done);
+        }
         if self.shutdown.load(Ordering::Acquire) && !self.draining {
             self.begin_drain();
         }
-        if !self.draining {
-            self.post_wake_read();
-        }
+        // Kept posted while draining too: lookups in flight report through it.
+        self.post_wake_read();
     }
 
     fn adopt(&mut self, new: NewConnection) {
@@ -205,7 +215,7 @@ impl Worker {
                 self.index, new.peer, export.info.name, n.reply_mode
             );
         }
-        let conn = Conn::new(new.socket, export, limits, n.contexts, self.config.inflight_per_conn_max);
+        let conn = Conn::new(new.socket, export, n.export, limits, n.contexts, self.config.inflight_per_conn_max);
         let id = self.conns.insert(Box::new(conn)) as u32;
         self.pump(id);
     }
@@ -333,6 +343,11 @@ impl Worker {
                 Ok(verdict) => verdict,
                 Err(e) => return self.protocol_violation(id, &e),
             };
+            if let Verdict::Run(Command::BlockStatus { payload, .. }) = verdict
+                && self.conns[id as usize].unparsed().len() < header_bytes + payload as usize
+            {
+                return self.post_recv(id); // its small payload is still on the way
+            }
             if !self.admit(id, &header, verdict) {
                 return self.stall(id);
             }
@@ -404,6 +419,29 @@ impl Worker {
                 self.release_if_idle(id);
                 return true;
             }
+            Verdict::Run(Command::BlockStatus { offset, req_one, payload, .. }) if payload > 0 => {
+                let bytes = &conn.unparsed()[header_bytes..header_bytes + payload as usize];
+                let ids: Vec<u32> = conn.contexts.iter().map(|&(id, _)| id).collect();
+                let parsed = transmission::parse_status_payload(bytes, offset, conn.limits.export_bytes, &ids);
+                match parsed {
+                    Ok((length, mask)) => {
+                        let command = Command::BlockStatus { offset, length, req_one, payload: 0 };
+                        let Some(mut req) = self.prepare(id, to, command, mask) else { return false };
+                        self.conns[id as usize].consume(header_bytes + payload as usize);
+                        req.status_mask = mask;
+                        let request = self.insert_request(req);
+                        self.start_request(request);
+                    }
+                    Err(error) => {
+                        conn.consume(header_bytes + payload as usize);
+                        let mut req = Request::new(id, to, Command::Flush);
+                        req.error = Some(error);
+                        let request = self.insert_request(req);
+                        self.finish(request, false);
+                    }
+                }
+                return true;
+            }
             Verdict::Run(command) => command,
             Verdict::Empty { payload } | Verdict::Reject { payload, .. } => {
                 conn.consume(header_bytes);
@@ -418,7 +456,8 @@ impl Worker {
                 return true;
             }
         };
-        let Some(mut req) = self.prepare(id, to, command) else { return false };
+        let mask = block_status::all_contexts(conn.contexts.len());
+        let Some(mut req) = self.prepare(id, to, command, mask) else { return false };
         let conn = &mut self.conns[id as usize];
         conn.consume(header_bytes);
         if let Command::Write { length, .. } = command {
@@ -440,7 +479,7 @@ impl Worker {
     }
 
     /// Allocates what a command needs; None if the buffer pool is full.
-    fn prepare(&mut self, id: u32, to: ReplyTo, command: Command) -> Option<Request> {
+    fn prepare(&mut self, id: u32, to: ReplyTo, command: Command, status_mask: u32) -> Option<Request> {
         let conn = &self.conns[id as usize];
         let export = &conn.export;
         let alignment = export.backend.alignment();
@@ -452,9 +491,10 @@ impl Worker {
                 // An unaligned write reads its partial blocks into scratch space after the span.
                 req.span.len + if unaligned_write { alignment as usize } else { 0 }
             }
-            Command::BlockStatus { offset, length, req_one } => {
-                let query = Query { offset, length, req_one };
-                block_status::reply_bytes_max(&export.backend, &query, to.mode, conn.contexts.len())
+            Command::BlockStatus { length, req_one, .. } => {
+                let cap = if req_one { 1 } else { self.config.extents_max };
+                let extents = block_status::extents_bound(&export.backend, length, cap);
+                block_status::reply_bytes_max(to.mode, status_mask.count_ones() as usize, extents)
             }
             _ => 0,
         };
@@ -472,32 +512,73 @@ impl Worker {
     // --- executing --------------------------------------------------------------
 
     fn start_request(&mut self, request: u32) {
+        if let Command::BlockStatus { .. } = self.requests[request as usize].command {
+            return self.start_block_status(request);
+        }
         // Borrow disjoint fields: the export is reached through its
         // connection without cloning the Arc, whose refcount every worker
         // would otherwise bounce between cores on each request.
-        let Worker { requests, conns, pool, extents, .. } = self;
+        let Worker { requests, conns, pool, .. } = self;
         let req = &mut requests[request as usize];
-        let conn = &conns[req.conn as usize];
-        let export = &*conn.export;
-        let next = if let Command::BlockStatus { offset, length, req_one } = req.command {
-            let query = Query { offset, length, req_one };
-            let buffer = req.buffer.as_mut().expect("block status owns a buffer");
-            let to = req.to;
-            let used =
-                block_status::encode(&export.backend, &conn.contexts, &query, to, extents, buffer.as_mut_slice());
-            req.reply_data = (0, used);
-            Next::Finished
-        } else {
-            write_path::enter(export, &req.command);
-            match &export.backend {
-                Backend::Memory(memory) => {
-                    memory_io::execute(memory, req);
-                    Next::Finished
-                }
-                Backend::File(file) => FileIo { file, export, pool, id: request }.start(req),
+        let export = &*conns[req.conn as usize].export;
+        write_path::enter(export, &req.command);
+        let next = match &export.backend {
+            Backend::Memory(memory) => {
+                memory_io::execute(memory, req);
+                Next::Finished
             }
+            Backend::File(file) => FileIo { file, export, pool, id: request }.start(req),
         };
         self.follow(request, next);
+    }
+
+    fn start_block_status(&mut self, request: u32) {
+        let Worker { requests, conns, extents, lookups, config, .. } = self;
+        let req = &mut requests[request as usize];
+        let Command::BlockStatus { offset, length, req_one, .. } = req.command else { unreachable!("checked") };
+        let conn = &conns[req.conn as usize];
+        let query = Query { offset, length, extents_max: if req_one { 1 } else { config.extents_max } };
+        match block_status::gather(&conn.export.backend, conn.export.extent_cache.as_ref(), &query, extents) {
+            Gathered::Ready => {
+                let extents = std::mem::take(&mut self.extents);
+                self.answer_block_status(request, &extents);
+                self.extents = extents;
+            }
+            Gathered::Scan { from, epoch } => {
+                req.step = Step::Lookup;
+                let job = LookupJob {
+                    request,
+                    export: conn.export_index,
+                    offset,
+                    from,
+                    epoch,
+                    end: offset + length,
+                    extents_max: query.extents_max,
+                    extents: extents.clone(),
+                };
+                lookups.jobs.send(job).expect("lookup helper outlives its worker");
+            }
+        }
+    }
+
+    fn on_lookup(&mut self, done: LookupDone) {
+        match done.result {
+            Ok(extents) => self.answer_block_status(done.request, &extents),
+            Err(errno) => {
+                self.requests[done.request as usize].error = Some(NbdError::from_errno(errno));
+                self.finish(done.request, false);
+            }
+        }
+    }
+
+    fn answer_block_status(&mut self, request: u32, extents: &[Extent]) {
+        let req = &mut self.requests[request as usize];
+        let conn = &self.conns[req.conn as usize];
+        let buffer = req.buffer.as_mut().expect("block status owns a buffer");
+        let used = block_status::encode(&conn.contexts, req.status_mask, extents, req.to, buffer.as_mut_slice());
+        req.reply_data = (0, used);
+        req.step = Step::Start;
+        self.finish(request, false);
     }
 
     /// Runs one step of a file request's state machine.
@@ -564,6 +645,7 @@ impl Worker {
         }
         let id = req.conn;
         let conn = &mut self.conns[id as usize];
+        write_path::complete(&conn.export, &req.command, req.error.is_none());
         if conn.closing == Closing::Hard {
             self.free_request(request);
             return self.release_if_idle(id);

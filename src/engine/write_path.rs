@@ -40,3 +40,17 @@ pub fn enter(export: &Export, command: &Command) {
         export.mutated_bytes.fetch_add(mutation.length(), Ordering::Relaxed);
     }
 }
+
+/// Called once for every command `enter` saw, when its backend work is over
+/// (successfully or not). The extent cache learns about the change here,
+/// after the data is in place, so a BLOCK_STATUS sent after the reply can
+/// never be answered from a stale entry.
+pub fn complete(export: &Export, command: &Command, succeeded: bool) {
+    let (Some(mutation), Some(cache)) = (Mutation::of(command), &export.extent_cache) else { return };
+    match mutation {
+        Mutation::Write { offset, length } if succeeded => cache.wrote(offset, offset + length),
+        Mutation::Write { offset, length } | Mutation::Zero { offset, length } | Mutation::Trim { offset, length } => {
+            cache.forget(offset, offset + length)
+        }
+    }
+}

@@ -7,3 +7,4 @@
 pub mod allocation;
 pub mod extent;
 pub mod extent_cache;
+pub mod lookup;

@@ -436,6 +436,10 @@ impl<'a> Handshake<'a> {
         if reply_mode != ReplyMode::Simple {
             flags |= TF_SEND_DF;
         }
+        // Per-request context choice needs 64-bit headers and something to choose.
+        if reply_mode == ReplyMode::Extended && !contexts.is_empty() {
+            flags |= TF_BLOCK_STATUS_PAYLOAD;
+        }
         Negotiated { export, flags, reply_mode, contexts, block_size_agreed }
     }
 }

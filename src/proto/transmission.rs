@@ -88,13 +88,42 @@ pub struct RequestLimits {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    Read { offset: u64, length: u32, df: bool },
-    Write { offset: u64, length: u32, fua: bool },
+    Read {
+        offset: u64,
+        length: u32,
+        df: bool,
+    },
+    Write {
+        offset: u64,
+        length: u32,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, length: u64, fua: bool },
-    WriteZeroes { offset: u64, length: u64, fua: bool, no_hole: bool, fast: bool },
-    Cache { offset: u64, length: u64 },
-    BlockStatus { offset: u64, length: u64, req_one: bool },
+    Trim {
+        offset: u64,
+        length: u64,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        length: u64,
+        fua: bool,
+        no_hole: bool,
+        fast: bool,
+    },
+    Cache {
+        offset: u64,
+        length: u64,
+    },
+    /// With `payload > 0` (BLOCK_STATUS_PAYLOAD), the effect length and the
+    /// contexts to answer for arrive in that many payload bytes, decoded by
+    /// [`parse_status_payload`]; `length` is 0 until then.
+    BlockStatus {
+        offset: u64,
+        length: u64,
+        req_one: bool,
+        payload: u32,
+    },
     Disconnect,
 }
 
@@ -134,7 +163,7 @@ fn allowed_flags(kind: u16, limits: &RequestLimits) -> u16 {
         CMD_READ => advertised(TF_SEND_DF, CMD_FLAG_DF),
         CMD_WRITE if limits.reply_mode == ReplyMode::Extended => CMD_FLAG_PAYLOAD_LEN,
         CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE | advertised(TF_SEND_FAST_ZERO, CMD_FLAG_FAST_ZERO),
-        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+        CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE | advertised(TF_BLOCK_STATUS_PAYLOAD, CMD_FLAG_PAYLOAD_LEN),
         _ => 0,
     };
     fua | specific
@@ -170,6 +199,7 @@ pub fn validate(h: &RequestHeader, limits: &RequestLimits) -> Result<Verdict, Fr
     match h.kind {
         CMD_DISC => return Ok(Verdict::Run(Command::Disconnect)),
         CMD_FLUSH => return Ok(Verdict::Run(Command::Flush)),
+        CMD_BLOCK_STATUS if payload > 0 => return status_with_payload(h, payload),
         _ => {}
     }
     let in_bounds = offset.checked_add(length).is_some_and(|end| end <= limits.export_bytes);
@@ -199,10 +229,55 @@ pub fn validate(h: &RequestHeader, limits: &RequestLimits) -> Result<Verdict, Fr
             no_hole: h.flags & CMD_FLAG_NO_HOLE != 0,
             fast: h.flags & CMD_FLAG_FAST_ZERO != 0,
         },
-        CMD_BLOCK_STATUS => Command::BlockStatus { offset, length, req_one: h.flags & CMD_FLAG_REQ_ONE != 0 },
+        CMD_BLOCK_STATUS => {
+            Command::BlockStatus { offset, length, req_one: h.flags & CMD_FLAG_REQ_ONE != 0, payload: 0 }
+        }
         _ => unreachable!("unsupported kinds rejected above"),
     };
     Ok(Verdict::Run(command))
+}
+
+/// Contexts one BLOCK_STATUS payload may name (and the width of the mask
+/// [`parse_status_payload`] returns).
+pub const STATUS_PAYLOAD_CONTEXTS_MAX: usize = 32;
+
+/// Effect length u64, then at least one u32 context ID.
+fn status_with_payload(h: &RequestHeader, payload: u64) -> Result<Verdict, FramingError> {
+    let well_formed =
+        payload >= 8 + 4 && (payload - 8).is_multiple_of(4) && (payload - 8) / 4 <= STATUS_PAYLOAD_CONTEXTS_MAX as u64;
+    if !well_formed {
+        return Ok(Verdict::Reject { error: NbdError::Inval, payload });
+    }
+    let req_one = h.flags & CMD_FLAG_REQ_ONE != 0;
+    Ok(Verdict::Run(Command::BlockStatus { offset: h.offset, length: 0, req_one, payload: payload as u32 }))
+}
+
+/// Decodes a BLOCK_STATUS payload against the connection's selected
+/// context IDs. Returns the effect length and a mask of positions in
+/// `selected`. Unknown or repeated IDs, a zero length or a range past the
+/// end are EINVAL (the payload has been consumed either way).
+pub fn parse_status_payload(
+    bytes: &[u8],
+    offset: u64,
+    export_bytes: u64,
+    selected: &[u32],
+) -> Result<(u64, u32), NbdError> {
+    let mut r = Reader::new(bytes);
+    let length = r.u64("effect length").map_err(|_| NbdError::Inval)?;
+    let mut mask = 0u32;
+    while r.remaining() > 0 {
+        let id = r.u32("context id").map_err(|_| NbdError::Inval)?;
+        let position = selected.iter().position(|&s| s == id).ok_or(NbdError::Inval)?;
+        if position >= STATUS_PAYLOAD_CONTEXTS_MAX || mask & (1 << position) != 0 {
+            return Err(NbdError::Inval);
+        }
+        mask |= 1 << position;
+    }
+    let in_bounds = offset.checked_add(length).is_some_and(|end| end <= export_bytes);
+    if mask == 0 || length == 0 || !in_bounds {
+        return Err(NbdError::Inval);
+    }
+    Ok((length, mask))
 }
 
 /// Alignment only binds clients that agreed to block sizes; the export's

@@ -169,7 +169,7 @@ fn requests_within_the_export_run() {
     );
     assert_eq!(
         check(CMD_BLOCK_STATUS, 0, 0, MIB, &l),
-        Verdict::Run(Command::BlockStatus { offset: 0, length: MIB, req_one: false })
+        Verdict::Run(Command::BlockStatus { offset: 0, length: MIB, req_one: false, payload: 0 })
     );
 }
 
@@ -302,7 +302,7 @@ fn fast_zero_needs_send_fast_zero() {
 fn req_one_is_for_block_status() {
     assert_eq!(
         check(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 512, &limits()),
-        Verdict::Run(Command::BlockStatus { offset: 0, length: 512, req_one: true })
+        Verdict::Run(Command::BlockStatus { offset: 0, length: 512, req_one: true, payload: 0 })
     );
 }
 
@@ -493,9 +493,8 @@ fn extended_non_write_with_payload_len_is_einval_and_drained() {
     for kind in [CMD_READ, CMD_TRIM, CMD_WRITE_ZEROES, CMD_CACHE, CMD_FLUSH, CMD_DISC] {
         assert_eq!(check(kind, CMD_FLAG_PAYLOAD_LEN, 0, 4096, &x), reject(NbdError::Inval, 4096), "kind {kind}");
     }
-    // BLOCK_STATUS payloads are not supported either: drain, then EINVAL.
-    let bsp = RequestLimits { flags: FLAGS | TF_BLOCK_STATUS_PAYLOAD, ..x };
-    assert_eq!(check(CMD_BLOCK_STATUS, CMD_FLAG_PAYLOAD_LEN, 0, 16, &bsp), reject(NbdError::Inval, 16));
+    // BLOCK_STATUS payloads need BLOCK_STATUS_PAYLOAD negotiated.
+    assert_eq!(check(CMD_BLOCK_STATUS, CMD_FLAG_PAYLOAD_LEN, 0, 16, &x), reject(NbdError::Inval, 16));
 }
 
 #[test]
@@ -507,7 +506,7 @@ fn extended_payload_less_lengths_may_exceed_four_gib() {
     );
     assert_eq!(
         check(CMD_BLOCK_STATUS, 0, GIB, 5 * GIB, &x),
-        Verdict::Run(Command::BlockStatus { offset: GIB, length: 5 * GIB, req_one: false })
+        Verdict::Run(Command::BlockStatus { offset: GIB, length: 5 * GIB, req_one: false, payload: 0 })
     );
     assert_eq!(
         check(CMD_WRITE_ZEROES, 0, 0, 16 * GIB, &x),
@@ -526,4 +525,38 @@ fn decoded_extended_write_validates_end_to_end() {
         validate(&h, &with_mode(ReplyMode::Extended)),
         Ok(Verdict::Run(Command::Write { offset: 8192, length: 4096, fua: false }))
     );
+}
+
+// --- BLOCK_STATUS_PAYLOAD -----------------------------------------------------------
+
+#[test]
+fn block_status_payload_is_accepted_only_when_negotiated_and_well_formed() {
+    let x = RequestLimits { flags: FLAGS | TF_BLOCK_STATUS_PAYLOAD, ..with_mode(ReplyMode::Extended) };
+    assert_eq!(
+        check(CMD_BLOCK_STATUS, CMD_FLAG_PAYLOAD_LEN | CMD_FLAG_REQ_ONE, 4096, 12, &x),
+        Verdict::Run(Command::BlockStatus { offset: 4096, length: 0, req_one: true, payload: 12 })
+    );
+    for bad in [8u64, 10, 13, 8 + 4 * 33] {
+        assert_eq!(check(CMD_BLOCK_STATUS, CMD_FLAG_PAYLOAD_LEN, 0, bad, &x), reject(NbdError::Inval, bad), "{bad}");
+    }
+}
+
+#[test]
+fn status_payload_names_selected_contexts_once_each() {
+    let payload = |length: u64, ids: &[u32]| {
+        let mut v = length.to_be_bytes().to_vec();
+        for id in ids {
+            v.extend_from_slice(&id.to_be_bytes());
+        }
+        v
+    };
+    let selected = [7u32, 9];
+    assert_eq!(parse_status_payload(&payload(4096, &[9]), 0, MIB, &selected), Ok((4096, 0b10)));
+    assert_eq!(parse_status_payload(&payload(4096, &[9, 7]), 0, MIB, &selected), Ok((4096, 0b11)));
+    assert_eq!(parse_status_payload(&payload(4096, &[9, 9]), 0, MIB, &selected), Err(NbdError::Inval));
+    assert_eq!(parse_status_payload(&payload(4096, &[8]), 0, MIB, &selected), Err(NbdError::Inval));
+    assert_eq!(parse_status_payload(&payload(0, &[7]), 0, MIB, &selected), Err(NbdError::Inval));
+    assert_eq!(parse_status_payload(&payload(MIB, &[7]), 1, MIB, &selected), Err(NbdError::Inval));
+    assert_eq!(parse_status_payload(&payload(u64::MAX, &[7]), 1, MIB, &selected), Err(NbdError::Inval));
+    assert_eq!(parse_status_payload(&[0; 7], 0, MIB, &selected), Err(NbdError::Inval));
 }
