@@ -70,6 +70,13 @@ impl Buffer {
     }
 }
 
+impl std::ops::Index<std::ops::Range<usize>> for Buffer {
+    type Output = [u8];
+    fn index(&self, range: std::ops::Range<usize>) -> &[u8] {
+        &self.as_slice()[range]
+    }
+}
+
 impl BufferPool {
     pub fn new(bytes: usize) -> std::io::Result<Self> {
         let units = (bytes / UNIT_BYTES).max(1);

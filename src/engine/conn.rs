@@ -141,28 +141,21 @@ impl Conn {
     pub fn build_send(&mut self, requests: &Slab<Request>) -> Option<*const libc::msghdr> {
         let mut count = 0;
         let mut skip = self.send_skip;
-        for &id in &self.send_queue {
+        'requests: for &id in &self.send_queue {
             let request = &requests[id as usize];
-            let header = &request.header[..request.header_len];
-            let data = match (&request.buffer, request.reply_data) {
-                (Some(buffer), (start, len)) if len > 0 => &buffer.as_slice()[start..start + len],
-                _ => &[][..],
-            };
-            for part in [header, data] {
+            for &segment in request.segments() {
+                let part = request.segment_bytes(segment);
                 if skip >= part.len() {
                     skip -= part.len();
                     continue;
                 }
                 if count == SEND_IOVECS_MAX {
-                    break;
+                    break 'requests;
                 }
                 let rest = &part[skip..];
                 skip = 0;
                 self.iovecs[count] = libc::iovec { iov_base: rest.as_ptr() as *mut _, iov_len: rest.len() };
                 count += 1;
-            }
-            if count == SEND_IOVECS_MAX {
-                break;
             }
         }
         if count == 0 {

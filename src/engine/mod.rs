@@ -9,6 +9,7 @@ pub mod file_io;
 pub mod memory_io;
 pub mod request;
 pub mod ring;
+pub mod sparse_read;
 pub mod user_data;
 pub mod worker;
 pub mod write_path;

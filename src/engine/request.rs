@@ -4,10 +4,40 @@
 //! (or, on a dropped connection, until its last CQE has been reaped).
 
 use crate::proto::NbdError;
-use crate::proto::reply::{HeaderBuf, REPLY_HEADER_BYTES_MAX, ReplyTo};
+use crate::proto::reply::{REPLY_HEADER_BYTES_MAX, ReplyTo};
 use crate::proto::transmission::Command;
+use crate::proto::wire::EXTENDED_HEADER_BYTES;
 
 use super::buffers::Buffer;
+use super::sparse_read::CHUNKS_MAX;
+
+/// Inline reply bytes: the chunk headers of a full sparse read (extended
+/// header plus offset and hole size each), which also fits any error chunk.
+pub const REPLY_INLINE_BYTES: usize = CHUNKS_MAX * (EXTENDED_HEADER_BYTES + 8 + 4);
+const _: () = assert!(REPLY_INLINE_BYTES >= REPLY_HEADER_BYTES_MAX);
+/// A header and a data slice per chunk.
+pub const SEGMENTS_MAX: usize = 2 * CHUNKS_MAX;
+
+/// One contiguous piece of a reply on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Segment {
+    /// Bytes of the request's inline reply array.
+    Inline { start: usize, len: usize },
+    /// Bytes of the request's buffer (read data, block-status chunks).
+    Buffer { start: usize, len: usize },
+}
+
+impl Segment {
+    pub fn len(self) -> usize {
+        match self {
+            Segment::Inline { len, .. } | Segment::Buffer { len, .. } => len,
+        }
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// The aligned file range a request's buffer maps onto.
 ///
@@ -87,11 +117,11 @@ pub struct Request {
     /// BLOCK_STATUS: which of the connection's contexts to answer for.
     pub status_mask: u32,
     pub error: Option<NbdError>,
-    /// Reply bytes sent before `buffer[reply_data]`.
-    pub header: HeaderBuf,
-    pub header_len: usize,
-    /// Reply bytes taken from `buffer` after the header: (start, len).
-    pub reply_data: (usize, usize),
+    /// Reply bytes that do not live in `buffer` (headers, errors).
+    inline: [u8; REPLY_INLINE_BYTES],
+    inline_len: usize,
+    segments: [Segment; SEGMENTS_MAX],
+    segment_count: usize,
 }
 
 impl Request {
@@ -110,9 +140,10 @@ impl Request {
             holds_rmw: false,
             status_mask: u32::MAX,
             error: None,
-            header: [0; REPLY_HEADER_BYTES_MAX],
-            header_len: 0,
-            reply_data: (0, 0),
+            inline: [0; REPLY_INLINE_BYTES],
+            inline_len: 0,
+            segments: [Segment::Inline { start: 0, len: 0 }; SEGMENTS_MAX],
+            segment_count: 0,
         }
     }
 
@@ -124,9 +155,48 @@ impl Request {
         }
     }
 
+    /// Appends inline reply bytes written by `encode` (which returns their count).
+    pub fn reply_inline(&mut self, encode: impl FnOnce(&mut [u8]) -> usize) {
+        let start = self.inline_len;
+        let len = encode(&mut self.inline[start..]);
+        self.inline_len += len;
+        self.push_segment(Segment::Inline { start, len });
+    }
+
+    /// Appends `len` bytes of the buffer from `start`.
+    pub fn reply_buffer(&mut self, start: usize, len: usize) {
+        debug_assert!(self.buffer.as_ref().is_some_and(|b| start + len <= b.len()));
+        self.push_segment(Segment::Buffer { start, len });
+    }
+
+    fn push_segment(&mut self, segment: Segment) {
+        assert!(self.segment_count < SEGMENTS_MAX, "reply segments bounded by CHUNKS_MAX");
+        if !segment.is_empty() {
+            self.segments[self.segment_count] = segment;
+            self.segment_count += 1;
+        }
+    }
+
+    pub fn clear_reply(&mut self) {
+        self.inline_len = 0;
+        self.segment_count = 0;
+    }
+
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments[..self.segment_count]
+    }
+
+    /// The bytes a segment refers to.
+    pub fn segment_bytes(&self, segment: Segment) -> &[u8] {
+        match segment {
+            Segment::Inline { start, len } => &self.inline[start..start + len],
+            Segment::Buffer { start, len } => &self.buffer.as_ref().expect("buffer segment")[start..start + len],
+        }
+    }
+
     /// Total reply bytes on the wire.
     pub fn reply_bytes(&self) -> usize {
-        self.header_len + self.reply_data.1
+        self.segments().iter().map(|s| s.len()).sum()
     }
 }
 

@@ -22,7 +22,7 @@ use crate::meta::lookup::{LookupDone, LookupJob, LookupService};
 use crate::proto::NbdError;
 use crate::proto::handshake::Negotiated;
 use crate::proto::reply::{self, ReplyTo};
-use crate::proto::transmission::{self, Command, RequestHeader, RequestLimits, Verdict};
+use crate::proto::transmission::{self, Command, ReplyMode, RequestHeader, RequestLimits, Verdict};
 
 use super::EngineError;
 use super::block_status::{self, Gathered, Query};
@@ -32,6 +32,7 @@ use super::file_io::{FileIo, Next};
 use super::memory_io;
 use super::request::{AlignedSpan, Request, Step};
 use super::ring::{Completion, REAP_BATCH_MAX, Ring};
+use super::sparse_read::{self, Run};
 use super::user_data::Token;
 use super::write_path;
 
@@ -576,7 +577,7 @@ impl Worker {
         let conn = &self.conns[req.conn as usize];
         let buffer = req.buffer.as_mut().expect("block status owns a buffer");
         let used = block_status::encode(&conn.contexts, req.status_mask, extents, req.to, buffer.as_mut_slice());
-        req.reply_data = (0, used);
+        req.reply_buffer(0, used);
         req.step = Step::Start;
         self.finish(request, false);
     }
@@ -627,25 +628,26 @@ impl Worker {
 
     // --- replying ---------------------------------------------------------------
 
-    /// Encodes the reply header and queues the reply on its connection.
+    /// Encodes the reply and queues it on its connection.
     fn finish(&mut self, request: u32, is_read: bool) {
-        let req = &mut self.requests[request as usize];
-        debug_assert!(req.step != Step::WaitRmw);
+        let Worker { requests, conns, extents, .. } = self;
+        let req = &mut requests[request as usize];
+        let conn = &mut conns[req.conn as usize];
+        debug_assert!(req.step != Step::WaitRmw && req.step != Step::Lookup);
+        let to = req.to;
         match (req.error, req.command) {
             (Some(error), _) => {
-                req.reply_data = (0, 0);
-                req.header_len = reply::error(&mut req.header, req.to, error.code(), error.message());
+                req.clear_reply();
+                req.reply_inline(|out| reply::error(out, to, error.code(), error.message()));
             }
-            (None, Command::Read { offset, length, .. }) if is_read => {
-                req.reply_data = (req.span.head, length as usize);
-                req.header_len = reply::read_data(&mut req.header, req.to, offset, length);
+            (None, Command::Read { offset, length, df }) if is_read => {
+                compose_read(req, &conn.export, offset, length, df, extents);
             }
-            (None, Command::BlockStatus { .. }) => req.header_len = 0,
-            (None, _) => req.header_len = reply::success(&mut req.header, req.to, is_read),
+            (None, Command::BlockStatus { .. }) => {} // encoded into the buffer already
+            (None, _) => req.reply_inline(|out| reply::success(out, to, is_read)),
         }
-        let id = req.conn;
-        let conn = &mut self.conns[id as usize];
         write_path::complete(&conn.export, &req.command, req.error.is_none());
+        let id = req.conn;
         if conn.closing == Closing::Hard {
             self.free_request(request);
             return self.release_if_idle(id);
@@ -707,3 +709,34 @@ impl Worker {
 
 /// Error code sent when a request is refused because the server is going away.
 pub const SHUTDOWN_ERROR: NbdError = NbdError::Shutdown;
+
+/// A successful READ's reply: one data chunk (simple mode, DF, or no zero
+/// runs), else OFFSET_DATA and OFFSET_HOLE chunks (see `sparse_read`).
+fn compose_read(req: &mut Request, export: &Export, offset: u64, length: u32, df: bool, known: &mut Vec<Extent>) {
+    let (to, head, len) = (req.to, req.span.head, length as usize);
+    let mut runs = [Run { hole: false, start: 0, len: 0 }; sparse_read::CHUNKS_MAX];
+    let count = if to.mode == ReplyMode::Simple || df {
+        0
+    } else {
+        known.clear();
+        if let Some(cache) = &export.extent_cache {
+            cache.lookup(offset, offset + u64::from(length), sparse_read::CHUNKS_MAX, known);
+        }
+        let data = &req.buffer.as_ref().expect("reads own a buffer")[head..head + len];
+        sparse_read::runs(data, offset, known, &mut runs)
+    };
+    if count <= 1 && !runs[0].hole {
+        req.reply_inline(|out| reply::read_data(out, to, offset, length));
+        return req.reply_buffer(head, len);
+    }
+    for (index, run) in runs[..count].iter().enumerate() {
+        let done = index + 1 == count;
+        let at = offset + run.start as u64;
+        if run.hole {
+            req.reply_inline(|out| reply::hole_chunk(out, to, at, run.len as u32, done));
+        } else {
+            req.reply_inline(|out| reply::data_chunk(out, to, at, run.len as u32, done));
+            req.reply_buffer(head + run.start, run.len);
+        }
+    }
+}

@@ -76,9 +76,25 @@ pub fn read_data(out: &mut [u8], to: ReplyTo, offset: u64, data_len: u32) -> usi
     if to.mode == ReplyMode::Simple {
         return simple(out, to.cookie, 0);
     }
-    let n = chunk_header(out, to, REPLY_FLAG_DONE, CHUNK_OFFSET_DATA, 8 + u64::from(data_len));
+    data_chunk(out, to, offset, data_len, true)
+}
+
+/// An OFFSET_DATA chunk header for `data_len` bytes at `offset`.
+pub fn data_chunk(out: &mut [u8], to: ReplyTo, offset: u64, data_len: u32, done: bool) -> usize {
+    let flags = if done { REPLY_FLAG_DONE } else { 0 };
+    let n = chunk_header(out, to, flags, CHUNK_OFFSET_DATA, 8 + u64::from(data_len));
     let mut c = Cursor { out, len: n };
     c.u64(offset);
+    c.len
+}
+
+/// An OFFSET_HOLE chunk: `hole_len` bytes at `offset` read as zeroes.
+pub fn hole_chunk(out: &mut [u8], to: ReplyTo, offset: u64, hole_len: u32, done: bool) -> usize {
+    debug_assert!(hole_len > 0 && to.mode != ReplyMode::Simple);
+    let flags = if done { REPLY_FLAG_DONE } else { 0 };
+    let n = chunk_header(out, to, flags, CHUNK_OFFSET_HOLE, 8 + 4);
+    let mut c = Cursor { out, len: n };
+    c.u64(offset).u32(hole_len);
     c.len
 }
 
@@ -199,6 +215,20 @@ mod tests {
         assert_eq!(&b[32..36], &22u32.to_be_bytes());
         let n = error(&mut b, to(ReplyMode::Simple), 5, "ignored");
         assert_eq!((n, &b[4..8]), (16, &5u32.to_be_bytes()[..]));
+    }
+
+    #[test]
+    fn hole_chunks_carry_offset_and_size() {
+        let mut b = [0u8; REPLY_HEADER_BYTES_MAX];
+        let n = hole_chunk(&mut b, to(ReplyMode::Structured), 8192, 4096, false);
+        assert_eq!(n, 20 + 12);
+        assert_eq!(u16::from_be_bytes([b[4], b[5]]), 0, "not DONE");
+        assert_eq!(u16::from_be_bytes([b[6], b[7]]), CHUNK_OFFSET_HOLE);
+        assert_eq!(&b[16..20], &12u32.to_be_bytes());
+        assert_eq!(&b[20..28], &8192u64.to_be_bytes());
+        assert_eq!(&b[28..32], &4096u32.to_be_bytes());
+        let n = hole_chunk(&mut b, to(ReplyMode::Extended), 8192, 4096, true);
+        assert_eq!((n, &b[24..32]), (32 + 12, &12u64.to_be_bytes()[..]));
     }
 
     #[test]
