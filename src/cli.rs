@@ -51,6 +51,11 @@ pub struct Cli {
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub handshake_timeout: f64,
 
+    /// Seconds shutdown waits for in-flight requests before dropping the
+    /// connections still busy.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    pub shutdown_timeout: f64,
+
     /// Description shown by `nbdinfo --list` and NBD_INFO_DESCRIPTION.
     #[arg(long, value_name = "TEXT")]
     pub description: Option<String>,
@@ -150,6 +155,7 @@ impl Cli {
                 requests_max: 8192,
                 payload_bytes_max: self.max_payload,
                 extents_max: self.max_extents as usize,
+                drain_timeout: Duration::from_secs_f64(self.shutdown_timeout.clamp(0.001, 3600.0)),
                 verbose: self.verbose,
             },
             verbose: self.verbose,

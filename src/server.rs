@@ -62,21 +62,22 @@ fn signal(fd: &OwnedFd) {
     unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
-struct WorkerHandle {
+/// How handshake threads reach a worker. Shared with every handshake thread
+/// (which may outlive the accept thread), so it holds no join handles.
+struct WorkerTarget {
     sender: Sender<NewConnection>,
     wake: Arc<OwnedFd>,
     load: Arc<AtomicUsize>,
-    thread: JoinHandle<Result<(), EngineError>>,
 }
 
 struct Workers {
-    handles: Vec<WorkerHandle>,
+    targets: Vec<WorkerTarget>,
 }
 
 impl Dispatch for Workers {
     /// Least-loaded worker by connection count.
     fn dispatch(&self, connection: NewConnection) {
-        let Some(target) = self.handles.iter().min_by_key(|h| h.load.load(Ordering::Relaxed)) else { return };
+        let Some(target) = self.targets.iter().min_by_key(|h| h.load.load(Ordering::Relaxed)) else { return };
         target.load.fetch_add(1, Ordering::Relaxed);
         if target.sender.send(connection).is_ok() {
             signal(&target.wake);
@@ -84,13 +85,16 @@ impl Dispatch for Workers {
     }
 }
 
+type WorkerThread = JoinHandle<Result<(), EngineError>>;
+
 fn spawn_workers(
     config: &ServerConfig,
     exports: &Arc<[Arc<Export>]>,
     shutdown: &Arc<AtomicBool>,
-) -> Result<Workers, ServerError> {
+) -> Result<(Workers, Vec<WorkerThread>), ServerError> {
     let cores = if config.pin_workers { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
-    let mut handles = Vec::with_capacity(config.threads);
+    let mut targets = Vec::with_capacity(config.threads);
+    let mut threads = Vec::with_capacity(config.threads);
     for index in 0..config.threads {
         let (sender, incoming) = crossbeam_channel::unbounded();
         let wake = eventfd()?;
@@ -127,9 +131,10 @@ fn spawn_workers(
             })
             .map_err(system("spawn worker"))?;
         ready_rx.recv().expect("worker reports readiness")?;
-        handles.push(WorkerHandle { sender, wake, load, thread });
+        targets.push(WorkerTarget { sender, wake, load });
+        threads.push(thread);
     }
-    Ok(Workers { handles })
+    Ok((Workers { targets }, threads))
 }
 
 /// Blocks SIGINT/SIGTERM in this thread (and every thread it spawns later)
@@ -165,7 +170,8 @@ pub fn serve(config: ServerConfig, exports: Vec<Export>) -> Result<(), ServerErr
     let exports: Arc<[Arc<Export>]> = exports.into_iter().map(Arc::new).collect();
     let infos: Arc<[ExportInfo]> = exports.iter().map(|e| e.info.clone()).collect();
     let shutdown = Arc::new(AtomicBool::new(false));
-    let workers = Arc::new(spawn_workers(&config, &exports, &shutdown)?);
+    let (workers, threads) = spawn_workers(&config, &exports, &shutdown)?;
+    let workers = Arc::new(workers);
 
     let accept_config = Arc::new(AcceptConfig {
         exports: infos,
@@ -194,13 +200,14 @@ pub fn serve(config: ServerConfig, exports: Vec<Export>) -> Result<(), ServerErr
     shutdown.store(true, Ordering::Release);
     signal(&stop);
     let _ = acceptor.join();
-    let workers = Arc::try_unwrap(workers).ok().expect("acceptor joined, so no other owner");
-    for handle in &workers.handles {
-        signal(&handle.wake);
+    // Handshake threads may still hold `workers`; a connection they hand
+    // over now is closed by its draining worker.
+    for target in &workers.targets {
+        signal(&target.wake);
     }
     let mut first_error = None;
-    for handle in workers.handles {
-        if let Ok(Err(e)) = handle.thread.join() {
+    for thread in threads {
+        if let Ok(Err(e)) = thread.join() {
             first_error.get_or_insert(e);
         }
     }

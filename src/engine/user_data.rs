@@ -16,6 +16,7 @@ const SENTINEL_MIN: u64 = u64::MAX - 15;
 const WAKE: u64 = u64::MAX;
 const TICK: u64 = u64::MAX - 1;
 const CANCEL: u64 = u64::MAX - 2;
+const DRAIN_DEADLINE: u64 = u64::MAX - 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Token {
@@ -31,6 +32,8 @@ pub enum Token {
     Tick,
     /// Completion of an async-cancel itself (ignored).
     Cancel,
+    /// The shutdown drain ran out of time.
+    DrainDeadline,
 }
 
 const KIND_RECV: u64 = 1;
@@ -47,6 +50,7 @@ impl Token {
             Token::Wake => WAKE,
             Token::Tick => TICK,
             Token::Cancel => CANCEL,
+            Token::DrainDeadline => DRAIN_DEADLINE,
         }
     }
 
@@ -58,6 +62,7 @@ impl Token {
                 WAKE => Token::Wake,
                 TICK => Token::Tick,
                 CANCEL => Token::Cancel,
+                DRAIN_DEADLINE => Token::DrainDeadline,
                 _ => panic!("unknown sentinel user_data {user_data:#x}"),
             };
         }
@@ -83,7 +88,7 @@ mod tests {
                 assert!(token.encode() < SENTINEL_MIN);
             }
         }
-        for token in [Token::Wake, Token::Tick, Token::Cancel] {
+        for token in [Token::Wake, Token::Tick, Token::Cancel, Token::DrainDeadline] {
             assert_eq!(Token::decode(token.encode()), token);
         }
     }

@@ -48,6 +48,10 @@ pub struct WorkerConfig {
     pub payload_bytes_max: u32,
     /// Descriptors per context in one BLOCK_STATUS reply.
     pub extents_max: usize,
+    /// How long shutdown waits for in-flight requests before it drops the
+    /// connections still busy (a client stalled mid-payload, or one that
+    /// stopped reading its replies, would otherwise hold the server forever).
+    pub drain_timeout: std::time::Duration,
     pub verbose: bool,
 }
 
@@ -76,6 +80,7 @@ pub struct Worker {
     wake_value: Box<u64>,
     tick: Box<types::Timespec>,
     tick_armed: bool,
+    drain_deadline: Box<types::Timespec>,
     deferred: VecDeque<u32>,
     stalled: Vec<u32>,
     load: Arc<AtomicUsize>,
@@ -124,6 +129,9 @@ impl Worker {
             wake_value: Box::new(0),
             tick: Box::new(types::Timespec::new().nsec(DEFER_RETRY_NS)),
             tick_armed: false,
+            drain_deadline: Box::new(
+                types::Timespec::new().sec(config.drain_timeout.as_secs()).nsec(config.drain_timeout.subsec_nanos()),
+            ),
             deferred: VecDeque::with_capacity(config.requests_max),
             stalled: Vec::with_capacity(64),
             load: parts.load,
@@ -169,6 +177,7 @@ impl Worker {
             Token::Wake => self.on_wake(),
             Token::Tick => self.tick_armed = false,
             Token::Cancel => {}
+            Token::DrainDeadline => self.drain_expired(),
         }
     }
 
@@ -225,6 +234,8 @@ impl Worker {
     /// finish and their replies are sent before each connection closes.
     fn begin_drain(&mut self) {
         self.draining = true;
+        let deadline = opcode::Timeout::new(&*self.drain_deadline).build().user_data(Token::DrainDeadline.encode());
+        self.push(deadline);
         let ids: Vec<usize> = self.conns.iter().map(|(id, _)| id).collect();
         for id in ids {
             let conn = &mut self.conns[id];
@@ -238,6 +249,24 @@ impl Worker {
                 self.push(opcode::AsyncCancel::new(target).build().user_data(Token::Cancel.encode()));
             }
             self.release_if_idle(id as u32);
+        }
+    }
+
+    /// Shutdown took too long: drop every connection still open. Their
+    /// in-flight operations complete (with errors) and free them.
+    fn drain_expired(&mut self) {
+        let ids: Vec<usize> = self.conns.iter().map(|(id, _)| id).collect();
+        if !ids.is_empty() && self.config.verbose {
+            eprintln!(
+                "ringnbd: worker {}: dropping {} connection(s) still busy at the drain deadline",
+                self.index,
+                ids.len()
+            );
+        }
+        for id in ids {
+            if self.conns.contains(id) && self.conns[id].closing != Closing::Hard {
+                self.hard_close(id as u32);
+            }
         }
     }
 
