@@ -19,6 +19,17 @@ enum Transport {
 enum Backing {
     Memory,
     File,
+    /// A file on /dev/shm: tmpfs files are served with inline copies.
+    TmpfsFile,
+}
+
+/// Removes a /dev/shm file on drop.
+struct ShmFile(std::path::PathBuf);
+
+impl Drop for ShmFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn uri(server: &Server, transport: Transport, name: &str) -> String {
@@ -50,11 +61,16 @@ fn fio_verify(transport: Transport, backing: Backing, total: u64, extra: &[&str]
     }
     let dir = TempDir::new("fio");
     let file = dir.path("disk.raw");
+    let shm = ShmFile(std::path::PathBuf::from(format!("/dev/shm/ringnbd-fio-{}-{total}", std::process::id())));
     let export = match backing {
         Backing::Memory => "disk=memory:128M".to_string(),
         Backing::File => {
             sparse_file(&file, 128 * MIB);
             format!("disk={}", file.display())
+        }
+        Backing::TmpfsFile => {
+            sparse_file(&shm.0, 128 * MIB);
+            format!("disk={}", shm.0.display())
         }
     };
     let mut server = Server::start(&[&export]);
@@ -101,6 +117,7 @@ fn fio_verify(transport: Transport, backing: Backing, total: u64, extra: &[&str]
     assert_eq!(written, total, "fio wrote {written} bytes, expected {total}:\n{stdout}");
     assert_eq!(read, total, "fio verified {read} bytes, expected all {total} written:\n{stdout}");
     assert_eq!(server.stop(), Some(0));
+    drop(shm);
 }
 
 #[test]
@@ -157,4 +174,9 @@ fn fio_four_connections_verify_memory_unix() {
         64 * MIB,
         &["--bs=4k", "--size=16m", "--numjobs=4", "--offset_increment=16m"],
     );
+}
+
+#[test]
+fn fio_randwrite_mixed_bs_verify_tmpfs_file_tcp() {
+    fio_verify(Transport::Tcp, Backing::TmpfsFile, 64 * MIB, &["--bsrange=512-256k", "--size=64m", "--runtime=20"]);
 }

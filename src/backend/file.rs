@@ -34,6 +34,10 @@ pub struct FileBackend {
     pub is_block_device: bool,
     /// fallocate(PUNCH_HOLE) works, so trim and zeroing are metadata-only.
     pub can_punch_hole: bool,
+    /// The file lives in memory (tmpfs/ramfs): reads and writes are copies
+    /// done inline, because these filesystems support no non-blocking
+    /// (NOWAIT) I/O and io_uring would hand every one to a worker thread.
+    pub inline_io: bool,
 }
 
 impl FileBackend {
@@ -46,7 +50,15 @@ impl FileBackend {
             return Err(BackendError::NotAFile(path.to_owned()));
         }
         let size = if is_block_device { block_device_size(&buffered).map_err(open_error)? } else { metadata.len() };
-        let (direct, direct_io, alignment) = match want_direct {
+        let inline_io = !is_block_device && is_memory_filesystem(&buffered);
+        if inline_io && want_direct {
+            eprintln!(
+                "ringnbd: {}: on tmpfs, served with inline copies (O_DIRECT means nothing there, and io_uring \
+                 would punt every I/O to a worker thread)",
+                path.display()
+            );
+        }
+        let (direct, direct_io, alignment) = match want_direct && !inline_io {
             true => open_direct(path, read_only, &buffered, size)?,
             false => (buffered.try_clone().map_err(open_error)?, false, 1),
         };
@@ -60,6 +72,7 @@ impl FileBackend {
             alignment,
             is_block_device,
             can_punch_hole,
+            inline_io,
         })
     }
 
@@ -69,6 +82,54 @@ impl FileBackend {
 
     pub fn buffered_fd(&self) -> RawFd {
         self.buffered.as_raw_fd()
+    }
+
+    /// Copies file bytes at `offset` into `target` (inline_io files only).
+    pub fn read_inline(&self, offset: u64, target: &mut [u8]) -> io::Result<()> {
+        debug_assert!(self.inline_io);
+        let mut done = 0;
+        while done < target.len() {
+            // SAFETY: the pointer and length describe the unfilled tail of `target`.
+            let n = unsafe {
+                libc::pread(
+                    self.buffered.as_raw_fd(),
+                    target[done..].as_mut_ptr().cast(),
+                    target.len() - done,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+                _ => return Err(io::Error::last_os_error()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies `source` into the file at `offset` (inline_io files only).
+    pub fn write_inline(&self, offset: u64, source: &[u8]) -> io::Result<()> {
+        debug_assert!(self.inline_io);
+        let mut done = 0;
+        while done < source.len() {
+            // SAFETY: the pointer and length describe the unwritten tail of `source`.
+            let n = unsafe {
+                libc::pwrite(
+                    self.buffered.as_raw_fd(),
+                    source[done..].as_ptr().cast(),
+                    source.len() - done,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+                _ => return Err(io::Error::last_os_error()),
+            }
+        }
+        Ok(())
     }
 
     /// Blocking fdatasync, used only at shutdown.
@@ -152,6 +213,19 @@ fn probe_punch_hole(file: &File, size: u64, is_block_device: bool) -> bool {
     let at = size.next_multiple_of(4096) as libc::off_t;
     // SAFETY: fallocate on an open fd; the range lies past EOF so no data changes.
     unsafe { libc::fallocate(file.as_raw_fd(), mode, at, 4096) == 0 }
+}
+
+/// tmpfs and ramfs keep file data in memory and offer no NOWAIT I/O.
+fn is_memory_filesystem(file: &File) -> bool {
+    const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
+    const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+    // SAFETY: statfs is plain data; all-zero is a valid value to overwrite.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs fills `st` for an open fd.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    matches!(st.f_type as libc::c_long, TMPFS_MAGIC | RAMFS_MAGIC)
 }
 
 fn block_device_size(file: &File) -> io::Result<u64> {

@@ -40,6 +40,35 @@ pub struct FileIo<'a> {
 
 impl FileIo<'_> {
     pub fn start(&mut self, req: &mut Request) -> Next {
+        if self.file.inline_io { self.inline(req) } else { self.start_on_ring(req) }
+    }
+
+    /// tmpfs/ramfs: reads and writes are memory copies with no device to
+    /// wait on, and these filesystems refuse NOWAIT, so a ring submission
+    /// would only add a hand-off to an io-wq thread. Everything else still
+    /// goes through the ring.
+    fn inline(&mut self, req: &mut Request) -> Next {
+        let result = match req.command {
+            Command::Read { offset, length, .. } => {
+                let buffer = req.buffer.as_mut().expect("reads own a buffer");
+                self.file.read_inline(offset, &mut buffer.as_mut_slice()[..length as usize])
+            }
+            Command::Write { offset, length, .. } => {
+                let buffer = req.buffer.as_ref().expect("writes own a buffer");
+                // Durable on completion: memory filesystems have no cache to flush.
+                self.file.write_inline(offset, &buffer.as_slice()[..length as usize])
+            }
+            Command::Flush => Ok(()),
+            // Trim and zeroes keep their ring steps (and fallbacks).
+            _ => return self.start_on_ring(req),
+        };
+        if let Err(e) = result {
+            req.error = Some(NbdError::from_errno(e.raw_os_error().unwrap_or(libc::EIO)));
+        }
+        Next::Finished
+    }
+
+    fn start_on_ring(&mut self, req: &mut Request) -> Next {
         match req.command {
             Command::Read { .. } => self.step(req, Step::Read),
             Command::Write { offset, length, .. } => self.start_write(req, offset, length as usize),
