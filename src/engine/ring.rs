@@ -26,13 +26,16 @@ pub struct Ring {
 
 impl Ring {
     pub fn new(entries: u32) -> io::Result<Self> {
+        // One thread submits and reaps for this ring, so the kernel may run
+        // completion work only when that thread enters the ring
+        // (DEFER_TASKRUN, Linux 6.1) instead of interrupting it; COOP_TASKRUN
+        // (5.19) is the fallback, a plain ring the last resort.
         let ring = IoUring::builder()
-            // Connections come and go on other threads; completions for one
-            // worker are only ever reaped by that worker.
             .setup_single_issuer()
-            .setup_coop_taskrun()
+            .setup_defer_taskrun()
             .setup_cqsize(entries * 4)
             .build(entries)
+            .or_else(|_| IoUring::builder().setup_coop_taskrun().setup_cqsize(entries * 4).build(entries))
             .or_else(|_| IoUring::new(entries))?;
         Ok(Self { ring, backlog: VecDeque::with_capacity(entries as usize) })
     }
