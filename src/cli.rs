@@ -74,7 +74,7 @@ pub struct Cli {
 
     /// Cache allocation lookups of file exports (`off` when other processes
     /// modify the file while it is served; see doc/contexts.md).
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_switch)]
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_switch, action = clap::ArgAction::Set)]
     pub extent_cache: bool,
 
     /// Extents the cache keeps per export before starting over.
@@ -196,6 +196,15 @@ mod tests {
         assert_eq!(config.worker.payload_bytes_max, 64 << 20);
         assert!(cli.export_options().read_only);
         assert_eq!(cli.exports[0].name.as_deref(), Some("disk"));
+    }
+
+    #[test]
+    fn extent_cache_switch_takes_a_value() {
+        assert!(Cli::parse_from(["ringnbd"]).extent_cache);
+        assert!(!Cli::parse_from(["ringnbd", "--extent-cache", "off", "memory:1M"]).extent_cache);
+        assert!(!Cli::parse_from(["ringnbd", "--extent-cache=off"]).extent_cache);
+        assert_eq!(Cli::parse_from(["ringnbd", "--extent-cache=off"]).export_options().extent_cache_entries, 0);
+        assert!(Cli::try_parse_from(["ringnbd", "--extent-cache=maybe"]).is_err());
     }
 
     #[test]

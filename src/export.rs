@@ -141,9 +141,12 @@ impl Export {
             block_size: BlockSize { minimum, preferred: minimum.max(4096), maximum: options.payload_bytes_max },
             contexts: ContextKind::ALL.to_vec(),
         };
-        let cacheable = matches!(&backend, Backend::File(f) if !f.is_block_device);
-        let extent_cache =
-            (cacheable && options.extent_cache_entries > 0).then(|| ExtentCache::new(options.extent_cache_entries));
+        let extent_cache = match &backend {
+            Backend::File(f) if !f.is_block_device && options.extent_cache_entries > 0 => {
+                Some(ExtentCache::new(options.extent_cache_entries, f.block_bytes))
+            }
+            _ => None,
+        };
         Ok(Self {
             info,
             backend,

@@ -34,6 +34,8 @@ pub struct FileBackend {
     pub is_block_device: bool,
     /// fallocate(PUNCH_HOLE) works, so trim and zeroing are metadata-only.
     pub can_punch_hole: bool,
+    /// Allocation granularity of the filesystem (st_blksize, at least 512).
+    pub block_bytes: u64,
     /// The file lives in memory (tmpfs/ramfs): reads and writes are copies
     /// done inline, because these filesystems support no non-blocking
     /// (NOWAIT) I/O and io_uring would hand every one to a worker thread.
@@ -73,6 +75,7 @@ impl FileBackend {
             is_block_device,
             can_punch_hole,
             inline_io,
+            block_bytes: std::os::unix::fs::MetadataExt::blksize(&metadata).max(512).next_power_of_two(),
         })
     }
 

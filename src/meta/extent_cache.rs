@@ -20,29 +20,40 @@ use std::collections::BTreeMap;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use super::extent::{DATA, Extent, push_coalesced};
+use super::extent::{DATA, Extent, push_capped};
 
 pub struct ExtentCache {
     /// start -> (end, status); ranges never overlap and neighbours with the
     /// same status are merged.
     map: RwLock<BTreeMap<u64, (u64, u32)>>,
-    /// Mirrors `map.len()` so writers can skip the lock while nothing is cached.
+    /// Mirrors `map.len()` so mutations can skip the lock while nothing is
+    /// cached. See `mutated` and `insert` for the ordering that makes this safe.
     entries: AtomicUsize,
     epoch: AtomicU64,
     entries_max: usize,
+    /// Mutated ranges are widened to this (the filesystem block): a write
+    /// of 100 bytes allocates the whole block, and descriptors stay aligned.
+    granule: u64,
 }
 
 impl ExtentCache {
-    pub fn new(entries_max: usize) -> Self {
-        Self { map: RwLock::new(BTreeMap::new()), entries: AtomicUsize::new(0), epoch: AtomicU64::new(0), entries_max }
+    pub fn new(entries_max: usize, granule: u64) -> Self {
+        assert!(granule.is_power_of_two());
+        Self {
+            map: RwLock::new(BTreeMap::new()),
+            entries: AtomicUsize::new(0),
+            epoch: AtomicU64::new(0),
+            entries_max,
+            granule,
+        }
     }
 
     pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
+        self.epoch.load(Ordering::SeqCst)
     }
 
     pub fn len(&self) -> usize {
-        self.entries.load(Ordering::Relaxed)
+        self.entries.load(Ordering::SeqCst)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -64,12 +75,10 @@ impl ExtentCache {
             if start > at || at >= end {
                 break;
             }
-            let merges = out.last().is_some_and(|last| last.status == status);
-            if !merges && out.len() >= extents_max {
+            let piece_end = stop.min(end);
+            if !push_capped(out, Extent { length: piece_end - at, status }, extents_max) {
                 break;
             }
-            let piece_end = stop.min(end);
-            push_coalesced(out, Extent { length: piece_end - at, status });
             at = piece_end;
         }
         at
@@ -79,7 +88,7 @@ impl ExtentCache {
     /// `epoch`; dropped if a mutation completed since.
     pub fn insert(&self, offset: u64, extents: &[Extent], epoch: u64) {
         let mut map = self.map.write().expect("extent cache lock");
-        if self.epoch.load(Ordering::Acquire) != epoch {
+        if self.epoch.load(Ordering::SeqCst) != epoch {
             return;
         }
         if map.len() + extents.len() > self.entries_max {
@@ -90,7 +99,15 @@ impl ExtentCache {
             put(&mut map, at, at + extent.length, extent.status);
             at += extent.length;
         }
-        self.entries.store(map.len(), Ordering::Relaxed);
+        // Publish the entries, then look at the epoch once more. A mutation
+        // bumps the epoch before it reads `entries` (see `mutated`), so
+        // either it sees these entries and waits for this lock to cut its
+        // range, or this check sees its bump and the insert is undone.
+        self.entries.store(map.len(), Ordering::SeqCst);
+        if self.epoch.load(Ordering::SeqCst) != epoch {
+            cut(&mut map, offset, at);
+            self.entries.store(map.len(), Ordering::SeqCst);
+        }
     }
 
     /// A WRITE completed: its range now holds data.
@@ -105,26 +122,25 @@ impl ExtentCache {
     }
 
     fn mutated(&self, offset: u64, end: u64, status: Option<u32>) {
-        if self.is_empty() {
-            // Nothing cached to correct, but scans in flight must not insert
-            // what they saw before this mutation.
-            self.epoch.fetch_add(1, Ordering::AcqRel);
+        // Bump first, then look: pairs with the publish-then-check in `insert`.
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        if self.entries.load(Ordering::SeqCst) == 0 {
             return;
         }
+        let (offset, end) = (offset / self.granule * self.granule, end.div_ceil(self.granule) * self.granule);
         let mut map = self.map.write().expect("extent cache lock");
-        self.epoch.fetch_add(1, Ordering::AcqRel);
         cut(&mut map, offset, end);
         if let Some(status) = status {
             put(&mut map, offset, end, status);
         }
-        self.entries.store(map.len(), Ordering::Relaxed);
+        self.entries.store(map.len(), Ordering::SeqCst);
     }
 
     pub fn clear(&self) {
         let mut map = self.map.write().expect("extent cache lock");
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         map.clear();
-        self.entries.store(0, Ordering::Relaxed);
+        self.entries.store(0, Ordering::SeqCst);
     }
 }
 
@@ -187,7 +203,7 @@ mod tests {
 
     #[test]
     fn lookups_return_the_cached_prefix_and_stop_at_gaps() {
-        let c = ExtentCache::new(1000);
+        let c = ExtentCache::new(1000, 1);
         c.insert(100, &[ext(100, DATA), ext(100, HOLE)], c.epoch());
         assert_eq!(all(&c, 150, 1000), (vec![ext(50, DATA), ext(100, HOLE)], 300));
         assert_eq!(all(&c, 0, 1000), (vec![], 0), "gap at the start");
@@ -198,7 +214,7 @@ mod tests {
 
     #[test]
     fn writes_mark_data_and_zeroes_forget() {
-        let c = ExtentCache::new(1000);
+        let c = ExtentCache::new(1000, 1);
         c.insert(0, &[ext(1000, HOLE)], c.epoch());
         c.wrote(100, 200);
         assert_eq!(all(&c, 0, 1000), (vec![ext(100, HOLE), ext(100, DATA), ext(800, HOLE)], 1000));
@@ -211,7 +227,7 @@ mod tests {
 
     #[test]
     fn a_scan_that_raced_a_mutation_is_not_cached() {
-        let c = ExtentCache::new(1000);
+        let c = ExtentCache::new(1000, 1);
         let epoch = c.epoch();
         c.wrote(0, 10); // completes while the scan is running
         c.insert(0, &[ext(100, HOLE)], epoch);
@@ -220,7 +236,7 @@ mod tests {
 
     #[test]
     fn descriptor_cap_is_respected_and_capacity_is_bounded() {
-        let c = ExtentCache::new(4);
+        let c = ExtentCache::new(4, 1);
         c.insert(0, &[ext(1, DATA), ext(1, HOLE), ext(1, DATA)], c.epoch());
         let mut out = vec![];
         assert_eq!(c.lookup(0, 3, 2, &mut out), 2);
@@ -230,8 +246,45 @@ mod tests {
     }
 
     #[test]
+    fn mutations_widen_to_the_granule() {
+        let c = ExtentCache::new(100, 4096);
+        c.insert(0, &[ext(3 * 4096, HOLE)], c.epoch());
+        c.wrote(5000, 5100);
+        assert_eq!(all(&c, 0, 3 * 4096), (vec![ext(4096, HOLE), ext(4096, DATA), ext(4096, HOLE)], 3 * 4096));
+    }
+
+    #[test]
+    fn an_insert_racing_a_lock_free_mutation_undoes_itself() {
+        // The interleaving the publish-then-check guards against: the scan's
+        // epoch matches when the insert starts, a mutation then bumps the
+        // epoch while the cache still looks empty, and the insert completes.
+        let c = ExtentCache::new(100, 1);
+        let epoch = c.epoch();
+        let map = c.map.write().unwrap();
+        c.epoch.fetch_add(1, Ordering::SeqCst); // mutated()'s bump, entries still 0
+        drop(map);
+        c.insert(0, &[ext(100, HOLE)], epoch);
+        assert_eq!(all(&c, 0, 100).1, 0, "dropped: epoch already moved");
+        // And when the bump lands after the epoch check but before publication,
+        // the final re-check removes the entries.
+        let c = ExtentCache::new(100, 1);
+        let epoch = c.epoch();
+        std::thread::scope(|s| {
+            let guard = c.map.write().unwrap();
+            let writer = s.spawn(|| c.wrote(10, 20));
+            // The writer either bumps and returns (cache empty) or blocks on
+            // the lock; give it time to do the former.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            drop(guard);
+            writer.join().unwrap();
+        });
+        c.insert(0, &[ext(100, HOLE)], epoch);
+        assert_eq!(all(&c, 0, 100).1, 0);
+    }
+
+    #[test]
     fn cut_splits_an_entry_that_spans_the_range() {
-        let c = ExtentCache::new(100);
+        let c = ExtentCache::new(100, 1);
         c.insert(0, &[ext(100, HOLE)], c.epoch());
         c.forget(40, 60);
         assert_eq!(all(&c, 0, 100), (vec![ext(40, HOLE)], 40));
