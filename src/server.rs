@@ -36,6 +36,8 @@ pub struct ServerConfig {
     pub unix: Vec<PathBuf>,
     pub threads: usize,
     pub pin_workers: bool,
+    /// Cores to pin workers to, in order (wrapping); empty: all cores.
+    pub cpus: Vec<usize>,
     pub handshake_timeout: Duration,
     pub handshakes_max: usize,
     pub worker: WorkerConfig,
@@ -92,7 +94,11 @@ fn spawn_workers(
     exports: &Arc<[Arc<Export>]>,
     shutdown: &Arc<AtomicBool>,
 ) -> Result<(Workers, Vec<WorkerThread>), ServerError> {
-    let cores = if config.pin_workers { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
+    let cores = match (config.pin_workers, config.cpus.is_empty()) {
+        (false, _) => Vec::new(),
+        (true, true) => core_affinity::get_core_ids().unwrap_or_default(),
+        (true, false) => config.cpus.iter().map(|&id| core_affinity::CoreId { id }).collect(),
+    };
     let mut targets = Vec::with_capacity(config.threads);
     let mut threads = Vec::with_capacity(config.threads);
     for index in 0..config.threads {

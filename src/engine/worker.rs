@@ -52,6 +52,8 @@ pub struct WorkerConfig {
     /// connections still busy (a client stalled mid-payload, or one that
     /// stopped reading its replies, would otherwise hold the server forever).
     pub drain_timeout: std::time::Duration,
+    /// Kernel submission polling with this idle timeout (`--sqpoll`).
+    pub sqpoll_idle_ms: Option<u32>,
     pub verbose: bool,
 }
 
@@ -105,7 +107,7 @@ pub struct WorkerParts {
 impl Worker {
     pub fn new(parts: WorkerParts) -> Result<Self, EngineError> {
         let config = parts.config;
-        let ring = Ring::new(config.ring_entries).map_err(EngineError::Ring)?;
+        let ring = Ring::new(config.ring_entries, config.sqpoll_idle_ms).map_err(EngineError::Ring)?;
         let mut pool = BufferPool::new(config.buffer_bytes).map_err(EngineError::Buffers)?;
         // SAFETY: the region stays mapped for the worker's lifetime, which
         // outlives the ring's use of it (the ring is dropped first: field order).
