@@ -16,7 +16,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::backend::Backend;
 use crate::export::Export;
 
-use super::allocation::scan_file;
+use super::allocation::{Strategy, scan_file};
 use super::extent::{DATA, Extent, covered, push_capped};
 
 /// One scan: extend `extents` (already holding the cached prefix of the
@@ -75,7 +75,7 @@ fn wake_worker(wake: &OwnedFd) {
 /// works there.
 struct Helper {
     exports: Arc<[Arc<Export>]>,
-    files: Vec<Option<(File, bool)>>,
+    files: Vec<Option<(File, Strategy)>>,
 }
 
 impl Helper {
@@ -92,14 +92,15 @@ impl Helper {
         }
         if self.files[job.export].is_none() {
             let opened = File::open(&file.path).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
-            self.files[job.export] = Some((opened, true));
+            let strategy = Strategy::for_file(opened.as_raw_fd());
+            self.files[job.export] = Some((opened, strategy));
         }
-        let (fd, use_fiemap) = match &mut self.files[job.export] {
-            Some((f, fiemap)) => (f.as_raw_fd(), fiemap),
+        let (fd, strategy) = match &mut self.files[job.export] {
+            Some((f, strategy)) => (f.as_raw_fd(), strategy),
             None => unreachable!("opened above"),
         };
         let before = job.extents.len();
-        scan_file(fd, job.from, job.end, job.extents_max, use_fiemap, &mut job.extents)
+        scan_file(fd, job.from, job.end, job.extents_max, strategy, &mut job.extents)
             .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
         if let Some(cache) = &export.extent_cache {
             // The first scanned extent may have merged into the last cached
