@@ -18,8 +18,12 @@ use crate::proto::transmission::{ReplyMode, RequestLimits};
 
 use super::request::{Request, advance_sent};
 
-/// Holds many pipelined headers (and small WRITE payloads) per receive.
-pub const RECV_BUFFER_BYTES: usize = 64 * 1024;
+/// Holds many pipelined headers and small WRITE payloads per receive.
+pub const RECV_BUFFER_BYTES: usize = 256 * 1024;
+/// WRITE payloads up to this size are parsed from the receive buffer once
+/// complete; larger ones are received straight into their own buffer.
+/// Half the receive buffer, so a compacted buffer always has room for one.
+pub const INLINE_PAYLOAD_BYTES_MAX: usize = RECV_BUFFER_BYTES / 2 - 64;
 /// Replies gathered into one sendmsg (each reply is one or two iovecs).
 pub const SEND_IOVECS_MAX: usize = 64;
 

@@ -27,7 +27,7 @@ use crate::proto::transmission::{self, Command, ReplyMode, RequestHeader, Reques
 use super::EngineError;
 use super::block_status::{self, Gathered, Query};
 use super::buffers::BufferPool;
-use super::conn::{Closing, Conn};
+use super::conn::{Closing, Conn, INLINE_PAYLOAD_BYTES_MAX};
 use super::file_io::{FileIo, Next};
 use super::memory_io;
 use super::request::{AlignedSpan, Request, Step};
@@ -375,10 +375,17 @@ impl Worker {
                 Ok(verdict) => verdict,
                 Err(e) => return self.protocol_violation(id, &e),
             };
-            if let Verdict::Run(Command::BlockStatus { payload, .. }) = verdict
-                && self.conns[id as usize].unparsed().len() < header_bytes + payload as usize
-            {
-                return self.post_recv(id); // its small payload is still on the way
+            // Small payloads are parsed from the receive buffer once they are
+            // all there: one receive then serves many pipelined small writes.
+            let inline_payload = match verdict {
+                Verdict::Run(Command::BlockStatus { payload, .. }) => payload as usize,
+                Verdict::Run(Command::Write { length, .. }) if length as usize <= INLINE_PAYLOAD_BYTES_MAX => {
+                    length as usize
+                }
+                _ => 0,
+            };
+            if self.conns[id as usize].unparsed().len() < header_bytes + inline_payload {
+                return self.post_recv(id);
             }
             if !self.admit(id, &header, verdict) {
                 return self.stall(id);
