@@ -62,6 +62,8 @@ pub struct NewConnection {
     pub socket: OwnedFd,
     pub negotiated: Negotiated,
     pub peer: String,
+    /// The core the socket's packets arrive on (SO_INCOMING_CPU), if known.
+    pub incoming_cpu: Option<usize>,
 }
 
 /// How long deferred requests wait before a retry.

@@ -175,11 +175,32 @@ fn handshake(socket: Socket, config: &AcceptConfig, dispatch: &dyn Dispatch) {
         Socket::Unix(mut s, peer) => (run(&mut s, config), s.into(), peer),
     };
     match result {
-        Ok(Some(negotiated)) => dispatch.dispatch(NewConnection { socket: fd, negotiated, peer }),
+        Ok(Some(negotiated)) => {
+            let incoming_cpu = incoming_cpu(&fd);
+            dispatch.dispatch(NewConnection { socket: fd, negotiated, peer, incoming_cpu })
+        }
         Ok(None) => {}
         Err(e) if config.verbose => eprintln!("ringnbd: handshake with {peer}: {e}"),
         Err(_) => {}
     }
+}
+
+/// The core that processed the socket's last incoming packets: the NIC
+/// queue's interrupt core on a real network, the sender's core on loopback.
+fn incoming_cpu(fd: &OwnedFd) -> Option<usize> {
+    let mut cpu: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one int into `cpu` for an open socket.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(fd),
+            libc::SOL_SOCKET,
+            libc::SO_INCOMING_CPU,
+            (&mut cpu as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cpu >= 0).then_some(cpu as usize)
 }
 
 fn run<S: TimedStream>(
