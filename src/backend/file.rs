@@ -90,55 +90,44 @@ impl FileBackend {
     /// Copies file bytes at `offset` into `target` (inline_io files only).
     pub fn read_inline(&self, offset: u64, target: &mut [u8]) -> io::Result<()> {
         debug_assert!(self.inline_io);
-        let mut done = 0;
-        while done < target.len() {
+        let fd = self.buffered.as_raw_fd();
+        transfer_all(target.len(), io::ErrorKind::UnexpectedEof, |done| {
+            let rest = &mut target[done..];
             // SAFETY: the pointer and length describe the unfilled tail of `target`.
-            let n = unsafe {
-                libc::pread(
-                    self.buffered.as_raw_fd(),
-                    target[done..].as_mut_ptr().cast(),
-                    target.len() - done,
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
-            match n {
-                n if n > 0 => done += n as usize,
-                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
-                _ => return Err(io::Error::last_os_error()),
-            }
-        }
-        Ok(())
+            unsafe { libc::pread(fd, rest.as_mut_ptr().cast(), rest.len(), (offset + done as u64) as libc::off_t) }
+        })
     }
 
     /// Copies `source` into the file at `offset` (inline_io files only).
     pub fn write_inline(&self, offset: u64, source: &[u8]) -> io::Result<()> {
         debug_assert!(self.inline_io);
-        let mut done = 0;
-        while done < source.len() {
+        let fd = self.buffered.as_raw_fd();
+        transfer_all(source.len(), io::ErrorKind::WriteZero, |done| {
+            let rest = &source[done..];
             // SAFETY: the pointer and length describe the unwritten tail of `source`.
-            let n = unsafe {
-                libc::pwrite(
-                    self.buffered.as_raw_fd(),
-                    source[done..].as_ptr().cast(),
-                    source.len() - done,
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
-            match n {
-                n if n > 0 => done += n as usize,
-                0 => return Err(io::ErrorKind::WriteZero.into()),
-                _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
-                _ => return Err(io::Error::last_os_error()),
-            }
-        }
-        Ok(())
+            unsafe { libc::pwrite(fd, rest.as_ptr().cast(), rest.len(), (offset + done as u64) as libc::off_t) }
+        })
     }
 
     /// Blocking fdatasync, used only at shutdown.
     pub fn sync(&self) -> io::Result<()> {
         self.direct.sync_data()
     }
+}
+
+/// Repeats a positional read or write (`step(done)` returns the syscall's
+/// result) until `len` bytes are through; a zero return is `stalled`.
+fn transfer_all(len: usize, stalled: io::ErrorKind, mut step: impl FnMut(usize) -> isize) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        match step(done) {
+            n if n > 0 => done += n as usize,
+            0 => return Err(stalled.into()),
+            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+            _ => return Err(io::Error::last_os_error()),
+        }
+    }
+    Ok(())
 }
 
 fn open_file(path: &Path, read_only: bool, custom_flags: i32) -> io::Result<File> {
