@@ -14,36 +14,6 @@ const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 64 * KIB;
 
-#[derive(Clone, Copy, Debug)]
-enum Transport {
-    Tcp,
-    Unix,
-}
-
-/// URI of export `name` on `server` over `transport` (empty name: default export).
-fn uri(server: &Server, transport: Transport, name: &str) -> String {
-    match transport {
-        Transport::Tcp => server.export_uri(name),
-        Transport::Unix => {
-            format!("nbd+unix:///{name}?socket={}", server.unix_socket.as_ref().expect("unix socket").display())
-        }
-    }
-}
-
-/// Deterministic pseudo-random bytes (xorshift64*).
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// Panics with the first differing offset unless `actual == expected`
 /// outside the `skip` ranges.
 fn assert_same(what: &str, actual: &[u8], expected: &[u8], skip: &[(u64, u64)]) {

@@ -10,12 +10,6 @@ use std::process::Command;
 const MIB: u64 = 1 << 20;
 
 #[derive(Clone, Copy, Debug)]
-enum Transport {
-    Tcp,
-    Unix,
-}
-
-#[derive(Clone, Copy, Debug)]
 enum Backing {
     Memory,
     File,
@@ -29,15 +23,6 @@ struct ShmFile(std::path::PathBuf);
 impl Drop for ShmFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn uri(server: &Server, transport: Transport, name: &str) -> String {
-    match transport {
-        Transport::Tcp => server.export_uri(name),
-        Transport::Unix => {
-            format!("nbd+unix:///{name}?socket={}", server.unix_socket.as_ref().expect("unix socket").display())
-        }
     }
 }
 

@@ -185,3 +185,34 @@ pub fn python(script: &str, args: &[&str]) -> String {
     full.extend_from_slice(args);
     run_ok(PYTHON, &full)
 }
+
+/// How a test reaches a server.
+#[derive(Clone, Copy, Debug)]
+pub enum Transport {
+    Tcp,
+    Unix,
+}
+
+/// URI of export `name` on `server` over `transport` (empty name: default export).
+pub fn uri(server: &Server, transport: Transport, name: &str) -> String {
+    match transport {
+        Transport::Tcp => server.export_uri(name),
+        Transport::Unix => {
+            format!("nbd+unix:///{name}?socket={}", server.unix_socket.as_ref().expect("unix socket").display())
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
