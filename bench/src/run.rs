@@ -67,9 +67,20 @@ pub fn run(plan: &Plan) -> Result<Outcome, RunError> {
         base_allocation: matches!(plan.mode, Mode::Map(_)),
     };
     let mut connections = Vec::with_capacity(plan.connections as usize);
-    for _ in 0..plan.connections {
-        connections.push(connect::connect(&plan.uri, &config, plan.timeout)?);
+    // Connect each connection from the core of the thread that will drive
+    // it: a server may place a connection next to where its packets come
+    // from (ringnbd reads SO_INCOMING_CPU after the handshake), as it would
+    // for a client that connects from its I/O thread.
+    let affinity = current_affinity();
+    for global in 0..plan.connections as usize {
+        pin(plan, global % plan.threads as usize);
+        let connected = connect::connect(&plan.uri, &config, plan.timeout);
+        if connected.is_err() {
+            restore_affinity(&affinity);
+        }
+        connections.push(connected?);
     }
+    restore_affinity(&affinity);
     let session = connections[0].1.clone();
     if let Some((_, other)) = connections.iter().find(|(_, s)| s.size != session.size || s.framing != session.framing) {
         return Err(RunError::Export(format!(
@@ -199,6 +210,22 @@ fn partition(connections: Vec<(OwnedFd, Session)>, threads: usize) -> Vec<Vec<(u
         parts[global % threads].push((global, fd, session));
     }
     parts
+}
+
+/// The calling thread's CPU mask, to undo the pinning done while connecting.
+fn current_affinity() -> Option<libc::cpu_set_t> {
+    // SAFETY: cpu_set_t is a plain bit array; zero is a valid value.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity writes at most size_of::<cpu_set_t>() bytes into `set`.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    (rc == 0).then_some(set)
+}
+
+fn restore_affinity(set: &Option<libc::cpu_set_t>) {
+    if let Some(set) = set {
+        // SAFETY: `set` came from sched_getaffinity for this thread.
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) };
+    }
 }
 
 fn pin(plan: &Plan, thread: usize) {
