@@ -38,6 +38,8 @@ pub struct ServerConfig {
     pub pin_workers: bool,
     /// Cores to pin workers to, in order (wrapping); empty: all cores.
     pub cpus: Vec<usize>,
+    /// Prefer the worker on the connection's incoming core (`--placement local`).
+    pub placement_local: bool,
     pub handshake_timeout: Duration,
     pub handshakes_max: usize,
     pub worker: WorkerConfig,
@@ -76,6 +78,8 @@ struct WorkerTarget {
 
 struct Workers {
     targets: Vec<WorkerTarget>,
+    /// Use the SO_INCOMING_CPU hint (`--placement local`).
+    local: bool,
 }
 
 impl Dispatch for Workers {
@@ -87,10 +91,9 @@ impl Dispatch for Workers {
     fn dispatch(&self, connection: NewConnection) {
         let Some(least) = self.targets.iter().map(|t| t.load.load(Ordering::Relaxed)).min() else { return };
         let mut idle = self.targets.iter().filter(|t| t.load.load(Ordering::Relaxed) == least);
-        let local = self
-            .targets
-            .iter()
-            .find(|t| t.cpu.is_some() && t.cpu == connection.incoming_cpu && t.load.load(Ordering::Relaxed) == least);
+        let here = |t: &&WorkerTarget| t.cpu.is_some() && t.cpu == connection.incoming_cpu;
+        let local =
+            self.targets.iter().filter(|_| self.local).find(|t| here(t) && t.load.load(Ordering::Relaxed) == least);
         let Some(target) = local.or_else(|| idle.next()) else { return };
         target.load.fetch_add(1, Ordering::Relaxed);
         if target.sender.send(connection).is_ok() {
@@ -152,7 +155,7 @@ fn spawn_workers(
         targets.push(WorkerTarget { sender, wake, load, cpu: core.map(|c| c.id) });
         threads.push(thread);
     }
-    Ok((Workers { targets }, threads))
+    Ok((Workers { targets, local: config.placement_local }, threads))
 }
 
 /// Blocks SIGINT/SIGTERM in this thread (and every thread it spawns later)
