@@ -206,23 +206,6 @@ fn file_truth(path: &Path) -> Map {
 // ---------------------------------------------------------------------------
 // Crafting files.
 
-/// splitmix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// Random bytes, never zero (so no block of them reads as a hole).
 fn nonzero_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut rng = Rng(seed);

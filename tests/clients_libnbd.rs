@@ -5,8 +5,6 @@
 mod common;
 
 use common::*;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -17,23 +15,6 @@ fn assert_same(what: &str, actual: &[u8], expected: &[u8]) {
     if let Some(i) = (0..actual.len()).find(|&i| actual[i] != expected[i]) {
         panic!("{what}: first difference at offset {i}: got {:#04x}, expected {:#04x}", actual[i], expected[i]);
     }
-}
-
-fn file_bytes(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
-
-/// A raw image of `size` bytes: random data, a sparse hole in its second
-/// quarter and a run of written zeros; returns its contents.
-fn make_source(path: &Path, size: u64, seed: u64) -> Vec<u8> {
-    let mut data = random_bytes(size as usize, seed);
-    data[(size / 4) as usize..(size / 2) as usize].fill(0);
-    data[(3 * size / 4) as usize..(3 * size / 4 + MIB) as usize].fill(0);
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(size).unwrap();
-    f.write_all_at(&data[..(size / 4) as usize], 0).unwrap();
-    f.write_all_at(&data[(size / 2) as usize..], size / 2).unwrap();
-    data
 }
 
 /// The raw value of `"key": value` in nbdinfo's JSON (first occurrence).

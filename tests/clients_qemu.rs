@@ -7,7 +7,6 @@ mod common;
 use common::*;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::process::Command;
 
 const KIB: u64 = 1 << 10;
@@ -116,23 +115,6 @@ impl Script {
         assert!(range.iter().all(|&b| b == range[0]), "test bug: {off}+{len} is not uniform");
         format!("read -P {:#04x} {off} {len}", range[0])
     }
-}
-
-fn file_bytes(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
-
-/// A raw image with random data, a sparse hole and an explicit zero run.
-fn make_source(path: &Path, size: u64, seed: u64) -> Vec<u8> {
-    let mut data = random_bytes(size as usize, seed);
-    // [size/4, size/2) left as a hole in the file; [3size/4, 3size/4+1M) written as zeros.
-    data[(size / 4) as usize..(size / 2) as usize].fill(0);
-    data[(3 * size / 4) as usize..(3 * size / 4 + MIB) as usize].fill(0);
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(size).unwrap();
-    f.write_all_at(&data[..(size / 4) as usize], 0).unwrap();
-    f.write_all_at(&data[(size / 2) as usize..], size / 2).unwrap();
-    data
 }
 
 // ---------------------------------------------------------------------------

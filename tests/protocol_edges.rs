@@ -78,27 +78,8 @@ const PAGE: u64 = 64 * KIB;
 
 // --- a seeded pattern generator ------------------------------------------------
 
-/// splitmix64: deterministic, good enough to make every byte position distinct.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut rng = Rng(seed);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        out.extend_from_slice(&rng.next().to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    Rng(seed).bytes(len)
 }
 
 fn be16(b: &[u8]) -> u16 {

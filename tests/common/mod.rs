@@ -216,3 +216,58 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// splitmix64: a seeded generator, so every test run sees the same bytes.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    /// Random bytes, fewer than `max`.
+    pub fn some_bytes(&mut self, max: u64) -> Vec<u8> {
+        let len = self.below(max) as usize;
+        self.bytes(len)
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            out.extend_from_slice(&self.next().to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+}
+
+pub fn file_bytes(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// A raw image of `size` bytes: random data, a sparse hole in its second
+/// quarter and a run of 1 MiB of written zeros at 3/4; returns its contents.
+pub fn make_source(path: &Path, size: u64, seed: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    const MIB: u64 = 1 << 20;
+    let mut data = random_bytes(size as usize, seed);
+    data[(size / 4) as usize..(size / 2) as usize].fill(0);
+    data[(3 * size / 4) as usize..(3 * size / 4 + MIB) as usize].fill(0);
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    f.write_all_at(&data[..(size / 4) as usize], 0).unwrap();
+    f.write_all_at(&data[(size / 2) as usize..], size / 2).unwrap();
+    data
+}
