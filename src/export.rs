@@ -1,7 +1,7 @@
 //! Exports: parsing `[NAME=]PATH` / `[NAME=]memory:SIZE`, opening backends,
 //! and the negotiation-facing description of each export.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use thiserror::Error;
 
@@ -107,8 +107,6 @@ pub struct Export {
     /// each write back the other's stale bytes; aligned writes never share a
     /// block with another request without sharing bytes, so only RMW needs it.
     pub rmw_busy: AtomicBool,
-    /// Bytes changed by writes, zeroes and trims (all pass the write path).
-    pub mutated_bytes: AtomicU64,
     /// Cached allocation of a file export (None: memory, block device, or off).
     pub extent_cache: Option<ExtentCache>,
 }
@@ -147,14 +145,7 @@ impl Export {
             }
             _ => None,
         };
-        Ok(Self {
-            info,
-            backend,
-            read_only: options.read_only,
-            rmw_busy: AtomicBool::new(false),
-            mutated_bytes: AtomicU64::new(0),
-            extent_cache,
-        })
+        Ok(Self { info, backend, read_only: options.read_only, rmw_busy: AtomicBool::new(false), extent_cache })
     }
 
     /// Tries to take the read-modify-write guard; see `rmw_busy`.

@@ -112,10 +112,6 @@ impl BufferPool {
         self.registered = registered;
     }
 
-    pub fn region_bytes(&self) -> usize {
-        self.bytes
-    }
-
     /// A buffer of at least `len` bytes, or None when the region is
     /// momentarily full (the caller stalls until a buffer is freed).
     pub fn alloc(&mut self, len: usize) -> Option<Buffer> {

@@ -462,8 +462,8 @@ impl Worker {
             }
             Verdict::Run(Command::BlockStatus { offset, req_one, payload, .. }) if payload > 0 => {
                 let bytes = &conn.unparsed()[header_bytes..header_bytes + payload as usize];
-                let ids: Vec<u32> = conn.contexts.iter().map(|&(id, _)| id).collect();
-                let parsed = transmission::parse_status_payload(bytes, offset, conn.limits.export_bytes, &ids);
+                let parsed =
+                    transmission::parse_status_payload(bytes, offset, conn.limits.export_bytes, &conn.contexts);
                 match parsed {
                     Ok((length, mask)) => {
                         let command = Command::BlockStatus { offset, length, req_one, payload: 0 };
@@ -562,7 +562,6 @@ impl Worker {
         let Worker { requests, conns, pool, .. } = self;
         let req = &mut requests[request as usize];
         let export = &*conns[req.conn as usize].export;
-        write_path::enter(export, &req.command);
         let next = match &export.backend {
             Backend::Memory(memory) => {
                 memory_io::execute(memory, req);
@@ -746,9 +745,6 @@ impl Worker {
         }
     }
 }
-
-/// Error code sent when a request is refused because the server is going away.
-pub const SHUTDOWN_ERROR: NbdError = NbdError::Shutdown;
 
 /// A successful READ's reply: one data chunk (simple mode, DF, or no zero
 /// runs), else OFFSET_DATA and OFFSET_HOLE chunks (see `sparse_read`).

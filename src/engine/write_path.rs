@@ -1,9 +1,8 @@
 //! The write path: every WRITE, WRITE_ZEROES and TRIM that reaches a
-//! backend passes through [`enter`] first, on every worker and for every
-//! backend. Anything that must observe mutations (dirty tracking, extent
-//! cache invalidation) attaches here and nowhere else.
-
-use std::sync::atomic::Ordering;
+//! backend passes through [`complete`] when its backend work is over, on
+//! every worker and for every backend. Anything that must observe mutations
+//! (extent cache updates now, dirty tracking later) attaches here and
+//! nowhere else.
 
 use crate::export::Export;
 use crate::proto::transmission::Command;
@@ -25,23 +24,9 @@ impl Mutation {
             _ => None,
         }
     }
-
-    pub fn length(self) -> u64 {
-        match self {
-            Mutation::Write { length, .. } | Mutation::Zero { length, .. } | Mutation::Trim { length, .. } => length,
-        }
-    }
 }
 
-/// Called for every command before the backend sees it; non-mutating
-/// commands pass straight through.
-pub fn enter(export: &Export, command: &Command) {
-    if let Some(mutation) = Mutation::of(command) {
-        export.mutated_bytes.fetch_add(mutation.length(), Ordering::Relaxed);
-    }
-}
-
-/// Called once for every command `enter` saw, when its backend work is over
+/// Called once for every command a backend ran, when its work is over
 /// (successfully or not). The extent cache learns about the change here,
 /// after the data is in place, so a BLOCK_STATUS sent after the reply can
 /// never be answered from a stale entry.

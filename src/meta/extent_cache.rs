@@ -133,13 +133,6 @@ impl ExtentCache {
         }
         self.entries.store(map.len(), Ordering::SeqCst);
     }
-
-    pub fn clear(&self) {
-        let mut map = self.map.write().expect("extent cache lock");
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-        map.clear();
-        self.entries.store(0, Ordering::SeqCst);
-    }
 }
 
 /// Removes `[offset, end)` from the map, trimming entries that overlap it.

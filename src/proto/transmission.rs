@@ -9,6 +9,7 @@
 use thiserror::Error;
 
 use super::error::NbdError;
+use super::meta::ContextKind;
 use super::wire::*;
 
 /// Reply framing fixed by negotiation.
@@ -260,14 +261,14 @@ pub fn parse_status_payload(
     bytes: &[u8],
     offset: u64,
     export_bytes: u64,
-    selected: &[u32],
+    selected: &[(u32, ContextKind)],
 ) -> Result<(u64, u32), NbdError> {
     let mut r = Reader::new(bytes);
     let length = r.u64("effect length").map_err(|_| NbdError::Inval)?;
     let mut mask = 0u32;
     while r.remaining() > 0 {
         let id = r.u32("context id").map_err(|_| NbdError::Inval)?;
-        let position = selected.iter().position(|&s| s == id).ok_or(NbdError::Inval)?;
+        let position = selected.iter().position(|&(s, _)| s == id).ok_or(NbdError::Inval)?;
         if position >= STATUS_PAYLOAD_CONTEXTS_MAX || mask & (1 << position) != 0 {
             return Err(NbdError::Inval);
         }

@@ -1,4 +1,5 @@
 use super::*;
+use crate::proto::meta::ContextKind;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -550,7 +551,7 @@ fn status_payload_names_selected_contexts_once_each() {
         }
         v
     };
-    let selected = [7u32, 9];
+    let selected = [(7u32, ContextKind::BaseAllocation), (9, ContextKind::BaseAllocation)];
     assert_eq!(parse_status_payload(&payload(4096, &[9]), 0, MIB, &selected), Ok((4096, 0b10)));
     assert_eq!(parse_status_payload(&payload(4096, &[9, 7]), 0, MIB, &selected), Ok((4096, 0b11)));
     assert_eq!(parse_status_payload(&payload(4096, &[9, 9]), 0, MIB, &selected), Err(NbdError::Inval));
