@@ -31,9 +31,10 @@ pub struct Cli {
     #[arg(short = 'r', long)]
     pub read_only: bool,
 
-    /// Worker threads, each with its own io_uring. Default: one per core.
-    #[arg(long, value_name = "N")]
-    pub threads: Option<usize>,
+    /// Worker threads, each with its own io_uring (1 to 1024). Default: one
+    /// per core.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
 
     /// Do not pin worker threads to cores.
     #[arg(long)]
@@ -84,16 +85,24 @@ pub struct Cli {
     #[arg(long, value_name = "TEXT")]
     pub description: Option<String>,
 
-    /// Requests one connection may have in flight (backpressure).
-    #[arg(long, value_name = "N", default_value_t = 256)]
-    pub inflight: usize,
+    /// Requests one connection may have in flight (backpressure; 1 to 4096).
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub inflight: u16,
 
-    /// Registered buffer region per worker (e.g. 64M).
-    #[arg(long, value_name = "BYTES", default_value = "96M", value_parser = parse_buffer)]
-    pub buffers: usize,
+    /// Most memory all workers together may use for request buffers (e.g.
+    /// 512M). Buffers are mapped as load needs them and returned when idle.
+    /// Default: an eighth of physical memory, between 256M and 64G.
+    #[arg(long, value_name = "BYTES", value_parser = parse_buffer)]
+    pub buffers: Option<usize>,
 
-    /// Submission queue entries per ring.
-    #[arg(long, value_name = "N", default_value_t = 1024)]
+    /// Seconds a connection may wait on its client (a WRITE payload that
+    /// stops arriving, replies it does not read) before it is dropped and
+    /// what it holds is freed.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    pub stall_timeout: f64,
+
+    /// Submission queue entries per ring (8 to 32768).
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(8..=32768))]
     pub ring_entries: u32,
 
     /// Cache allocation lookups of file exports (`off` when other processes
@@ -164,10 +173,31 @@ fn parse_switch(text: &str) -> Result<bool, String> {
 
 fn parse_buffer(text: &str) -> Result<usize, String> {
     let bytes = parse_size(text).map_err(|e| e.to_string())?;
-    if !(1 << 20..=1 << 30).contains(&bytes) {
-        return Err("must be between 1M and 1G".into());
+    if !(16 << 20..=1 << 40).contains(&bytes) {
+        return Err("must be between 16M and 1T".into());
     }
     Ok(bytes as usize)
+}
+
+/// The smallest budget that holds one largest request (with its alignment
+/// scratch) next to the reserve of an eighth (at least 8 MiB) that
+/// `engine::buffers::Budget` keeps for new clients.
+fn buffers_needed(payload_bytes_max: usize) -> usize {
+    let request = payload_bytes_max + 2 * crate::engine::buffers::UNIT_BYTES;
+    (request + (8 << 20)).max(request * 8 / 7 + 1)
+}
+
+/// The default buffer budget: an eighth of physical memory, within bounds.
+fn default_buffer_bytes() -> usize {
+    // SAFETY: sysinfo fills a plain struct; all-zero is a valid value to overwrite.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is writable and sized for the call.
+    let ram = if unsafe { libc::sysinfo(&mut info) } == 0 {
+        info.totalram as u64 * u64::from(info.mem_unit)
+    } else {
+        4 << 30
+    };
+    (ram / 8).clamp(256 << 20, 64 << 30) as usize
 }
 
 impl Cli {
@@ -188,11 +218,35 @@ impl Cli {
         }
     }
 
+    /// Checks what clap cannot check alone (limits that depend on each
+    /// other); the message says which option to change.
+    pub fn validate(&self) -> Result<(), String> {
+        let budget = self.buffers.unwrap_or_else(default_buffer_bytes);
+        let needed = buffers_needed(self.max_payload as usize);
+        if budget < needed {
+            return Err(format!(
+                "--buffers {} MiB cannot hold a --max-payload request and the reserve kept for new clients; \
+                 use at least {} MiB",
+                budget >> 20,
+                needed.div_ceil(1 << 20)
+            ));
+        }
+        if !(self.stall_timeout > 0.0 && self.stall_timeout <= 86400.0) {
+            return Err("--stall-timeout must be between 0 and 86400 seconds".into());
+        }
+        if self.cpus.as_ref().is_some_and(|c| c.0.len() > 1024) && self.threads.is_none() {
+            return Err("--cpus lists more than 1024 cores; give --threads".into());
+        }
+        Ok(())
+    }
+
     pub fn server_config(&self) -> ServerConfig {
-        let listed = self.cpus.as_ref().map(|c| c.0.len());
-        let threads =
-            self.threads.or(listed).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let threads = threads.max(1);
+        let listed = self.cpus.as_ref().map(|c| c.0.len().min(1024));
+        let threads = self
+            .threads
+            .map(usize::from)
+            .or(listed)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(1024));
         let tcp = if self.listen.is_empty() && self.unix.is_empty() {
             vec!["127.0.0.1:10809".to_owned()]
         } else {
@@ -207,14 +261,15 @@ impl Cli {
             placement_local: self.placement == Placement::Local,
             handshake_timeout: Duration::from_secs_f64(self.handshake_timeout.max(0.001)),
             handshakes_max: 1024,
+            buffer_bytes: self.buffers.unwrap_or_else(default_buffer_bytes),
             worker: WorkerConfig {
-                ring_entries: self.ring_entries.clamp(8, 32768),
-                buffer_bytes: self.buffers,
-                inflight_per_conn_max: self.inflight.clamp(1, 4096),
+                ring_entries: self.ring_entries,
+                inflight_per_conn_max: usize::from(self.inflight),
                 requests_max: 8192,
                 payload_bytes_max: self.max_payload,
                 extents_max: self.max_extents as usize,
                 drain_timeout: Duration::from_secs_f64(self.shutdown_timeout.clamp(0.001, 3600.0)),
+                stall_timeout: Duration::from_secs_f64(self.stall_timeout.clamp(0.001, 86400.0)),
                 sqpoll_idle_ms: self.sqpoll.then_some(self.sqpoll_idle),
                 verbose: self.verbose,
             },
@@ -284,7 +339,23 @@ mod tests {
     #[test]
     fn out_of_range_limits_are_refused() {
         assert!(Cli::try_parse_from(["ringnbd", "--max-payload", "4K"]).is_err());
-        assert!(Cli::try_parse_from(["ringnbd", "--buffers", "2G"]).is_err());
+        assert!(Cli::try_parse_from(["ringnbd", "--buffers", "2T"]).is_err());
+        assert!(Cli::try_parse_from(["ringnbd", "--buffers", "1M"]).is_err());
         assert!(Cli::try_parse_from(["ringnbd", "bad=memory:1Q"]).is_err());
+        for bad in [["--threads", "0"], ["--threads", "1025"], ["--inflight", "0"], ["--ring-entries", "4"]] {
+            let err = Cli::try_parse_from(["ringnbd", bad[0], bad[1]]).unwrap_err().to_string();
+            assert!(err.contains(bad[0]), "{bad:?}: {err}");
+        }
+        let small = Cli::parse_from(["ringnbd", "--buffers", "32M"]);
+        assert!(small.validate().unwrap_err().contains("--buffers"), "32M cannot hold a 32M request");
+        assert!(Cli::parse_from(["ringnbd", "--buffers", "64M"]).validate().is_ok());
+        assert!(Cli::parse_from(["ringnbd", "--stall-timeout", "0"]).validate().is_err());
+    }
+
+    #[test]
+    fn the_default_buffer_budget_is_a_share_of_memory() {
+        let config = Cli::parse_from(["ringnbd"]).server_config();
+        assert!((256 << 20..=64 << 30).contains(&config.buffer_bytes));
+        assert_eq!(Cli::parse_from(["ringnbd", "--buffers", "1G"]).server_config().buffer_bytes, 1 << 30);
     }
 }

@@ -8,6 +8,7 @@ pub mod backend;
 pub mod cli;
 pub mod engine;
 pub mod export;
+pub mod faults;
 pub mod meta;
 pub mod net;
 pub mod proto;

@@ -2,10 +2,38 @@ use clap::Parser;
 
 use ringnbd::cli::Cli;
 use ringnbd::export::open_all;
+use ringnbd::faults;
 use ringnbd::server::serve;
 
+/// A panic anywhere ends the process: a worker that died would leave its
+/// connections hanging while dispatch kept choosing it, so the only safe
+/// outcome is a loud exit a supervisor can restart from.
+fn abort_on_panic() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        eprintln!("ringnbd: fatal: thread {name} panicked; aborting the server");
+        default_hook(info);
+        std::process::abort();
+    }));
+}
+
 fn main() -> std::process::ExitCode {
+    abort_on_panic();
     let cli = Cli::parse();
+    if let Err(message) = cli.validate() {
+        eprintln!("ringnbd: {message}");
+        return std::process::ExitCode::from(2);
+    }
+    match faults::install_from_env() {
+        Ok(Some(plan)) => eprintln!("ringnbd: WARNING: test fault injection is on ({}={plan})", faults::ENV),
+        Ok(None) => {}
+        Err(message) => {
+            eprintln!("ringnbd: {message}");
+            return std::process::ExitCode::from(2);
+        }
+    }
     let exports = match open_all(&cli.export_specs(), &cli.export_options()) {
         Ok(exports) => exports,
         Err(e) => {

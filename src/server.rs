@@ -13,8 +13,9 @@ use thiserror::Error;
 
 use crate::backend::Backend;
 use crate::engine::EngineError;
+use crate::engine::buffers::{Budget, UNIT_BYTES};
 use crate::engine::worker::{NewConnection, Worker, WorkerConfig, WorkerParts};
-use crate::export::Export;
+use crate::export::{self, Export};
 use crate::net::listener::{AcceptConfig, Dispatch, Listener, NetError, accept_loop};
 use crate::proto::handshake::{ExportInfo, HandshakeLimits};
 
@@ -42,6 +43,8 @@ pub struct ServerConfig {
     pub placement_local: bool,
     pub handshake_timeout: Duration,
     pub handshakes_max: usize,
+    /// Buffer memory all workers together may use (`--buffers`).
+    pub buffer_bytes: usize,
     pub worker: WorkerConfig,
     pub verbose: bool,
 }
@@ -109,6 +112,9 @@ fn spawn_workers(
     exports: &Arc<[Arc<Export>]>,
     shutdown: &Arc<AtomicBool>,
 ) -> Result<(Workers, Vec<WorkerThread>), ServerError> {
+    // Shared by every worker: the limit is on the server, not per core.
+    let request_bytes_max = config.worker.payload_bytes_max as usize + 2 * UNIT_BYTES;
+    let budget = Arc::new(Budget::new(config.buffer_bytes, request_bytes_max));
     let cores = match (config.pin_workers, config.cpus.is_empty()) {
         (false, _) => Vec::new(),
         (true, true) => core_affinity::get_core_ids().unwrap_or_default(),
@@ -128,6 +134,7 @@ fn spawn_workers(
             wake_fd: Arc::clone(&wake),
             load: Arc::clone(&load),
             shutdown: Arc::clone(shutdown),
+            budget: Arc::clone(&budget),
         };
         let core = (!cores.is_empty()).then(|| cores[index % cores.len()]);
         // The ring is created on its own thread (SINGLE_ISSUER); report
@@ -179,8 +186,23 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     signal
 }
 
+/// Raises the soft open-files limit to the hard one: every connection is a
+/// descriptor, and the usual soft default (1024) would refuse clients long
+/// before memory runs short. The accept loop copes with the limit either way.
+fn raise_file_limit() {
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 pub fn serve(config: ServerConfig, exports: Vec<Export>) -> Result<(), ServerError> {
     let signals = block_signals();
+    raise_file_limit();
     let mut listeners = Vec::new();
     for address in &config.tcp {
         listeners.push(Listener::bind_tcp(address)?);
@@ -232,9 +254,10 @@ pub fn serve(config: ServerConfig, exports: Vec<Export>) -> Result<(), ServerErr
             first_error.get_or_insert(e);
         }
     }
-    for export in exports.iter() {
-        if let Backend::File(file) = &export.backend
-            && !export.read_only
+    let writable = exports.iter().any(|e| !e.read_only);
+    for image in export::images(&exports) {
+        if let Backend::File(file) = &image.backend
+            && writable
             && let Err(e) = file.sync()
         {
             eprintln!("ringnbd: {}: final flush failed: {e}", file.path.display());

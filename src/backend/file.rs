@@ -40,6 +40,17 @@ pub struct FileBackend {
     /// done inline, because these filesystems support no non-blocking
     /// (NOWAIT) I/O and io_uring would hand every one to a worker thread.
     pub inline_io: bool,
+    /// Which file this is, whatever path named it: exports of one file share
+    /// its extent cache and block locks (see `export::image`).
+    pub identity: FileIdentity,
+}
+
+/// Device and inode of a regular file, or the device number of a block
+/// device: equal for every path that reaches the same storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FileIdentity {
+    File { device: u64, inode: u64 },
+    BlockDevice { rdev: u64 },
 }
 
 impl FileBackend {
@@ -65,7 +76,13 @@ impl FileBackend {
             false => (buffered.try_clone().map_err(open_error)?, false, 1),
         };
         let can_punch_hole = !read_only && probe_punch_hole(&buffered, size, is_block_device);
+        use std::os::unix::fs::MetadataExt;
+        let identity = match is_block_device {
+            true => FileIdentity::BlockDevice { rdev: metadata.rdev() },
+            false => FileIdentity::File { device: metadata.dev(), inode: metadata.ino() },
+        };
         Ok(Self {
+            identity,
             path: path.to_owned(),
             direct,
             buffered,
@@ -75,7 +92,7 @@ impl FileBackend {
             is_block_device,
             can_punch_hole,
             inline_io,
-            block_bytes: std::os::unix::fs::MetadataExt::blksize(&metadata).max(512).next_power_of_two(),
+            block_bytes: metadata.blksize().max(512).next_power_of_two(),
         })
     }
 

@@ -2,6 +2,7 @@
 //! non-ring operations; the engine turns commands into io_uring submissions
 //! (file) or direct memory copies (memory).
 
+pub mod block_locks;
 pub mod file;
 pub mod memory;
 
@@ -9,7 +10,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-pub use file::FileBackend;
+pub use file::{FileBackend, FileIdentity};
 pub use memory::MemoryBackend;
 
 #[derive(Debug, Error)]

@@ -8,7 +8,9 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
 use std::sync::Arc;
+use std::time::Instant;
 
 use slab::Slab;
 
@@ -16,6 +18,7 @@ use crate::export::Export;
 use crate::proto::meta::ContextKind;
 use crate::proto::transmission::{ReplyMode, RequestLimits};
 
+use super::buffers::Refusal;
 use super::request::{Request, advance_sent};
 
 /// Holds many pipelined headers and small WRITE payloads per receive.
@@ -37,14 +40,61 @@ pub enum Closing {
     Hard,
 }
 
+/// The receive buffer: its own mapping, so the pages a connection touched go
+/// back to the system when it closes (a heap allocation this size would stay
+/// in the allocator's arenas), and an idle connection costs only the pages
+/// its requests actually filled.
+struct ReceiveBuffer {
+    base: NonNull<u8>,
+}
+
+impl ReceiveBuffer {
+    fn new() -> Self {
+        // SAFETY: anonymous private mapping; no fd, no aliasing.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                RECV_BUFFER_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        // Address space, not memory: failing here means the process is broken.
+        assert!(addr != libc::MAP_FAILED, "cannot map a receive buffer: {}", std::io::Error::last_os_error());
+        Self { base: NonNull::new(addr.cast()).expect("mmap never returns null on success") }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is RECV_BUFFER_BYTES long and lives as long as self.
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), RECV_BUFFER_BYTES) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), RECV_BUFFER_BYTES) }
+    }
+}
+
+impl Drop for ReceiveBuffer {
+    fn drop(&mut self) {
+        // SAFETY: mapped in `new` with this length; the connection (and so
+        // this buffer) is released only once no receive into it is in flight.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), RECV_BUFFER_BYTES) };
+    }
+}
+
 pub struct Conn {
     pub socket: OwnedFd,
+    /// Who the client is, for log lines.
+    pub peer: String,
     pub export: Arc<Export>,
     /// Position of `export` in the server's export list.
     pub export_index: usize,
     pub limits: RequestLimits,
     pub contexts: Vec<(u32, ContextKind)>,
-    receive: Box<[u8]>,
+    receive: ReceiveBuffer,
     /// Invariant: `0 <= parsed <= filled <= RECV_BUFFER_BYTES`.
     parsed: usize,
     filled: usize,
@@ -62,28 +112,40 @@ pub struct Conn {
     iovecs: Box<[libc::iovec; SEND_IOVECS_MAX]>,
     message: Box<libc::msghdr>,
     pub closing: Closing,
-    pub stalled: bool,
+    /// Why the connection stopped parsing requests, while it waits in the
+    /// worker's stalled queue.
+    pub stalled: Option<Refusal>,
+    /// Buffer bytes its requests hold (its share is capped; see `buffers`).
+    pub buffer_bytes: usize,
+    /// Last time the client moved bytes or the connection started waiting
+    /// on it; a connection that waits on its client for longer than the
+    /// stall timeout is dropped.
+    pub last_progress: Instant,
 }
 
 impl Conn {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         socket: OwnedFd,
+        peer: String,
         export: Arc<Export>,
         export_index: usize,
         limits: RequestLimits,
         contexts: Vec<(u32, ContextKind)>,
         queue_capacity: usize,
+        now: Instant,
     ) -> Self {
         let empty = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
         // SAFETY: msghdr is plain data; all-zero is a valid empty header.
         let message: libc::msghdr = unsafe { std::mem::zeroed() };
         Self {
             socket,
+            peer,
             export,
             export_index,
             limits,
             contexts,
-            receive: vec![0u8; RECV_BUFFER_BYTES].into_boxed_slice(),
+            receive: ReceiveBuffer::new(),
             parsed: 0,
             filled: 0,
             drain: 0,
@@ -96,8 +158,16 @@ impl Conn {
             iovecs: Box::new([empty; SEND_IOVECS_MAX]),
             message: Box::new(message),
             closing: Closing::Open,
-            stalled: false,
+            stalled: None,
+            buffer_bytes: 0,
+            last_progress: now,
         }
+    }
+
+    /// Whether the connection cannot move until its client does: a WRITE
+    /// payload is still arriving, or replies are waiting to be read.
+    pub fn waits_on_client(&self) -> bool {
+        self.payload_request.is_some() || self.send_in_flight || !self.send_queue.is_empty()
     }
 
     pub fn fd(&self) -> RawFd {
@@ -109,7 +179,7 @@ impl Conn {
     }
 
     pub fn unparsed(&self) -> &[u8] {
-        &self.receive[self.parsed..self.filled]
+        &self.receive.bytes()[self.parsed..self.filled]
     }
 
     pub fn consume(&mut self, count: usize) {
@@ -124,14 +194,15 @@ impl Conn {
             self.parsed = 0;
             self.filled = 0;
         } else if self.parsed > 0 && RECV_BUFFER_BYTES - self.filled < RECV_BUFFER_BYTES / 2 {
-            self.receive.copy_within(self.parsed..self.filled, 0);
+            let (parsed, filled) = (self.parsed, self.filled);
+            self.receive.bytes_mut().copy_within(parsed..filled, 0);
             self.filled -= self.parsed;
             self.parsed = 0;
         }
         let free = RECV_BUFFER_BYTES - self.filled;
         assert!(free > 0, "a header never fills the receive buffer");
         // SAFETY: filled < RECV_BUFFER_BYTES, so the pointer is in bounds.
-        (unsafe { self.receive.as_mut_ptr().add(self.filled) }, free)
+        (unsafe { self.receive.bytes_mut().as_mut_ptr().add(self.filled) }, free)
     }
 
     pub fn received(&mut self, count: usize) {

@@ -1,23 +1,60 @@
 //! File-backend requests as io_uring steps.
 //!
 //! `start` picks a request's first step, `on_result` consumes a step's CQE
-//! and picks the next; each returns what the worker should do. A step that
-//! needs a resource held elsewhere (the RMW guard, a zero buffer) returns
-//! `Next::Defer` and is retried from the worker's deferred queue.
+//! and picks the next; each returns what the worker should do. A mutation
+//! that covers a block only in part first takes that block's lock (see
+//! `backend::block_locks`); when another request holds it the step returns
+//! `Next::Defer` and is retried from the worker's deferred queue. The locks
+//! are released by the worker once the request is `Finished`.
 
 use io_uring::{opcode, squeue, types};
 
 use crate::backend::FileBackend;
-use crate::export::Export;
-use crate::proto::NbdError;
+use crate::export::Image;
+use crate::faults::{self, Direction};
 use crate::proto::transmission::Command;
+use crate::proto::{Failure, NbdError};
 
-use super::buffers::BufferPool;
 use super::request::{Request, Step};
 use super::user_data::Token;
 
-/// Largest zero buffer the ZeroFill fallback writes from.
-const ZERO_FILL_BYTES_MAX: usize = 1 << 20;
+/// Bytes of the shared zero region the ZeroFill fallback writes from.
+pub const ZERO_FILL_BYTES_MAX: usize = 1 << 20;
+
+/// A read-only region of zeroes every ZeroFill write of a worker reads
+/// from. Never written, so its pages are the kernel's shared zero page and
+/// cost no memory.
+pub struct ZeroRegion {
+    base: std::ptr::NonNull<u8>,
+}
+
+impl ZeroRegion {
+    pub fn new() -> std::io::Result<Self> {
+        // SAFETY: anonymous private read-only mapping; no fd, no aliasing.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ZERO_FILL_BYTES_MAX,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self { base: std::ptr::NonNull::new(addr.cast()).expect("mmap never returns null on success") })
+    }
+}
+
+impl Drop for ZeroRegion {
+    fn drop(&mut self) {
+        // SAFETY: mapped in `new` with this length; the worker drops it after
+        // its ring, so no write from it is in flight.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), ZERO_FILL_BYTES_MAX) };
+    }
+}
 
 #[derive(Debug)]
 pub enum Next {
@@ -33,9 +70,22 @@ const PLAN_NO_HOLE: [Step; 3] = [Step::ZeroRange, Step::Punch, Step::ZeroFill];
 
 pub struct FileIo<'a> {
     pub file: &'a FileBackend,
-    pub export: &'a Export,
-    pub pool: &'a mut BufferPool,
+    pub image: &'a Image,
+    pub zeroes: &'a ZeroRegion,
     pub id: u32,
+}
+
+/// The client range a command covers.
+pub fn client_range(command: &Command) -> (u64, u64) {
+    match *command {
+        Command::Trim { offset, length, .. }
+        | Command::WriteZeroes { offset, length, .. }
+        | Command::Cache { offset, length } => (offset, offset + length),
+        Command::Read { offset, length, .. } | Command::Write { offset, length, .. } => {
+            (offset, offset + u64::from(length))
+        }
+        _ => (0, 0),
+    }
 }
 
 impl FileIo<'_> {
@@ -48,7 +98,10 @@ impl FileIo<'_> {
     /// would only add a hand-off to an io-wq thread. Everything else still
     /// goes through the ring.
     fn inline(&mut self, req: &mut Request) -> Next {
+        let eio = std::io::Error::from_raw_os_error(libc::EIO);
         let result = match req.command {
+            Command::Read { offset, length, .. } if faults::fails(Direction::Read, offset, length.into()) => Err(eio),
+            Command::Write { offset, length, .. } if faults::fails(Direction::Write, offset, length.into()) => Err(eio),
             Command::Read { offset, length, .. } => {
                 let buffer = req.buffer.as_mut().expect("reads own a buffer");
                 self.file.read_inline(offset, &mut buffer.as_mut_slice()[..length as usize])
@@ -63,7 +116,7 @@ impl FileIo<'_> {
             _ => return self.start_on_ring(req),
         };
         if let Err(e) = result {
-            req.error = Some(NbdError::from_errno(e.raw_os_error().unwrap_or(libc::EIO)));
+            req.error = Some(Failure::from_errno(e.raw_os_error().unwrap_or(libc::EIO)));
         }
         Next::Finished
     }
@@ -73,10 +126,20 @@ impl FileIo<'_> {
             Command::Read { .. } => self.step(req, Step::Read),
             Command::Write { offset, length, .. } => self.start_write(req, offset, length as usize),
             Command::Flush => self.step(req, Step::Sync),
-            Command::Trim { .. } if self.file.can_punch_hole => self.step(req, Step::Punch),
+            Command::Trim { offset, length, .. } if self.file.can_punch_hole => {
+                if !self.lock(req, offset, offset + length) {
+                    return Next::Defer;
+                }
+                self.step(req, Step::Punch)
+            }
             Command::Trim { fua: true, .. } => self.step(req, Step::Sync),
             Command::Trim { .. } => Next::Finished, // advisory, nothing to do
-            Command::WriteZeroes { .. } => self.next_zero_strategy(req),
+            Command::WriteZeroes { offset, length, .. } => {
+                if !self.lock(req, offset, offset + length) {
+                    return Next::Defer;
+                }
+                self.next_zero_strategy(req)
+            }
             Command::Cache { .. } if !self.file.direct_io => self.step(req, Step::Advise),
             // O_DIRECT bypasses the page cache, so prefetching into it would
             // not help later reads.
@@ -88,25 +151,36 @@ impl FileIo<'_> {
     /// Re-runs the current step after a deferral.
     pub fn resume(&mut self, req: &mut Request) -> Next {
         match req.step {
-            Step::WaitRmw => self.start(req),
+            Step::WaitLocks => self.start(req),
             step => self.step(req, step),
         }
+    }
+
+    /// Takes the locks of the blocks `[offset, end)` covers in part; false
+    /// (the request now waits in `WaitLocks`) while another request holds one.
+    fn lock(&self, req: &mut Request, offset: u64, end: u64) -> bool {
+        if !req.locks.is_empty() {
+            return true;
+        }
+        let set = self.image.locks.partial_blocks(offset, end);
+        if !self.image.locks.try_acquire(&set) {
+            req.step = Step::WaitLocks;
+            return false;
+        }
+        req.locks = set;
+        true
     }
 
     fn start_write(&mut self, req: &mut Request, offset: u64, length: usize) -> Next {
         if req.span.is_exact(length) {
             return self.step(req, Step::Write);
         }
+        if !self.lock(req, offset, offset + length as u64) {
+            return Next::Defer;
+        }
         if req.span.end() > self.file.size {
             // Aligned I/O would extend the file past its unaligned end.
             return self.step(req, Step::WriteBuffered);
-        }
-        if !req.holds_rmw {
-            if !self.export.try_begin_rmw() {
-                req.step = Step::WaitRmw;
-                return Next::Defer;
-            }
-            req.holds_rmw = true;
         }
         let block = self.file.alignment as u64;
         if !offset.is_multiple_of(block) {
@@ -116,6 +190,7 @@ impl FileIo<'_> {
     }
 
     pub fn on_result(&mut self, req: &mut Request, result: i32) -> Next {
+        let result = self.with_faults(req, result);
         if result < 0 {
             return self.on_error(req, -result);
         }
@@ -129,7 +204,7 @@ impl FileIo<'_> {
                 }
                 if done == 0 {
                     // The file shrank under us: report, don't spin.
-                    req.error = Some(NbdError::Io);
+                    req.error = Some(NbdError::Io.because("the file behind the export shrank"));
                     return Next::Finished;
                 }
                 self.step(req, Step::Read)
@@ -143,8 +218,19 @@ impl FileIo<'_> {
             Step::Punch if self.no_hole(req) => self.step(req, Step::Allocate),
             Step::Punch | Step::ZeroRange | Step::Allocate => self.after_mutation(req),
             Step::Sync | Step::Advise => Next::Finished,
-            Step::Start | Step::WaitRmw | Step::Lookup => unreachable!("no operation was submitted"),
+            Step::Start | Step::WaitLocks | Step::Lookup => unreachable!("no operation was submitted"),
         }
+    }
+
+    /// Test-injected faults on data transfers (see `crate::faults`).
+    fn with_faults(&self, req: &Request, result: i32) -> i32 {
+        let direction = match req.step {
+            Step::Read => Direction::Read,
+            Step::Write | Step::WriteBuffered => Direction::Write,
+            _ => return result,
+        };
+        let (offset, end) = client_range(&req.command);
+        faults::transfer_result(direction, offset, end - offset, req.progress == 0, result)
     }
 
     fn merge_head(&mut self, req: &mut Request) -> Next {
@@ -174,6 +260,10 @@ impl FileIo<'_> {
     }
 
     fn on_written(&mut self, req: &mut Request, done: usize) -> Next {
+        if done == 0 {
+            req.error = Some(NbdError::Io.because("the storage accepted no bytes"));
+            return Next::Finished;
+        }
         req.progress += done;
         let total = match req.step {
             Step::Write => req.span.len,
@@ -188,16 +278,8 @@ impl FileIo<'_> {
                 return self.after_mutation(req);
             }
         };
-        if done == 0 {
-            req.error = Some(NbdError::Io);
-            return Next::Finished;
-        }
         if req.progress < total {
             return self.step(req, req.step);
-        }
-        if req.holds_rmw {
-            self.export.end_rmw();
-            req.holds_rmw = false;
         }
         // Writes carry RWF_DSYNC when FUA was asked, so they are durable here.
         Next::Finished
@@ -218,11 +300,7 @@ impl FileIo<'_> {
             (Step::Punch, Command::Trim { .. }) if unsupported => self.after_mutation(req),
             (Step::Advise, _) => Next::Finished,
             _ => {
-                if req.holds_rmw {
-                    self.export.end_rmw();
-                    req.holds_rmw = false;
-                }
-                req.error = Some(NbdError::from_errno(errno));
+                req.error = Some(Failure::from_errno(errno));
                 Next::Finished
             }
         }
@@ -240,7 +318,7 @@ impl FileIo<'_> {
             match step {
                 Step::Punch if !self.file.can_punch_hole => continue,
                 Step::ZeroFill if fast => {
-                    req.error = Some(NbdError::NotSup);
+                    req.error = Some(NbdError::NotSup.because("zeroing this range would be as slow as writing it"));
                     return Next::Finished;
                 }
                 Step::ZeroFill => {
@@ -255,29 +333,11 @@ impl FileIo<'_> {
 
     /// The client's byte range for range commands.
     fn range(&self, req: &Request) -> (u64, u64) {
-        match req.command {
-            Command::Trim { offset, length, .. }
-            | Command::WriteZeroes { offset, length, .. }
-            | Command::Cache { offset, length } => (offset, offset + length),
-            Command::Read { offset, length, .. } | Command::Write { offset, length, .. } => {
-                (offset, offset + u64::from(length))
-            }
-            _ => (0, 0),
-        }
+        client_range(&req.command)
     }
 
     /// Builds the SQE for `step` and records it as the current step.
     fn step(&mut self, req: &mut Request, step: Step) -> Next {
-        if step == Step::ZeroFill && req.buffer.is_none() {
-            let (start, end) = self.range(req);
-            let len = ((end - start) as usize).min(ZERO_FILL_BYTES_MAX);
-            let Some(mut buffer) = self.pool.alloc(len) else {
-                req.step = Step::ZeroFill;
-                return Next::Defer;
-            };
-            buffer.as_mut_slice().fill(0);
-            req.buffer = Some(buffer);
-        }
         req.step = step;
         let entry = self.entry(req);
         Next::Submit(entry.user_data(Token::Request { request: self.id }.encode()))
@@ -307,8 +367,9 @@ impl FileIo<'_> {
                 self.rw(req, buffered, req.span.head + at, len, start + at as u64, true, dsync)
             }
             Step::ZeroFill => {
-                let len = ((end - req.fill_at) as usize).min(req.buffer.as_ref().expect("allocated").len());
-                self.rw(req, buffered, 0, len, req.fill_at, true, 0)
+                let len = ((end - req.fill_at) as usize).min(ZERO_FILL_BYTES_MAX) as u32;
+                // The region is only ever read, by the kernel, and outlives the ring.
+                opcode::Write::new(buffered, self.zeroes.base.as_ptr(), len).offset(req.fill_at).build()
             }
             Step::Punch => fallocate(direct, start, end, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE),
             Step::ZeroRange => fallocate(direct, start, end, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE),
@@ -317,7 +378,7 @@ impl FileIo<'_> {
             Step::Advise => opcode::Fadvise::new(buffered, (end - start) as libc::off_t, libc::POSIX_FADV_WILLNEED)
                 .offset(start)
                 .build(),
-            Step::Start | Step::WaitRmw | Step::Lookup => unreachable!("not an I/O step"),
+            Step::Start | Step::WaitLocks | Step::Lookup => unreachable!("not an I/O step"),
         }
     }
 
@@ -339,11 +400,11 @@ impl FileIo<'_> {
         // until this operation's CQE is reaped.
         let ptr = unsafe { buffer.as_ptr().add(at) };
         let len = len as u32;
-        match (write, buffer.is_registered(self.pool)) {
-            (false, true) => opcode::ReadFixed::new(fd, ptr, len, 0).offset(offset).rw_flags(flags).build(),
-            (false, false) => opcode::Read::new(fd, ptr, len).offset(offset).rw_flags(flags).build(),
-            (true, true) => opcode::WriteFixed::new(fd, ptr, len, 0).offset(offset).rw_flags(flags).build(),
-            (true, false) => opcode::Write::new(fd, ptr, len).offset(offset).rw_flags(flags).build(),
+        match (write, buffer.fixed_index()) {
+            (false, Some(index)) => opcode::ReadFixed::new(fd, ptr, len, index).offset(offset).rw_flags(flags).build(),
+            (false, None) => opcode::Read::new(fd, ptr, len).offset(offset).rw_flags(flags).build(),
+            (true, Some(index)) => opcode::WriteFixed::new(fd, ptr, len, index).offset(offset).rw_flags(flags).build(),
+            (true, None) => opcode::Write::new(fd, ptr, len).offset(offset).rw_flags(flags).build(),
         }
     }
 }

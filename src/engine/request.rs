@@ -3,7 +3,8 @@
 //! header from the moment its header is parsed until its reply is fully sent
 //! (or, on a dropped connection, until its last CQE has been reaped).
 
-use crate::proto::NbdError;
+use crate::backend::block_locks::LockSet;
+use crate::proto::Failure;
 use crate::proto::reply::{REPLY_HEADER_BYTES_MAX, ReplyTo};
 use crate::proto::transmission::Command;
 use crate::proto::wire::EXTENDED_HEADER_BYTES;
@@ -92,8 +93,8 @@ pub enum Step {
     ZeroFill,
     Sync,
     Advise,
-    /// Waiting for the export's read-modify-write guard.
-    WaitRmw,
+    /// Waiting for the locks of its partially covered blocks.
+    WaitLocks,
     /// BLOCK_STATUS waiting for its lookup helper's scan.
     Lookup,
 }
@@ -113,10 +114,11 @@ pub struct Request {
     pub zero_plan: u8,
     /// Next offset for ZeroFill.
     pub fill_at: u64,
-    pub holds_rmw: bool,
+    /// Block locks held (released when the backend work is over).
+    pub locks: LockSet,
     /// BLOCK_STATUS: which of the connection's contexts to answer for.
     pub status_mask: u32,
-    pub error: Option<NbdError>,
+    pub error: Option<Failure>,
     /// Reply bytes that do not live in `buffer` (headers, errors).
     inline: [u8; REPLY_INLINE_BYTES],
     inline_len: usize,
@@ -137,7 +139,7 @@ impl Request {
             payload_received: 0,
             zero_plan: 0,
             fill_at: 0,
-            holds_rmw: false,
+            locks: LockSet::default(),
             status_mask: u32::MAX,
             error: None,
             inline: [0; REPLY_INLINE_BYTES],

@@ -10,6 +10,8 @@ use std::io;
 
 use io_uring::{IoUring, cqueue, squeue};
 
+use super::buffers::Registrar;
+
 /// CQEs copied out per reap; bounds the work done per loop turn.
 pub const REAP_BATCH_MAX: usize = 256;
 
@@ -47,8 +49,11 @@ impl Ring {
         Ok(Self { ring, backlog: VecDeque::with_capacity(entries as usize) })
     }
 
-    pub fn submitter(&self) -> io_uring::Submitter<'_> {
-        self.ring.submitter()
+    /// Sets up an empty fixed-buffer table of `slots` entries that chunks are
+    /// registered into as they are mapped (Linux 5.19). False when the
+    /// kernel cannot, and buffers stay unregistered.
+    pub fn reserve_buffer_slots(&self, slots: u16) -> bool {
+        self.ring.submitter().register_buffers_sparse(u32::from(slots)).is_ok()
     }
 
     /// Queues an entry whose pointers stay valid until its completion.
@@ -100,6 +105,25 @@ impl Ring {
         let cq: cqueue::CompletionQueue<'_> = self.ring.completion();
         for cqe in cq.take(REAP_BATCH_MAX) {
             batch.push(Completion { user_data: cqe.user_data(), result: cqe.result() });
+        }
+    }
+}
+
+impl Registrar for Ring {
+    fn register(&self, slot: u16, iovec: libc::iovec) -> io::Result<()> {
+        // SAFETY: the pool keeps the memory mapped until it has called
+        // `unregister` for this slot, and no operation using the slot is in
+        // flight by then (it only unregisters chunks with no buffer out).
+        unsafe { self.ring.submitter().register_buffers_update(u32::from(slot), &[iovec], None) }
+    }
+
+    fn unregister(&self, slot: u16) {
+        let empty = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
+        // SAFETY: an empty iovec registers nothing; it only drops the slot.
+        if let Err(e) = unsafe { self.ring.submitter().register_buffers_update(u32::from(slot), &[empty], None) } {
+            // The slot keeps the pages pinned until the ring closes; nothing
+            // can address it any more, so this costs memory, not correctness.
+            eprintln!("ringnbd: unregistering buffer slot {slot}: {e}");
         }
     }
 }

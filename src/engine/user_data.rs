@@ -17,6 +17,7 @@ const WAKE: u64 = u64::MAX;
 const TICK: u64 = u64::MAX - 1;
 const CANCEL: u64 = u64::MAX - 2;
 const DRAIN_DEADLINE: u64 = u64::MAX - 3;
+const HOUSEKEEPING: u64 = u64::MAX - 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Token {
@@ -34,6 +35,8 @@ pub enum Token {
     Cancel,
     /// The shutdown drain ran out of time.
     DrainDeadline,
+    /// The once-a-second timer: stall timeouts, idle buffer release.
+    Housekeeping,
 }
 
 const KIND_RECV: u64 = 1;
@@ -51,6 +54,7 @@ impl Token {
             Token::Tick => TICK,
             Token::Cancel => CANCEL,
             Token::DrainDeadline => DRAIN_DEADLINE,
+            Token::Housekeeping => HOUSEKEEPING,
         }
     }
 
@@ -63,6 +67,7 @@ impl Token {
                 TICK => Token::Tick,
                 CANCEL => Token::Cancel,
                 DRAIN_DEADLINE => Token::DrainDeadline,
+                HOUSEKEEPING => Token::Housekeeping,
                 _ => panic!("unknown sentinel user_data {user_data:#x}"),
             };
         }
@@ -88,7 +93,7 @@ mod tests {
                 assert!(token.encode() < SENTINEL_MIN);
             }
         }
-        for token in [Token::Wake, Token::Tick, Token::Cancel, Token::DrainDeadline] {
+        for token in [Token::Wake, Token::Tick, Token::Cancel, Token::DrainDeadline, Token::Housekeeping] {
             assert_eq!(Token::decode(token.encode()), token);
         }
     }

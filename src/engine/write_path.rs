@@ -4,7 +4,7 @@
 //! (extent cache updates now, dirty tracking later) attaches here and
 //! nowhere else.
 
-use crate::export::Export;
+use crate::export::Image;
 use crate::proto::transmission::Command;
 
 /// A range about to change, and how.
@@ -30,8 +30,8 @@ impl Mutation {
 /// (successfully or not). The extent cache learns about the change here,
 /// after the data is in place, so a BLOCK_STATUS sent after the reply can
 /// never be answered from a stale entry.
-pub fn complete(export: &Export, command: &Command, succeeded: bool) {
-    let (Some(mutation), Some(cache)) = (Mutation::of(command), &export.extent_cache) else { return };
+pub fn complete(image: &Image, command: &Command, succeeded: bool) {
+    let (Some(mutation), Some(cache)) = (Mutation::of(command), &image.extent_cache) else { return };
     match mutation {
         Mutation::Write { offset, length } if succeeded => cache.wrote(offset, offset + length),
         Mutation::Write { offset, length } | Mutation::Zero { offset, length } | Mutation::Trim { offset, length } => {

@@ -111,7 +111,7 @@ impl Helper {
             self.files.resize_with(export + 1, || None);
         }
         if self.files[export].is_none() {
-            let Backend::File(file) = &self.exports[export].backend else { unreachable!("file exports only") };
+            let Backend::File(file) = &self.exports[export].image.backend else { unreachable!("file exports only") };
             let opened = File::open(&file.path).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
             let strategy = Strategy::for_file(opened.as_raw_fd());
             self.files[export] = Some((opened, strategy));
@@ -124,7 +124,7 @@ impl Helper {
 
     fn scan(&mut self, mut job: LookupJob) -> Result<Scanned, i32> {
         let export = Arc::clone(&self.exports[job.export]);
-        let Backend::File(file) = &export.backend else { unreachable!("memory exports answer inline") };
+        let Backend::File(file) = &export.image.backend else { unreachable!("memory exports answer inline") };
         let before = job.extents.len();
         if file.is_block_device {
             // A block device has no holes to report unless it says so itself.
@@ -142,7 +142,7 @@ impl Helper {
     }
 
     fn cache(&self, export: usize, from: u64, extents: &[Extent], epoch: u64) {
-        if let Some(cache) = &self.exports[export].extent_cache {
+        if let Some(cache) = &self.exports[export].image.extent_cache {
             cache.insert(from, extents, epoch);
         }
     }
@@ -152,7 +152,7 @@ impl Helper {
     /// delays an answer by more than one slice.
     fn prefetch(&mut self, export: usize, mut from: u64, size: u64, jobs: &Receiver<LookupJob>) {
         let shared = Arc::clone(&self.exports[export]);
-        let Some(cache) = &shared.extent_cache else { return };
+        let Some(cache) = &shared.image.extent_cache else { return };
         let mut budget = PREFETCH_EXTENTS_MAX;
         let mut slice = Vec::with_capacity(PREFETCH_SLICE_EXTENTS);
         while from < size && budget > 0 && jobs.is_empty() {

@@ -11,14 +11,15 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
 use crate::engine::worker::NewConnection;
 use crate::proto::handshake::{ExportInfo, HandshakeLimits};
 
+use super::admission::{Handshakes, Ticket};
 use super::negotiate::{NegotiateError, TimedStream, negotiate};
 
 #[derive(Debug, Error)]
@@ -95,16 +96,40 @@ pub struct AcceptConfig {
     pub exports: Arc<[ExportInfo]>,
     pub limits: HandshakeLimits,
     pub handshake_timeout: Duration,
-    /// Concurrent handshakes; more are closed at once (DoS bound).
+    /// Concurrent handshakes; beyond it the oldest idle one is shed (see
+    /// `net::admission`).
     pub handshakes_max: usize,
     pub verbose: bool,
     /// Set when the server stops: handshakes in progress get ERR_SHUTDOWN.
     pub shutdown: Arc<AtomicBool>,
 }
 
+/// How long the accept loop pauses after hitting the descriptor limit, so
+/// shed handshakes can close theirs.
+const FD_LIMIT_BACKOFF: Duration = Duration::from_millis(5);
+/// At most one log line about the descriptor limit per this long.
+const FD_LIMIT_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+/// Accept-side state: the handshakes in progress and what to do at the
+/// descriptor limit.
+struct Acceptor {
+    handshakes: Arc<Handshakes>,
+    /// Held open so that, at the descriptor limit, one can be given up to
+    /// accept a waiting client and close it at once: it learns it was
+    /// refused instead of hanging in the backlog.
+    reserve_fd: Option<std::fs::File>,
+    refused_since_log: u64,
+    last_log: Option<Instant>,
+}
+
 /// Runs until `stop_fd` (an eventfd) becomes readable.
 pub fn accept_loop(listeners: &[Listener], stop_fd: RawFd, config: Arc<AcceptConfig>, dispatch: Arc<dyn Dispatch>) {
-    let handshakes = Arc::new(AtomicUsize::new(0));
+    let mut acceptor = Acceptor {
+        handshakes: Handshakes::new(config.handshakes_max),
+        reserve_fd: std::fs::File::open("/dev/null").ok(),
+        refused_since_log: 0,
+        last_log: None,
+    };
     let mut fds: Vec<libc::pollfd> = listeners
         .iter()
         .map(|l| l.fd())
@@ -126,54 +151,119 @@ pub fn accept_loop(listeners: &[Listener], stop_fd: RawFd, config: Arc<AcceptCon
         }
         for (listener, pollfd) in listeners.iter().zip(&fds) {
             if pollfd.revents != 0 {
-                accept_one(listener, &config, &dispatch, &handshakes);
+                acceptor.accept_one(listener, &config, &dispatch);
             }
         }
     }
 }
 
-fn accept_one(listener: &Listener, config: &Arc<AcceptConfig>, dispatch: &Arc<dyn Dispatch>, count: &Arc<AtomicUsize>) {
-    let accepted = match listener {
-        Listener::Tcp(l) => l.accept().map(|(s, peer)| Socket::Tcp(s, peer.to_string())),
-        Listener::Unix(l, path) => l.accept().map(|(s, _)| Socket::Unix(s, path.display().to_string())),
-    };
-    let socket = match accepted {
-        Ok(socket) => socket,
-        Err(e) => {
-            // EMFILE and friends: back off briefly rather than spin.
-            eprintln!("ringnbd: accept: {e}");
-            std::thread::sleep(Duration::from_millis(10));
+impl Acceptor {
+    fn accept_one(&mut self, listener: &Listener, config: &Arc<AcceptConfig>, dispatch: &Arc<dyn Dispatch>) {
+        let accepted = match listener {
+            Listener::Tcp(l) => l.accept().map(|(s, peer)| Socket::Tcp(s, peer)),
+            Listener::Unix(l, path) => l.accept().map(|(s, _)| Socket::Unix(s, path.display().to_string())),
+        };
+        let socket = match accepted {
+            Ok(socket) => socket,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+                return self.at_fd_limit(listener);
+            }
+            Err(e) => {
+                eprintln!("ringnbd: accept: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                return;
+            }
+        };
+        let Some(ticket) = self.handshakes.admit(socket.fd(), &socket.peer_address()) else {
+            if config.verbose {
+                eprintln!("ringnbd: refusing {}: every handshake slot is busy", socket.peer());
+            }
+            return; // dropping closes it
+        };
+        let (config, dispatch) = (Arc::clone(config), Arc::clone(dispatch));
+        let spawned = std::thread::Builder::new()
+            .name("ringnbd-handshake".into())
+            .stack_size(256 * 1024)
+            .spawn(move || handshake(socket, ticket, &config, &*dispatch));
+        if let Err(e) = spawned {
+            eprintln!("ringnbd: cannot start handshake thread: {e}");
+        }
+    }
+
+    /// Out of descriptors: make room by shedding an idle handshake if there
+    /// is one (the waiting client is accepted on the next turn), else refuse
+    /// the waiting client cleanly through the reserve descriptor. Either way
+    /// the loop does not spin, and the log gets one line per period.
+    fn at_fd_limit(&mut self, listener: &Listener) {
+        self.refused_since_log += 1;
+        let now = Instant::now();
+        if self.last_log.is_none_or(|at| now.duration_since(at) >= FD_LIMIT_LOG_PERIOD) {
+            eprintln!(
+                "ringnbd: accept: out of file descriptors ({} connection attempt(s) held back since the last \
+                 report); raise the limit (ulimit -n, LimitNOFILE=) or reduce the clients",
+                self.refused_since_log
+            );
+            self.last_log = Some(now);
+            self.refused_since_log = 0;
+        }
+        if self.handshakes.shed_idle() {
+            std::thread::sleep(FD_LIMIT_BACKOFF);
             return;
         }
-    };
-    if count.fetch_add(1, Ordering::AcqRel) >= config.handshakes_max {
-        count.fetch_sub(1, Ordering::AcqRel);
-        return; // dropping closes it
-    }
-    let (config, dispatch, count) = (Arc::clone(config), Arc::clone(dispatch), Arc::clone(count));
-    let spawned =
-        std::thread::Builder::new().name("ringnbd-handshake".into()).stack_size(256 * 1024).spawn(move || {
-            handshake(socket, &config, &*dispatch);
-            count.fetch_sub(1, Ordering::AcqRel);
-        });
-    if let Err(e) = spawned {
-        eprintln!("ringnbd: cannot start handshake thread: {e}");
+        if self.reserve_fd.take().is_some() {
+            let _ = match listener {
+                Listener::Tcp(l) => l.accept().map(drop),
+                Listener::Unix(l, _) => l.accept().map(drop),
+            };
+            self.reserve_fd = std::fs::File::open("/dev/null").ok();
+        }
+        std::thread::sleep(FD_LIMIT_BACKOFF);
     }
 }
 
 enum Socket {
-    Tcp(TcpStream, String),
+    Tcp(TcpStream, SocketAddr),
     Unix(UnixStream, String),
 }
 
-fn handshake(socket: Socket, config: &AcceptConfig, dispatch: &dyn Dispatch) {
-    let (result, fd, peer): (Result<_, NegotiateError>, OwnedFd, String) = match socket {
-        Socket::Tcp(mut s, peer) => {
-            let _ = s.set_nodelay(true);
-            (run(&mut s, config), s.into(), peer)
+impl Socket {
+    fn fd(&self) -> RawFd {
+        match self {
+            Socket::Tcp(s, _) => s.as_raw_fd(),
+            Socket::Unix(s, _) => s.as_raw_fd(),
         }
-        Socket::Unix(mut s, peer) => (run(&mut s, config), s.into(), peer),
+    }
+
+    /// The client, for log lines.
+    fn peer(&self) -> String {
+        match self {
+            Socket::Tcp(_, peer) => peer.to_string(),
+            Socket::Unix(_, path) => path.clone(),
+        }
+    }
+
+    /// What per-peer limits count by: the IP address (any port), or the
+    /// socket for local clients.
+    fn peer_address(&self) -> String {
+        match self {
+            Socket::Tcp(_, peer) => peer.ip().to_string(),
+            Socket::Unix(_, path) => path.clone(),
+        }
+    }
+}
+
+fn handshake(socket: Socket, ticket: Ticket, config: &AcceptConfig, dispatch: &dyn Dispatch) {
+    let peer = socket.peer();
+    let (result, fd): (Result<_, NegotiateError>, OwnedFd) = match socket {
+        Socket::Tcp(mut s, _) => {
+            let _ = s.set_nodelay(true);
+            (run(&mut s, config, &ticket), s.into())
+        }
+        Socket::Unix(mut s, _) => (run(&mut s, config, &ticket), s.into()),
     };
+    // Deregister before the descriptor is closed or handed on (see
+    // `admission`): from here nobody else may shut it down.
+    drop(ticket);
     match result {
         Ok(Some(negotiated)) => {
             let incoming_cpu = incoming_cpu(&fd);
@@ -206,6 +296,8 @@ fn incoming_cpu(fd: &OwnedFd) -> Option<usize> {
 fn run<S: TimedStream>(
     stream: &mut S,
     config: &AcceptConfig,
+    ticket: &Ticket,
 ) -> Result<Option<crate::proto::handshake::Negotiated>, NegotiateError> {
-    negotiate(stream, &config.exports, config.limits, config.handshake_timeout, &config.shutdown)
+    let progressed = || ticket.progressed();
+    negotiate(stream, &config.exports, config.limits, config.handshake_timeout, &config.shutdown, &progressed)
 }

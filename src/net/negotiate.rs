@@ -48,12 +48,14 @@ const DISCARD_CHUNK_BYTES: usize = 16 * 1024;
 
 /// Negotiates; returns None if the client aborted.
 /// Once `shutdown` is set, remaining options are refused with ERR_SHUTDOWN.
+/// `progressed` is called whenever the client has sent something.
 pub fn negotiate<S: TimedStream>(
     stream: &mut S,
     exports: &[ExportInfo],
     limits: HandshakeLimits,
     timeout: Duration,
     shutdown: &AtomicBool,
+    progressed: &dyn Fn(),
 ) -> Result<Option<Negotiated>, NegotiateError> {
     let deadline = Instant::now() + timeout;
     let mut machine = Handshake::new(exports, limits);
@@ -65,7 +67,7 @@ pub fn negotiate<S: TimedStream>(
         match machine.want() {
             Want::Bytes(n) => {
                 input.resize(n, 0);
-                receive(stream, &mut input, deadline)?;
+                receive(stream, &mut input, deadline, progressed)?;
                 if shutdown.load(Ordering::Acquire) {
                     machine.set_shutting_down();
                 }
@@ -87,7 +89,7 @@ pub fn negotiate<S: TimedStream>(
                 let mut scratch = [0u8; DISCARD_CHUNK_BYTES];
                 while n > 0 {
                     let chunk = n.min(DISCARD_CHUNK_BYTES);
-                    receive(stream, &mut scratch[..chunk], deadline)?;
+                    receive(stream, &mut scratch[..chunk], deadline, progressed)?;
                     n -= chunk;
                 }
                 machine.discarded(&mut out);
@@ -109,13 +111,21 @@ fn map_timeout(e: io::Error) -> NegotiateError {
     }
 }
 
-fn receive<S: TimedStream>(stream: &mut S, buf: &mut [u8], deadline: Instant) -> Result<(), NegotiateError> {
+fn receive<S: TimedStream>(
+    stream: &mut S,
+    buf: &mut [u8],
+    deadline: Instant,
+    progressed: &dyn Fn(),
+) -> Result<(), NegotiateError> {
     let mut filled = 0;
     while filled < buf.len() {
         stream.set_timeouts(Some(remaining(deadline)?))?;
         match stream.read(&mut buf[filled..]) {
             Ok(0) => return Err(NegotiateError::Io(io::ErrorKind::UnexpectedEof.into())),
-            Ok(n) => filled += n,
+            Ok(n) => {
+                filled += n;
+                progressed();
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(map_timeout(e)),
         }

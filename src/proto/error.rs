@@ -46,7 +46,6 @@ impl NbdError {
             libc::EINVAL => Self::Inval,
             libc::ENOSPC | libc::EDQUOT | libc::EFBIG => Self::NoSpc,
             libc::EOVERFLOW => Self::Overflow,
-            libc::EOPNOTSUPP => Self::NotSup,
             libc::ESHUTDOWN => Self::Shutdown,
             _ => Self::Io,
         }
@@ -56,17 +55,42 @@ impl NbdError {
         self as u32
     }
 
-    pub fn message(self) -> &'static str {
-        match self {
-            Self::Perm => "export is read-only",
-            Self::Io => "I/O error",
-            Self::NoMem => "out of memory",
-            Self::Inval => "invalid request",
-            Self::NoSpc => "request beyond the end of the export",
-            Self::Overflow => "request too large",
-            Self::NotSup => "operation not supported fast",
-            Self::Shutdown => "server is shutting down",
-        }
+    /// This error with the reason the client will be shown.
+    pub const fn because(self, message: &'static str) -> Failure {
+        Failure { code: self, message }
+    }
+}
+
+/// A request's failure: the NBD error code and a human-readable reason,
+/// which structured replies carry in the error chunk. The reason says what
+/// happened ("no space left on the storage", "read past the end of the
+/// export"), not just what the code means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failure {
+    pub code: NbdError,
+    pub message: &'static str,
+}
+
+impl Failure {
+    /// A host I/O error, with its errno's meaning as the reason. This and
+    /// [`NbdError::from_errno`] are the only places errno values are read.
+    pub fn from_errno(errno: i32) -> Self {
+        let message = match errno {
+            libc::ENOSPC => "no space left on the storage behind the export",
+            libc::EDQUOT => "disk quota exceeded on the storage behind the export",
+            libc::EFBIG => "file size limit reached on the storage behind the export",
+            libc::EIO => "I/O error on the storage behind the export",
+            libc::EROFS => "the storage behind the export is read-only",
+            libc::EPERM | libc::EACCES => "permission denied by the storage behind the export",
+            libc::ENOMEM => "the server is out of memory",
+            libc::EINVAL => "the storage refused the request as invalid",
+            libc::EOVERFLOW => "request too large for the storage",
+            libc::EOPNOTSUPP => "operation not supported by the storage",
+            libc::ESHUTDOWN => "server is shutting down",
+            libc::ENXIO | libc::ENODEV => "the device behind the export is gone",
+            _ => "unexpected error from the storage behind the export",
+        };
+        NbdError::from_errno(errno).because(message)
     }
 }
 
@@ -79,9 +103,21 @@ mod tests {
         assert_eq!(NbdError::from_errno(libc::EROFS), NbdError::Perm);
         assert_eq!(NbdError::from_errno(libc::EDQUOT), NbdError::NoSpc);
         assert_eq!(NbdError::from_errno(libc::EFBIG), NbdError::NoSpc);
-        assert_eq!(NbdError::from_errno(libc::EOPNOTSUPP), NbdError::NotSup);
+        // ENOTSUP is reserved for FAST_ZERO refusals, which say so themselves.
+        assert_eq!(NbdError::from_errno(libc::EOPNOTSUPP), NbdError::Io);
         assert_eq!(NbdError::from_errno(libc::EBADF), NbdError::Io);
         assert_eq!(NbdError::Inval.code(), 22);
         assert_eq!(NbdError::Shutdown.code(), 108);
+    }
+
+    #[test]
+    fn failures_from_errno_say_what_happened() {
+        let f = Failure::from_errno(libc::ENOSPC);
+        assert_eq!(f.code, NbdError::NoSpc);
+        assert!(f.message.contains("space"), "{}", f.message);
+        assert_eq!(Failure::from_errno(libc::EIO).code, NbdError::Io);
+        assert!(Failure::from_errno(libc::EIO).message.contains("I/O error"));
+        assert!(Failure::from_errno(libc::EDQUOT).message.contains("quota"));
+        assert_eq!(Failure::from_errno(libc::EBADF).code, NbdError::Io);
     }
 }

@@ -9,4 +9,4 @@ pub mod reply;
 pub mod transmission;
 pub mod wire;
 
-pub use error::{DecodeError, NbdError};
+pub use error::{DecodeError, Failure, NbdError};

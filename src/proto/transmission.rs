@@ -8,7 +8,7 @@
 
 use thiserror::Error;
 
-use super::error::NbdError;
+use super::error::{Failure, NbdError};
 use super::meta::ContextKind;
 use super::wire::*;
 
@@ -138,7 +138,7 @@ pub enum Verdict {
     },
     /// Answer `error` after draining `payload` bytes from the socket.
     Reject {
-        error: NbdError,
+        error: Failure,
         payload: u64,
     },
 }
@@ -177,7 +177,7 @@ pub fn validate(h: &RequestHeader, limits: &RequestLimits) -> Result<Verdict, Fr
     }
     let reject = |error| Ok(Verdict::Reject { error, payload });
     if h.flags & !allowed_flags(h.kind, limits) != 0 {
-        return reject(NbdError::Inval);
+        return reject(NbdError::Inval.because("flag not valid for this command or not negotiated"));
     }
     let (offset, length) = (h.offset, h.length);
     let fua = h.flags & CMD_FLAG_FUA != 0;
@@ -192,10 +192,10 @@ pub fn validate(h: &RequestHeader, limits: &RequestLimits) -> Result<Verdict, Fr
         _ => false,
     };
     if !supported {
-        return reject(NbdError::Inval);
+        return reject(NbdError::Inval.because("command unknown or not negotiated"));
     }
     if writes && needs(TF_READ_ONLY) {
-        return reject(NbdError::Perm);
+        return reject(NbdError::Perm.because("export is read-only"));
     }
     match h.kind {
         CMD_DISC => return Ok(Verdict::Run(Command::Disconnect)),
@@ -205,18 +205,24 @@ pub fn validate(h: &RequestHeader, limits: &RequestLimits) -> Result<Verdict, Fr
     }
     let in_bounds = offset.checked_add(length).is_some_and(|end| end <= limits.export_bytes);
     if !in_bounds {
-        let beyond_end = if matches!(h.kind, CMD_WRITE | CMD_WRITE_ZEROES) { NbdError::NoSpc } else { NbdError::Inval };
+        let beyond_end = match h.kind {
+            CMD_WRITE | CMD_WRITE_ZEROES => NbdError::NoSpc.because("write past the end of the export"),
+            _ => NbdError::Inval.because("request past the end of the export"),
+        };
         return reject(beyond_end);
     }
     if !is_aligned(offset, length, limits) {
-        return reject(NbdError::Inval);
+        return reject(NbdError::Inval.because("request not aligned to the minimum block size"));
     }
     if matches!(h.kind, CMD_READ | CMD_WRITE) && length > u64::from(limits.payload_bytes_max) {
-        return reject(NbdError::Inval);
+        return reject(NbdError::Inval.because("request larger than the maximum payload"));
     }
     if length == 0 {
         // Block status must describe at least one byte; the rest are no-ops.
-        return if h.kind == CMD_BLOCK_STATUS { reject(NbdError::Inval) } else { Ok(Verdict::Empty { payload }) };
+        return match h.kind {
+            CMD_BLOCK_STATUS => reject(NbdError::Inval.because("block status of zero bytes")),
+            _ => Ok(Verdict::Empty { payload }),
+        };
     }
     let command = match h.kind {
         CMD_READ => Command::Read { offset, length: length as u32, df: h.flags & CMD_FLAG_DF != 0 },
@@ -247,7 +253,7 @@ fn status_with_payload(h: &RequestHeader, payload: u64) -> Result<Verdict, Frami
     let well_formed =
         payload >= 8 + 4 && (payload - 8).is_multiple_of(4) && (payload - 8) / 4 <= STATUS_PAYLOAD_CONTEXTS_MAX as u64;
     if !well_formed {
-        return Ok(Verdict::Reject { error: NbdError::Inval, payload });
+        return Ok(Verdict::Reject { error: NbdError::Inval.because("malformed block status payload"), payload });
     }
     let req_one = h.flags & CMD_FLAG_REQ_ONE != 0;
     Ok(Verdict::Run(Command::BlockStatus { offset: h.offset, length: 0, req_one, payload: payload as u32 }))
@@ -262,21 +268,26 @@ pub fn parse_status_payload(
     offset: u64,
     export_bytes: u64,
     selected: &[(u32, ContextKind)],
-) -> Result<(u64, u32), NbdError> {
+) -> Result<(u64, u32), Failure> {
+    let malformed = NbdError::Inval.because("malformed block status payload");
     let mut r = Reader::new(bytes);
-    let length = r.u64("effect length").map_err(|_| NbdError::Inval)?;
+    let length = r.u64("effect length").map_err(|_| malformed)?;
     let mut mask = 0u32;
     while r.remaining() > 0 {
-        let id = r.u32("context id").map_err(|_| NbdError::Inval)?;
-        let position = selected.iter().position(|&(s, _)| s == id).ok_or(NbdError::Inval)?;
+        let id = r.u32("context id").map_err(|_| malformed)?;
+        let unknown = NbdError::Inval.because("block status payload names an unselected context");
+        let position = selected.iter().position(|&(s, _)| s == id).ok_or(unknown)?;
         if position >= STATUS_PAYLOAD_CONTEXTS_MAX || mask & (1 << position) != 0 {
-            return Err(NbdError::Inval);
+            return Err(NbdError::Inval.because("block status payload repeats a context"));
         }
         mask |= 1 << position;
     }
     let in_bounds = offset.checked_add(length).is_some_and(|end| end <= export_bytes);
-    if mask == 0 || length == 0 || !in_bounds {
-        return Err(NbdError::Inval);
+    if mask == 0 || length == 0 {
+        return Err(malformed);
+    }
+    if !in_bounds {
+        return Err(NbdError::Inval.because("request past the end of the export"));
     }
     Ok((length, mask))
 }

@@ -66,12 +66,20 @@ fn header(kind: u16, flags: u16, offset: u64, length: u64) -> RequestHeader {
     RequestHeader { flags, kind, cookie: 0xc0ff_ee00_dead_beef, offset, length }
 }
 
+/// Validates; rejections keep only their code so tables compare codes (each
+/// reason is checked to be non-empty here).
 fn check(kind: u16, flags: u16, offset: u64, length: u64, limits: &RequestLimits) -> Verdict {
-    validate(&header(kind, flags, offset, length), limits).expect("framing kept")
+    match validate(&header(kind, flags, offset, length), limits).expect("framing kept") {
+        Verdict::Reject { error, payload } => {
+            assert!(!error.message.is_empty(), "every rejection says why");
+            reject(error.code, payload)
+        }
+        verdict => verdict,
+    }
 }
 
-fn reject(error: NbdError, payload: u64) -> Verdict {
-    Verdict::Reject { error, payload }
+fn reject(code: NbdError, payload: u64) -> Verdict {
+    Verdict::Reject { error: code.because(""), payload }
 }
 
 fn einval() -> Verdict {
@@ -552,12 +560,15 @@ fn status_payload_names_selected_contexts_once_each() {
         v
     };
     let selected = [(7u32, ContextKind::BaseAllocation), (9, ContextKind::BaseAllocation)];
-    assert_eq!(parse_status_payload(&payload(4096, &[9]), 0, MIB, &selected), Ok((4096, 0b10)));
-    assert_eq!(parse_status_payload(&payload(4096, &[9, 7]), 0, MIB, &selected), Ok((4096, 0b11)));
-    assert_eq!(parse_status_payload(&payload(4096, &[9, 9]), 0, MIB, &selected), Err(NbdError::Inval));
-    assert_eq!(parse_status_payload(&payload(4096, &[8]), 0, MIB, &selected), Err(NbdError::Inval));
-    assert_eq!(parse_status_payload(&payload(0, &[7]), 0, MIB, &selected), Err(NbdError::Inval));
-    assert_eq!(parse_status_payload(&payload(MIB, &[7]), 1, MIB, &selected), Err(NbdError::Inval));
-    assert_eq!(parse_status_payload(&payload(u64::MAX, &[7]), 1, MIB, &selected), Err(NbdError::Inval));
-    assert_eq!(parse_status_payload(&[0; 7], 0, MIB, &selected), Err(NbdError::Inval));
+    let status = |bytes: &[u8], offset, size, selected: &[(u32, ContextKind)]| {
+        parse_status_payload(bytes, offset, size, selected).map_err(|f| f.code)
+    };
+    assert_eq!(status(&payload(4096, &[9]), 0, MIB, &selected), Ok((4096, 0b10)));
+    assert_eq!(status(&payload(4096, &[9, 7]), 0, MIB, &selected), Ok((4096, 0b11)));
+    assert_eq!(status(&payload(4096, &[9, 9]), 0, MIB, &selected), Err(NbdError::Inval));
+    assert_eq!(status(&payload(4096, &[8]), 0, MIB, &selected), Err(NbdError::Inval));
+    assert_eq!(status(&payload(0, &[7]), 0, MIB, &selected), Err(NbdError::Inval));
+    assert_eq!(status(&payload(MIB, &[7]), 1, MIB, &selected), Err(NbdError::Inval));
+    assert_eq!(status(&payload(u64::MAX, &[7]), 1, MIB, &selected), Err(NbdError::Inval));
+    assert_eq!(status(&[0; 7], 0, MIB, &selected), Err(NbdError::Inval));
 }

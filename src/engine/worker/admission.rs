@@ -1,0 +1,321 @@
+//! Receiving and parsing requests, and admission: whether a connection may
+//! take a request slot and a buffer now.
+//!
+//! A connection that may not stops parsing (it stalls) and waits in the
+//! worker's FIFO of stalled connections, which is retried whenever a slot or
+//! buffer is freed; no request is ever failed for lack of resources. The
+//! rules that keep one client from freezing the others:
+//! - a connection holds at most `--inflight` requests and its share of the
+//!   buffer budget (`buffers::Refusal::OwnShare`): beyond that it waits for
+//!   its own requests, i.e. for its own client;
+//! - the last eighth of the request slots and of the buffer budget is kept
+//!   for connections that hold nothing, so a new client's first request
+//!   gets in however many others are waiting (`Refusal::Pressure`);
+//! - a connection that waits on its client for longer than the stall
+//!   timeout is dropped (see `lifecycle::housekeeping`).
+
+use io_uring::{opcode, types};
+
+use crate::proto::reply::ReplyTo;
+use crate::proto::transmission::{self, Command, RequestHeader, Verdict};
+use crate::proto::wire::CMD_READ;
+
+use super::super::block_status;
+use super::super::buffers::Refusal;
+use super::super::conn::{Closing, INLINE_PAYLOAD_BYTES_MAX};
+use super::super::request::{AlignedSpan, Request};
+use super::super::user_data::Token;
+use super::Worker;
+
+impl Worker {
+    pub(super) fn on_recv(&mut self, id: u32, result: i32) {
+        let conn = &mut self.conns[id as usize];
+        conn.recv_in_flight = false;
+        if result <= 0 || conn.closing == Closing::Hard {
+            // EOF, reset, cancelled or dropped: a partly received WRITE is
+            // abandoned (its buffer is free now that no receive targets it).
+            if let Some(request) = conn.payload_request.take() {
+                self.free_request(request);
+            }
+            let conn = &mut self.conns[id as usize];
+            if conn.closing == Closing::Open {
+                conn.closing = Closing::Graceful;
+            }
+            return self.release_if_idle(id);
+        }
+        conn.last_progress = self.now;
+        match conn.payload_request {
+            Some(request) => {
+                let req = &mut self.requests[request as usize];
+                req.payload_received += result as usize;
+                if req.payload_received == req.client_len() {
+                    self.conns[id as usize].payload_request = None;
+                    self.start_request(request);
+                }
+            }
+            None => conn.received(result as usize),
+        }
+        if self.conns.contains(id as usize) {
+            self.pump(id);
+        }
+        // Bytes that raced a shutdown cancel are dropped; the connection may
+        // now be idle.
+        if self.conns.contains(id as usize) {
+            self.release_if_idle(id);
+        }
+    }
+
+    /// Parses every complete request in the receive buffer, then posts the
+    /// next receive. Stops (stalls) when the connection may not take more
+    /// now; `retry_stalled` resumes it.
+    pub(super) fn pump(&mut self, id: u32) {
+        loop {
+            // Any step below may release the connection (DISC, hard close).
+            let Some(conn) = self.conns.get_mut(id as usize) else { return };
+            if conn.recv_in_flight || conn.closing == Closing::Hard {
+                return;
+            }
+            // A WRITE payload still arriving is received even while the
+            // connection closes gracefully: its request is already admitted.
+            if conn.payload_request.is_some() {
+                return self.post_recv(id);
+            }
+            if conn.closing != Closing::Open || conn.stalled.is_some() {
+                return;
+            }
+            if conn.drain > 0 {
+                let skip = (conn.unparsed().len() as u64).min(conn.drain);
+                conn.consume(skip as usize);
+                conn.drain -= skip;
+                if conn.drain > 0 {
+                    return self.post_recv(id);
+                }
+            }
+            let header_bytes = conn.mode().request_header_bytes();
+            if conn.unparsed().len() < header_bytes {
+                return self.post_recv(id);
+            }
+            let header = match transmission::decode_request(&conn.unparsed()[..header_bytes], conn.mode()) {
+                Ok(header) => header,
+                Err(e) => return self.protocol_violation(id, &e),
+            };
+            let verdict = match transmission::validate(&header, &conn.limits) {
+                Ok(verdict) => verdict,
+                Err(e) => return self.protocol_violation(id, &e),
+            };
+            // Small payloads are parsed from the receive buffer once they are
+            // all there: one receive then serves many pipelined small writes.
+            let inline_payload = match verdict {
+                Verdict::Run(Command::BlockStatus { payload, .. }) => payload as usize,
+                Verdict::Run(Command::Write { length, .. }) if length as usize <= INLINE_PAYLOAD_BYTES_MAX => {
+                    length as usize
+                }
+                _ => 0,
+            };
+            if self.conns[id as usize].unparsed().len() < header_bytes + inline_payload {
+                return self.post_recv(id);
+            }
+            if let Err(refusal) = self.admit(id, &header, verdict) {
+                return self.stall(id, refusal);
+            }
+        }
+    }
+
+    fn protocol_violation(&mut self, id: u32, error: &dyn std::fmt::Display) {
+        if self.config.verbose {
+            let peer = &self.conns[id as usize].peer;
+            eprintln!("ringnbd: worker {}: dropping {peer}: {error}", self.index);
+        }
+        self.hard_close(id);
+    }
+
+    fn stall(&mut self, id: u32, refusal: Refusal) {
+        let conn = &mut self.conns[id as usize];
+        debug_assert!(conn.stalled.is_none(), "pump never runs on a stalled connection");
+        conn.stalled = Some(refusal);
+        self.stalled.push_back(id);
+        if refusal == Refusal::Pressure {
+            // Buffers freed on another worker wake nobody here: poll.
+            self.arm_tick();
+        }
+    }
+
+    /// Resumes stalled connections in arrival order once something was
+    /// freed (or, for budget pressure, the retry tick fired). Each gets one
+    /// try per pass; those still blocked go to the back of the queue.
+    pub(super) fn retry_stalled(&mut self) {
+        if self.stalled.is_empty() || !(self.freed || self.tick_fired) {
+            return;
+        }
+        self.freed = false;
+        self.tick_fired = false;
+        for _ in 0..self.stalled.len() {
+            let Some(id) = self.stalled.pop_front() else { break };
+            let Some(conn) = self.conns.get_mut(id as usize) else { continue };
+            conn.stalled = None;
+            self.pump(id);
+        }
+    }
+
+    fn post_recv(&mut self, id: u32) {
+        let conn = &mut self.conns[id as usize];
+        let (target, len) = match conn.payload_request {
+            Some(request) => {
+                let req = &mut self.requests[request as usize];
+                let at = req.span.head + req.payload_received;
+                let len = req.client_len() - req.payload_received;
+                let buffer = req.buffer.as_mut().expect("writes own a buffer");
+                // SAFETY: at + len <= span.len <= buffer length.
+                (unsafe { buffer.as_ptr().add(at) }, len)
+            }
+            None => {
+                let (target, free) = conn.receive_target();
+                let len = if conn.drain > 0 { (conn.drain as usize).min(free) } else { free };
+                (target, len)
+            }
+        };
+        conn.recv_in_flight = true;
+        let entry = opcode::Recv::new(types::Fd(conn.fd()), target, len.min(u32::MAX as usize) as u32)
+            .build()
+            .user_data(Token::Recv { conn: id }.encode());
+        self.push(entry);
+    }
+
+    /// Whether the connection may take one more request slot.
+    fn slot_available(&self, id: u32) -> Result<(), Refusal> {
+        let conn = &self.conns[id as usize];
+        if conn.inflight >= self.config.inflight_per_conn_max {
+            return Err(Refusal::OwnShare);
+        }
+        let free = self.config.requests_max - self.requests.len();
+        let reserve = self.config.requests_max / 8;
+        if free == 0 || (conn.inflight > 0 && free <= reserve) {
+            return Err(Refusal::Pressure);
+        }
+        Ok(())
+    }
+
+    /// Turns a validated header into a request, or says why the connection
+    /// must wait (then nothing was consumed).
+    fn admit(&mut self, id: u32, header: &RequestHeader, verdict: Verdict) -> Result<(), Refusal> {
+        if !matches!(verdict, Verdict::Run(Command::Disconnect)) {
+            self.slot_available(id)?;
+        }
+        let conn = &mut self.conns[id as usize];
+        let header_bytes = conn.mode().request_header_bytes();
+        let to = ReplyTo { mode: conn.mode(), cookie: header.cookie, offset: header.offset };
+        let command = match verdict {
+            Verdict::Run(Command::Disconnect) => {
+                conn.consume(header_bytes);
+                conn.closing = Closing::Graceful;
+                self.release_if_idle(id);
+                return Ok(());
+            }
+            Verdict::Run(Command::BlockStatus { offset, req_one, payload, .. }) if payload > 0 => {
+                return self.admit_status_payload(id, to, offset, req_one, payload as usize);
+            }
+            Verdict::Run(command) => command,
+            Verdict::Empty { payload } | Verdict::Reject { payload, .. } => {
+                conn.consume(header_bytes);
+                conn.drain = payload;
+                let mut req = Request::new(id, to, Command::Flush);
+                if let Verdict::Reject { error, .. } = verdict {
+                    req.error = Some(error);
+                }
+                let request = self.insert_request(req);
+                self.finish(request, header.kind == CMD_READ);
+                return Ok(());
+            }
+        };
+        let mask = block_status::all_contexts(conn.contexts.len());
+        let mut req = self.prepare(id, to, command, mask)?;
+        let conn = &mut self.conns[id as usize];
+        conn.consume(header_bytes);
+        if let Command::Write { length, .. } = command {
+            let take = conn.unparsed().len().min(length as usize);
+            let head = req.span.head;
+            let buffer = req.buffer.as_mut().expect("writes own a buffer");
+            buffer.as_mut_slice()[head..head + take].copy_from_slice(&conn.unparsed()[..take]);
+            conn.consume(take);
+            req.payload_received = take;
+            if take < length as usize {
+                conn.last_progress = self.now;
+                let request = self.insert_request(req);
+                self.conns[id as usize].payload_request = Some(request);
+                return Ok(());
+            }
+        }
+        let request = self.insert_request(req);
+        self.start_request(request);
+        Ok(())
+    }
+
+    /// BLOCK_STATUS with a payload naming its contexts (extended headers).
+    fn admit_status_payload(
+        &mut self,
+        id: u32,
+        to: ReplyTo,
+        offset: u64,
+        req_one: bool,
+        payload: usize,
+    ) -> Result<(), Refusal> {
+        let conn = &mut self.conns[id as usize];
+        let header_bytes = conn.mode().request_header_bytes();
+        let bytes = &conn.unparsed()[header_bytes..header_bytes + payload];
+        match transmission::parse_status_payload(bytes, offset, conn.limits.export_bytes, &conn.contexts) {
+            Ok((length, mask)) => {
+                let command = Command::BlockStatus { offset, length, req_one, payload: 0 };
+                let mut req = self.prepare(id, to, command, mask)?;
+                self.conns[id as usize].consume(header_bytes + payload);
+                req.status_mask = mask;
+                let request = self.insert_request(req);
+                self.start_request(request);
+            }
+            Err(error) => {
+                conn.consume(header_bytes + payload);
+                let mut req = Request::new(id, to, Command::Flush);
+                req.error = Some(error);
+                let request = self.insert_request(req);
+                self.finish(request, false);
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocates what a command needs, within the connection's share.
+    fn prepare(&mut self, id: u32, to: ReplyTo, command: Command, status_mask: u32) -> Result<Request, Refusal> {
+        let conn = &self.conns[id as usize];
+        let backend = &conn.export.image.backend;
+        let alignment = backend.alignment();
+        let mut req = Request::new(id, to, command);
+        let bytes = match command {
+            Command::Read { offset, length, .. } | Command::Write { offset, length, .. } => {
+                req.span = AlignedSpan::new(offset, length as usize, alignment);
+                let unaligned_write = matches!(command, Command::Write { .. }) && !req.span.is_exact(length as usize);
+                // An unaligned write reads its partial blocks into scratch space after the span.
+                req.span.len + if unaligned_write { alignment as usize } else { 0 }
+            }
+            Command::BlockStatus { length, req_one, .. } => {
+                let cap = if req_one { 1 } else { self.config.extents_max };
+                let extents = block_status::extents_bound(backend, length, cap);
+                block_status::reply_bytes_max(to.mode, status_mask.count_ones() as usize, extents)
+            }
+            _ => 0,
+        };
+        if bytes > 0 {
+            let held = conn.buffer_bytes;
+            let buffer = self.pool.alloc(bytes, held, &self.ring)?;
+            self.conns[id as usize].buffer_bytes += buffer.len();
+            req.buffer = Some(buffer);
+        }
+        Ok(req)
+    }
+
+    fn insert_request(&mut self, req: Request) -> u32 {
+        self.conns[req.conn as usize].inflight += 1;
+        // The iovecs of sends in flight point into slab entries; growing the
+        // slab would move them (see `WorkerConfig::requests_max`).
+        assert!(self.requests.len() < self.requests.capacity(), "request slab must never reallocate");
+        self.requests.insert(req) as u32
+    }
+}

@@ -1,0 +1,142 @@
+//! Running admitted requests: memory requests inline, file requests as ring
+//! steps, BLOCK_STATUS from the extent cache or the lookup helper.
+
+use crate::backend::Backend;
+use crate::faults;
+use crate::meta::extent::Extent;
+use crate::meta::lookup::{LookupDone, LookupJob};
+use crate::proto::Failure;
+use crate::proto::transmission::Command;
+
+use super::super::block_status::{self, Gathered, Query};
+use super::super::file_io::{FileIo, Next};
+use super::super::memory_io;
+use super::super::request::{Request, Step};
+use super::Worker;
+
+impl Worker {
+    pub(super) fn start_request(&mut self, request: u32) {
+        match self.requests[request as usize].command {
+            Command::BlockStatus { .. } => return self.start_block_status(request),
+            Command::Read { offset, .. } => faults::before_read(offset),
+            _ => {}
+        }
+        // Borrow disjoint fields: the image is reached through its
+        // connection without cloning the Arc, whose refcount every worker
+        // would otherwise bounce between cores on each request.
+        let Worker { requests, conns, zeroes, .. } = self;
+        let req = &mut requests[request as usize];
+        let image = &*conns[req.conn as usize].export.image;
+        let next = match &image.backend {
+            Backend::Memory(memory) => {
+                memory_io::execute(memory, req);
+                Next::Finished
+            }
+            Backend::File(file) => FileIo { file, image, zeroes, id: request }.start(req),
+        };
+        self.follow(request, next);
+    }
+
+    fn start_block_status(&mut self, request: u32) {
+        let Worker { requests, conns, extents, lookups, config, .. } = self;
+        let req = &mut requests[request as usize];
+        let Command::BlockStatus { offset, length, req_one, .. } = req.command else { unreachable!("checked") };
+        let conn = &conns[req.conn as usize];
+        let image = &conn.export.image;
+        let query = Query { offset, length, extents_max: if req_one { 1 } else { config.extents_max } };
+        match block_status::gather(&image.backend, image.extent_cache.as_ref(), &query, extents) {
+            Gathered::Ready => {
+                let extents = std::mem::take(&mut self.extents);
+                self.answer_block_status(request, &extents);
+                self.extents = extents;
+            }
+            Gathered::Scan { from, epoch } => {
+                req.step = Step::Lookup;
+                let job = LookupJob {
+                    request,
+                    export: conn.export_index,
+                    offset,
+                    from,
+                    epoch,
+                    end: offset + length,
+                    extents_max: query.extents_max,
+                    extents: extents.clone(),
+                };
+                lookups.jobs.send(job).expect("lookup helper outlives its worker");
+            }
+        }
+    }
+
+    pub(super) fn on_lookup(&mut self, done: LookupDone) {
+        match done.result {
+            Ok(extents) => self.answer_block_status(done.request, &extents),
+            Err(errno) => {
+                let req = &mut self.requests[done.request as usize];
+                req.step = Step::Start;
+                req.error = Some(Failure::from_errno(errno));
+                self.finish(done.request, false);
+            }
+        }
+    }
+
+    fn answer_block_status(&mut self, request: u32, extents: &[Extent]) {
+        let req = &mut self.requests[request as usize];
+        let conn = &self.conns[req.conn as usize];
+        let buffer = req.buffer.as_mut().expect("block status owns a buffer");
+        let used = block_status::encode(&conn.contexts, req.status_mask, extents, req.to, buffer.as_mut_slice());
+        req.reply_buffer(0, used);
+        req.step = Step::Start;
+        self.finish(request, false);
+    }
+
+    /// Runs one step of a file request's state machine.
+    fn file_step(&mut self, request: u32, step: impl FnOnce(&mut FileIo<'_>, &mut Request) -> Next) {
+        let Worker { requests, conns, zeroes, .. } = self;
+        let req = &mut requests[request as usize];
+        let image = &*conns[req.conn as usize].export.image;
+        let Backend::File(file) = &image.backend else { unreachable!("only file requests use the ring") };
+        let next = step(&mut FileIo { file, image, zeroes, id: request }, req);
+        self.follow(request, next);
+    }
+
+    pub(super) fn on_io(&mut self, request: u32, result: i32) {
+        self.file_step(request, |io, req| io.on_result(req, result));
+    }
+
+    fn follow(&mut self, request: u32, next: Next) {
+        match next {
+            Next::Submit(entry) => self.push(entry),
+            Next::Finished => {
+                self.release_locks(request);
+                let is_read = matches!(self.requests[request as usize].command, Command::Read { .. });
+                self.finish(request, is_read);
+            }
+            Next::Defer => self.deferred.push_back(request),
+        }
+    }
+
+    /// The backend work is over: let the next mutation of its blocks in.
+    fn release_locks(&mut self, request: u32) {
+        let req = &mut self.requests[request as usize];
+        if !req.locks.is_empty() {
+            self.conns[req.conn as usize].export.image.locks.release(&req.locks);
+            req.locks = Default::default();
+        }
+    }
+
+    /// Deferred requests wait for a block lock that another request (on any
+    /// worker) holds for one I/O round trip; retrying once per loop turn, and
+    /// on the tick when nothing else wakes the ring, is enough.
+    pub(super) fn retry_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        for _ in 0..self.deferred.len() {
+            let Some(request) = self.deferred.pop_front() else { break };
+            self.file_step(request, |io, req| io.resume(req));
+        }
+        if !self.deferred.is_empty() {
+            self.arm_tick();
+        }
+    }
+}

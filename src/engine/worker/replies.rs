@@ -1,0 +1,133 @@
+//! Replies: encoding them into each request's inline bytes and buffer, the
+//! per-connection send queue drained by one gathered `sendmsg` at a time,
+//! and freeing requests once their reply is on the wire.
+
+use io_uring::{opcode, types};
+
+use crate::export::Export;
+use crate::meta::extent::Extent;
+use crate::proto::reply;
+use crate::proto::transmission::{Command, ReplyMode};
+
+use super::super::conn::Closing;
+use super::super::request::{Request, Step};
+use super::super::sparse_read::{self, Run};
+use super::super::user_data::Token;
+use super::super::write_path;
+use super::Worker;
+
+impl Worker {
+    /// Encodes the reply and queues it on its connection.
+    pub(super) fn finish(&mut self, request: u32, is_read: bool) {
+        let Worker { requests, conns, extents, now, .. } = self;
+        let req = &mut requests[request as usize];
+        let conn = &mut conns[req.conn as usize];
+        debug_assert!(req.step != Step::WaitLocks && req.step != Step::Lookup);
+        debug_assert!(req.locks.is_empty(), "block locks are released before the reply");
+        let to = req.to;
+        match (req.error, req.command) {
+            (Some(error), _) => {
+                req.clear_reply();
+                req.reply_inline(|out| reply::error(out, to, error.code.code(), error.message));
+            }
+            (None, Command::Read { offset, length, df }) if is_read => {
+                compose_read(req, &conn.export, offset, length, df, extents);
+            }
+            (None, Command::BlockStatus { .. }) => {} // encoded into the buffer already
+            (None, _) => req.reply_inline(|out| reply::success(out, to, is_read)),
+        }
+        write_path::complete(&conn.export.image, &req.command, req.error.is_none());
+        let id = req.conn;
+        if conn.closing == Closing::Hard {
+            self.free_request(request);
+            return self.release_if_idle(id);
+        }
+        if conn.send_queue.is_empty() && !conn.send_in_flight {
+            // From here on the connection waits on its client to read.
+            conn.last_progress = *now;
+        }
+        conn.send_queue.push_back(request);
+        self.flush_send(id);
+    }
+
+    fn flush_send(&mut self, id: u32) {
+        let conn = &mut self.conns[id as usize];
+        if conn.send_in_flight {
+            return;
+        }
+        let Some(message) = conn.build_send(&self.requests) else { return };
+        conn.send_in_flight = true;
+        let entry = opcode::SendMsg::new(types::Fd(conn.fd()), message)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(Token::Send { conn: id }.encode());
+        self.push(entry);
+    }
+
+    pub(super) fn on_send(&mut self, id: u32, result: i32) {
+        let conn = &mut self.conns[id as usize];
+        conn.send_in_flight = false;
+        // A zero-byte send of a non-empty message means the socket is dead.
+        if result <= 0 || conn.closing == Closing::Hard {
+            if conn.closing != Closing::Hard {
+                return self.hard_close(id);
+            }
+            self.drop_queued_replies(id);
+            return self.release_if_idle(id);
+        }
+        conn.last_progress = self.now;
+        let done = conn.sent(result as usize, &self.requests);
+        for _ in 0..done {
+            let request = self.conns[id as usize].send_queue.pop_front().expect("counted by sent()");
+            self.free_request(request);
+        }
+        self.flush_send(id);
+        self.release_if_idle(id);
+    }
+
+    /// Returns a request's slot and buffer, and notes that stalled
+    /// connections may now get theirs. Never releases the connection:
+    /// callers may still be using it, and call `release_if_idle`.
+    pub(super) fn free_request(&mut self, request: u32) {
+        let req = self.requests.remove(request as usize);
+        debug_assert!(req.locks.is_empty(), "a request is freed only after its backend work");
+        let conn = self.conns.get_mut(req.conn as usize).expect("a connection outlives its requests");
+        conn.inflight -= 1;
+        if let Some(buffer) = req.buffer {
+            conn.buffer_bytes -= buffer.len();
+            self.pool.free(buffer);
+        }
+        self.freed = true;
+    }
+}
+
+/// A successful READ's reply: one data chunk (simple mode, DF, or no zero
+/// runs), else OFFSET_DATA and OFFSET_HOLE chunks (see `sparse_read`).
+fn compose_read(req: &mut Request, export: &Export, offset: u64, length: u32, df: bool, known: &mut Vec<Extent>) {
+    let (to, head, len) = (req.to, req.span.head, length as usize);
+    let mut runs = [Run { hole: false, start: 0, len: 0 }; sparse_read::CHUNKS_MAX];
+    let count = if to.mode == ReplyMode::Simple || df {
+        0
+    } else {
+        known.clear();
+        if let Some(cache) = &export.image.extent_cache {
+            cache.lookup(offset, offset + u64::from(length), sparse_read::CHUNKS_MAX, known);
+        }
+        let data = &req.buffer.as_ref().expect("reads own a buffer")[head..head + len];
+        sparse_read::runs(data, offset, known, &mut runs)
+    };
+    if count <= 1 && !runs[0].hole {
+        req.reply_inline(|out| reply::read_data(out, to, offset, length));
+        return req.reply_buffer(head, len);
+    }
+    for (index, run) in runs[..count].iter().enumerate() {
+        let done = index + 1 == count;
+        let at = offset + run.start as u64;
+        if run.hole {
+            req.reply_inline(|out| reply::hole_chunk(out, to, at, run.len as u32, done));
+        } else {
+            req.reply_inline(|out| reply::data_chunk(out, to, at, run.len as u32, done));
+            req.reply_buffer(head + run.start, run.len);
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! Exports: the negotiation-facing description of each export, and the
+//! [`Image`] (storage, extent cache, block locks) it serves. Several exports
+//! of one file share one image, so what one of them writes is what every
+//! other one reports.
+
+pub mod image;
+pub mod spec;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::backend::{Backend, BackendError, FileBackend, FileIdentity, MemoryBackend};
+use crate::proto::handshake::{BlockSize, ExportInfo};
+use crate::proto::meta::ContextKind;
+use crate::proto::wire::*;
+
+pub use image::Image;
+pub use spec::{ExportSpec, Source, parse_size};
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ExportError {
+    /// `SIZE` in `memory:SIZE` is not a number with an optional K/M/G/T/P suffix.
+    #[error("bad size {0:?} (use e.g. 512M, 1G, 4T)")]
+    BadSize(String),
+    /// A memory export larger than the page table allows.
+    #[error("memory export of {0} bytes exceeds the 1 PiB limit")]
+    TooLarge(u64),
+    /// Two exports with one name.
+    #[error("duplicate export name {0:?}")]
+    DuplicateName(String),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// Options shared by every export.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    pub read_only: bool,
+    pub direct_io: bool,
+    pub description: Option<String>,
+    pub payload_bytes_max: u32,
+    /// Extent-cache capacity per file export; 0 turns the cache off.
+    pub extent_cache_entries: usize,
+}
+
+pub struct Export {
+    pub info: ExportInfo,
+    pub image: Arc<Image>,
+    pub read_only: bool,
+}
+
+impl Export {
+    /// An export of `image`; `index` names unnamed memory exports.
+    fn new(spec: &ExportSpec, index: usize, image: Arc<Image>, options: &ExportOptions) -> Self {
+        let backend = &image.backend;
+        let default_name = match (&spec.source, backend) {
+            (Source::File(path), _) => {
+                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| format!("export{index}"))
+            }
+            (Source::Memory(_), _) => format!("memory{index}"),
+        };
+        let name = spec.name.clone().unwrap_or(default_name);
+        let description = options.description.clone().unwrap_or_else(|| describe(backend, options.read_only));
+        // Clients bound by a minimum block size may not address an unaligned
+        // tail (libnbd refuses, qemu asserts), so an export whose size is not
+        // a multiple of the O_DIRECT alignment advertises 1 and relies on the
+        // bounce/read-modify-write path instead.
+        let minimum = match backend.alignment() {
+            a if backend.size().is_multiple_of(u64::from(a)) => a,
+            _ => 1,
+        };
+        let info = ExportInfo {
+            name,
+            description,
+            size: backend.size(),
+            flags: export_flags(backend, options.read_only),
+            block_size: BlockSize { minimum, preferred: minimum.max(4096), maximum: options.payload_bytes_max },
+            contexts: ContextKind::ALL.to_vec(),
+        };
+        Self { info, image, read_only: options.read_only }
+    }
+}
+
+fn describe(backend: &Backend, read_only: bool) -> String {
+    let access = if read_only { "read-only" } else { "read-write" };
+    match backend {
+        Backend::File(f) => {
+            let io = if f.direct_io { "O_DIRECT" } else { "buffered" };
+            format!("{} ({access}, {io})", f.path.display())
+        }
+        Backend::Memory(_) => format!("sparse memory ({access})"),
+    }
+}
+
+/// Flags that hold whatever the client negotiates. CAN_MULTI_CONN is safe:
+/// there is no per-connection cache, and FLUSH syncs the shared inode.
+fn export_flags(backend: &Backend, read_only: bool) -> u16 {
+    let mut flags = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
+    if read_only {
+        flags |= TF_READ_ONLY;
+    } else {
+        flags |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES;
+        if backend.fast_zero() {
+            flags |= TF_SEND_FAST_ZERO;
+        }
+    }
+    flags
+}
+
+/// Opens every export. Paths that reach the same file (or device) share one
+/// image: a second extent cache would go stale on the first one's writes.
+pub fn open_all(specs: &[ExportSpec], options: &ExportOptions) -> Result<Vec<Export>, ExportError> {
+    let mut exports: Vec<Export> = Vec::with_capacity(specs.len());
+    let mut images: HashMap<FileIdentity, Arc<Image>> = HashMap::new();
+    for (index, spec) in specs.iter().enumerate() {
+        let image = match &spec.source {
+            Source::File(path) => {
+                let file = FileBackend::open(path, options.read_only, options.direct_io)?;
+                let identity = file.identity;
+                let opened = || Arc::new(Image::new(Backend::File(file), options.extent_cache_entries));
+                Arc::clone(images.entry(identity).or_insert_with(opened))
+            }
+            Source::Memory(size) => Arc::new(Image::new(Backend::Memory(MemoryBackend::new(*size)), 0)),
+        };
+        let export = Export::new(spec, index, image, options);
+        if exports.iter().any(|e| e.info.name == export.info.name) {
+            return Err(ExportError::DuplicateName(export.info.name));
+        }
+        exports.push(export);
+    }
+    Ok(exports)
+}
+
+/// The distinct images behind `exports`, each once.
+pub fn images(exports: &[Arc<Export>]) -> Vec<Arc<Image>> {
+    let mut seen: Vec<Arc<Image>> = Vec::new();
+    for export in exports {
+        if !seen.iter().any(|i| Arc::ptr_eq(i, &export.image)) {
+            seen.push(Arc::clone(&export.image));
+        }
+    }
+    seen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_only_exports_do_not_offer_writes() {
+        let options = ExportOptions {
+            read_only: true,
+            direct_io: false,
+            description: None,
+            payload_bytes_max: 1 << 25,
+            extent_cache_entries: 0,
+        };
+        let e = open_all(&["memory:1M".parse().unwrap()], &options).unwrap().remove(0);
+        assert_ne!(e.info.flags & TF_READ_ONLY, 0);
+        assert_eq!(e.info.flags & (TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO), 0);
+        assert_ne!(e.info.flags & TF_CAN_MULTI_CONN, 0);
+        assert_eq!(e.info.name, "memory0");
+    }
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let options = ExportOptions {
+            read_only: false,
+            direct_io: false,
+            description: None,
+            payload_bytes_max: 1 << 25,
+            extent_cache_entries: 0,
+        };
+        let specs = vec!["a=memory:1M".parse().unwrap(), "a=memory:2M".parse().unwrap()];
+        assert!(matches!(open_all(&specs, &options), Err(ExportError::DuplicateName(_))));
+    }
+}
+
+#[cfg(test)]
+mod sharing_tests {
+    use super::*;
+
+    #[test]
+    fn exports_of_one_file_share_one_image() {
+        let dir = std::env::temp_dir().join(format!("ringnbd-export-share-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f.img");
+        std::fs::File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        std::os::unix::fs::symlink(&path, dir.join("link.img")).unwrap();
+        let options = ExportOptions {
+            read_only: false,
+            direct_io: false,
+            description: None,
+            payload_bytes_max: 1 << 25,
+            extent_cache_entries: 1000,
+        };
+        let specs: Vec<ExportSpec> = [format!("a={}", path.display()), format!("b={}/link.img", dir.display())]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .chain(["m=memory:1M".parse().unwrap()])
+            .collect();
+        let exports: Vec<Arc<Export>> = open_all(&specs, &options).unwrap().into_iter().map(Arc::new).collect();
+        assert!(Arc::ptr_eq(&exports[0].image, &exports[1].image), "one file, one image");
+        assert!(exports[0].image.extent_cache.is_some());
+        assert_eq!(images(&exports).len(), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
