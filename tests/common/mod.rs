@@ -4,6 +4,8 @@
 //! `CI=true` a missing tool fails the test instead of skipping it.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -58,6 +60,34 @@ pub fn sparse_file(path: &Path, size: u64) {
     f.set_len(size).unwrap();
 }
 
+/// The binary under test: the one cargo built, or `RINGNBD_BIN` (used to
+/// show that a regression test fails against an older build).
+pub fn binary() -> String {
+    std::env::var("RINGNBD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ringnbd").to_owned())
+}
+
+/// How to start a server: arguments after the harness's own, and extras.
+#[derive(Default)]
+pub struct Launch<'a> {
+    pub args: &'a [&'a str],
+    pub tcp: bool,
+    pub unix: bool,
+    pub env: Vec<(&'a str, &'a str)>,
+    /// A command the binary runs under, e.g. `["prlimit", "--nofile=256"]`.
+    pub wrapper: Vec<&'a str>,
+    /// Where stderr goes (inherited when None).
+    pub stderr: Option<PathBuf>,
+    /// No harness defaults (`--threads 2 --buffers 64M`): the server's own.
+    pub bare: bool,
+}
+
+impl<'a> Launch<'a> {
+    /// TCP and Unix listeners with `args`.
+    pub fn new(args: &'a [&'a str]) -> Self {
+        Launch { args, tcp: true, unix: true, ..Launch::default() }
+    }
+}
+
 pub struct Server {
     child: Option<Child>,
     /// `nbd://127.0.0.1:PORT/` when listening on TCP.
@@ -77,17 +107,42 @@ impl Server {
     }
 
     pub fn start_with(args: &[&str], tcp: bool, unix: bool) -> Server {
+        Self::launch(&Launch { args, tcp, unix, ..Launch::default() })
+    }
+
+    /// Starts the server as `launch` describes (environment, a wrapper
+    /// command such as `prlimit`, stderr capture).
+    pub fn launch(launch: &Launch) -> Server {
+        let (tcp, unix) = (launch.tcp, launch.unix);
         let dir = TempDir::new("server");
         let socket = dir.path("nbd.sock");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_ringnbd"));
+        let mut command = match launch.wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        command.envs(launch.env.iter().map(|(k, v)| (*k, *v)));
         if tcp {
             command.args(["-l", "127.0.0.1:0"]);
         }
         if unix {
             command.arg("-U").arg(&socket);
         }
-        command.args(["--threads", "2", "--buffers", "64M"]).args(args);
-        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("start ringnbd");
+        // Small, predictable defaults unless the test chose its own.
+        for (option, value) in [("--threads", "2"), ("--buffers", "64M")] {
+            if !launch.bare && !launch.args.contains(&option) {
+                command.args([option, value]);
+            }
+        }
+        command.args(launch.args);
+        let stderr = match &launch.stderr {
+            Some(path) => Stdio::from(std::fs::File::create(path).expect("stderr capture file")),
+            None => Stdio::inherit(),
+        };
+        let mut child = command.stdout(Stdio::piped()).stderr(stderr).spawn().expect("start ringnbd");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let (mut tcp_uri, mut unix_uri) = (None, None);
@@ -130,6 +185,47 @@ impl Server {
     /// True while the server process is alive.
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    /// Waits up to `limit` for the process to exit on its own; its status.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Open descriptors of the server process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, |d| d.count())
+    }
+
+    /// Threads of the server process.
+    pub fn thread_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.pid())).map_or(0, |d| d.count())
+    }
+
+    /// Resident memory of the server process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// Sends SIGTERM and waits; returns the exit status code.

@@ -1,0 +1,212 @@
+//! Memory is a budget: an idle server holds almost nothing, buffers grow
+//! with load and are returned when it passes, closed connections give their
+//! memory back, many workers cost little, and limits that make no sense are
+//! refused with a message saying which option is wrong.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::raw::{self, Raw};
+use common::*;
+
+const MIB: u64 = 1 << 20;
+/// The idle resident-memory ceiling of a default server.
+const IDLE_RSS_KIB_MAX: u64 = 32 * 1024;
+
+/// Waits (up to 10 s) for resident memory to drop to `kib` or below.
+fn settles_below(server: &Server, kib: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rss = server.rss_kib();
+        if rss <= kib || Instant::now() > deadline {
+            return rss;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Pipelined 1 MiB writes and reads on several connections, enough to make
+/// every worker map buffers.
+fn load(addr: &str) {
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let addr = addr.to_owned();
+            std::thread::spawn(move || {
+                let mut c = Raw::open(&addr, "");
+                let data = random_bytes(MIB as usize, t);
+                for round in 0..4u64 {
+                    for i in 0..16u64 {
+                        let mut m = raw::request_bytes(0, raw::CMD_WRITE, i, (t * 64 + i) * MIB, MIB as u32);
+                        m.extend_from_slice(&data);
+                        c.send(&m);
+                    }
+                    for _ in 0..16 {
+                        assert_eq!(c.simple().0, 0, "write");
+                    }
+                    for i in 0..16u64 {
+                        c.send(&raw::request_bytes(0, raw::CMD_READ, i, (t * 64 + i) * MIB, MIB as u32));
+                    }
+                    for _ in 0..16 {
+                        assert_eq!(c.simple().0, 0, "read");
+                        assert_eq!(c.recv(MIB as usize), data, "round {round}");
+                    }
+                }
+                c.disconnect();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn a_default_server_is_small_when_idle_and_returns_buffers_after_load() {
+    let dir = TempDir::new("rss");
+    let path = dir.path("disk.img");
+    sparse_file(&path, 512 * MIB);
+    let path_arg = path.display().to_string();
+    let mut server = Server::launch(&Launch { bare: true, ..Launch::new(&[&path_arg]) });
+    std::thread::sleep(Duration::from_millis(300));
+    let idle = server.rss_kib();
+    eprintln!("idle RSS of a default server: {idle} KiB");
+    assert!(idle <= IDLE_RSS_KIB_MAX, "idle RSS {idle} KiB");
+    load(&server.addr());
+    let busy = server.rss_kib();
+    let after = settles_below(&server, idle + 4096);
+    eprintln!("RSS under load {busy} KiB, after {after} KiB");
+    assert!(after <= idle + 4096, "buffers not returned: {after} KiB after load, {idle} KiB idle");
+    assert_eq!(server.stop(), Some(0));
+}
+
+/// Raises this process's descriptor limit toward `want`; what it got.
+fn raise_own_file_limit(want: u64) -> u64 {
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max.min(want);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        limit.rlim_cur
+    }
+}
+
+/// 4,000 connections open at once, each having sent a request, then all
+/// closed: their receive buffers must not stay resident.
+#[test]
+fn thousands_of_closed_connections_leave_no_memory_behind() {
+    let connections = (raise_own_file_limit(4300).saturating_sub(200)).min(4000);
+    assert!(connections >= 1000, "cannot open enough descriptors for the test ({connections})");
+    let mut server = Server::start(&["memory:64M"]);
+    let addr = server.addr();
+    std::thread::sleep(Duration::from_millis(200));
+    let idle = server.rss_kib();
+    let per_thread = connections / 8;
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let mut open = Vec::new();
+                for i in 0..per_thread {
+                    let mut c = Raw::open(&addr, "");
+                    let mut m = raw::request_bytes(0, raw::CMD_WRITE, 1, (t * per_thread + i) % 1000 * 4096, 4096);
+                    m.extend_from_slice(&[t as u8; 4096]);
+                    c.send(&m);
+                    assert_eq!(c.simple().0, 0);
+                    open.push(c);
+                }
+                open
+            })
+        })
+        .collect();
+    let open: Vec<Raw> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let busy = server.rss_kib();
+    drop(open);
+    let after = settles_below(&server, idle + 8192);
+    eprintln!("RSS with {connections} connections open: {busy} KiB; after closing: {after} KiB (idle {idle} KiB)");
+    assert!(after <= idle + 8192, "{after} KiB after {connections} closed connections, {idle} KiB before");
+    assert_eq!(server.stop(), Some(0));
+}
+
+#[test]
+fn many_workers_cost_little() {
+    let mut server = Server::launch(&Launch { bare: true, ..Launch::new(&["--threads", "64", "memory:64M"]) });
+    std::thread::sleep(Duration::from_millis(500));
+    let rss = server.rss_kib();
+    eprintln!("RSS with 64 workers: {rss} KiB");
+    assert!(rss <= 64 * 1024, "{rss} KiB with 64 workers");
+    let mut c = Raw::open(&server.addr(), "");
+    assert_eq!(c.write(1, 0, &[1u8; 4096]).0, 0);
+    c.disconnect();
+    assert_eq!(server.stop(), Some(0));
+}
+
+fn refused(args: &[&str]) -> String {
+    // Bounded: a server that accepted the arguments would serve forever.
+    let out = Command::new("timeout")
+        .arg("5")
+        .arg(binary())
+        .args(args)
+        .arg("-l")
+        .arg("127.0.0.1:0")
+        .output()
+        .expect("run ringnbd");
+    assert_eq!(out.status.code(), Some(2), "{args:?} must be refused");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn limits_out_of_range_are_refused_with_a_message() {
+    for (args, names) in [
+        (vec!["--threads", "0"], "--threads"),
+        (vec!["--threads", "100000"], "--threads"),
+        (vec!["--inflight", "0"], "--inflight"),
+        (vec!["--ring-entries", "1"], "--ring-entries"),
+        (vec!["--buffers", "20M"], "--buffers"),
+        (vec!["--stall-timeout", "0"], "--stall-timeout"),
+    ] {
+        let message = refused(&args);
+        assert!(message.contains(names), "{args:?}: {message}");
+    }
+}
+
+/// Without CAP_IPC_LOCK and with a tiny locked-memory limit, buffers cannot
+/// be registered: the server says so in one line (not once per worker) and
+/// serves on.
+#[test]
+fn a_low_memlock_limit_is_one_line_and_serving_goes_on() {
+    if !require("setpriv") || !require("prlimit") {
+        return;
+    }
+    let dir = TempDir::new("memlock");
+    let log = dir.path("stderr.log");
+    let launch = Launch {
+        wrapper: vec!["setpriv", "--bounding-set=-ipc_lock", "prlimit", "--memlock=1048576", "--"],
+        stderr: Some(log.clone()),
+        ..Launch::new(&["--threads", "4", "memory:256M"])
+    };
+    let mut server = Server::launch(&launch);
+    let addr = server.addr();
+    let clients: Vec<_> = (0..4u64)
+        .map(|t| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let mut c = Raw::open(&addr, "");
+                let data = random_bytes(MIB as usize, t);
+                assert_eq!(c.write(1, t * MIB, &data).0, 0);
+                assert_eq!(c.read(2, t * MIB, MIB as u32).unwrap(), data);
+                c.disconnect();
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert_eq!(server.stop(), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("locked-memory")).collect();
+    assert_eq!(lines.len(), 1, "one line about the limit:\n{text}");
+    assert!(lines[0].contains("ulimit -l"), "{}", lines[0]);
+}
