@@ -87,7 +87,8 @@ fn raise_own_file_limit(want: u64) -> u64 {
     unsafe {
         let mut limit: libc::rlimit = std::mem::zeroed();
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        limit.rlim_cur = limit.rlim_max.min(want);
+        // Never lower it: other tests in this process hold descriptors too.
+        limit.rlim_cur = limit.rlim_cur.max(limit.rlim_max.min(want));
         libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         limit.rlim_cur
     }

@@ -1,9 +1,12 @@
-//! Storage behind an export. Backends only describe storage and offer the
-//! non-ring operations; the engine turns commands into io_uring submissions
-//! (file) or direct memory copies (memory).
+//! Storage behind an export. A backend turns a command into storage
+//! operations (`io::Op`) that the engine submits on its ring and reports
+//! back (`file_io`), or runs it at once (`memory`). Backends know nothing of
+//! rings, `user_data` or connections.
 
 pub mod block_locks;
 pub mod file;
+pub mod file_io;
+pub mod io;
 pub mod memory;
 
 use std::path::PathBuf;

@@ -5,10 +5,10 @@
 //! Memory exports answer from their page map and block devices as all data,
 //! both inline. File exports answer from the extent cache when it covers the
 //! request (or reaches the descriptor cap); otherwise the request parks and
-//! its worker's lookup helper scans the rest (see `meta::lookup`).
+//! its worker's lookup helper scans the rest (see `engine::lookup`).
 
 use crate::backend::Backend;
-use crate::meta::extent::{DATA, Extent};
+use crate::proto::extent::{DATA, Extent};
 use crate::meta::extent_cache::ExtentCache;
 use crate::proto::meta::ContextKind;
 use crate::proto::reply::{self, ReplyTo};

@@ -5,8 +5,9 @@
 pub mod block_status;
 pub mod buffers;
 pub mod conn;
-pub mod file_io;
-pub mod memory_io;
+pub mod handoff;
+pub mod lookup;
+pub mod ops;
 pub mod request;
 pub mod ring;
 pub mod sparse_read;

@@ -1,9 +1,10 @@
-//! One in-flight request: what it asked for, where its bytes live, and which
-//! step of its backend work it is on. A request owns its buffer and reply
-//! header from the moment its header is parsed until its reply is fully sent
-//! (or, on a dropped connection, until its last CQE has been reaped).
+//! One in-flight request: what it asked for, where its bytes live, and where
+//! its backend work stands. A request owns its buffer and reply header from
+//! the moment its header is parsed until its reply is fully sent (or, on a
+//! dropped connection, until its last CQE has been reaped).
 
-use crate::backend::block_locks::LockSet;
+use crate::backend::file_io::FileTask;
+use crate::backend::io::Data;
 use crate::proto::Failure;
 use crate::proto::reply::{REPLY_HEADER_BYTES_MAX, ReplyTo};
 use crate::proto::transmission::Command;
@@ -40,82 +41,18 @@ impl Segment {
     }
 }
 
-/// The aligned file range a request's buffer maps onto.
-///
-/// For O_DIRECT the I/O must start and end on `alignment`; the client's
-/// bytes sit at `head` within the buffer. With alignment 1 this is the
-/// client range itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AlignedSpan {
-    /// File offset of buffer byte 0.
-    pub start: u64,
-    /// Bytes from `start` to the aligned end.
-    pub len: usize,
-    /// Offset of the client's first byte within the buffer.
-    pub head: usize,
-}
-
-impl AlignedSpan {
-    pub fn new(offset: u64, len: usize, alignment: u32) -> Self {
-        let a = u64::from(alignment.max(1));
-        let start = offset / a * a;
-        let end = (offset + len as u64).div_ceil(a) * a;
-        Self { start, len: (end - start) as usize, head: (offset - start) as usize }
-    }
-
-    pub fn is_exact(&self, len: usize) -> bool {
-        self.head == 0 && self.len == len
-    }
-
-    pub fn end(&self) -> u64 {
-        self.start + self.len as u64
-    }
-}
-
-/// Backend steps a file request walks through; memory requests complete
-/// synchronously and never leave `Start`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    Start,
-    Read,
-    /// Reading the partial first block of an unaligned write.
-    RmwHead,
-    /// Reading the partial last block of an unaligned write.
-    RmwTail,
-    Write,
-    /// A write through the buffered descriptor (touches the unaligned end).
-    WriteBuffered,
-    Punch,
-    ZeroRange,
-    /// fallocate(0) after a punch, for WRITE_ZEROES with NO_HOLE.
-    Allocate,
-    /// Writing zeroes from a zeroed buffer, the last resort for WRITE_ZEROES.
-    ZeroFill,
-    Sync,
-    Advise,
-    /// Waiting for the locks of its partially covered blocks.
-    WaitLocks,
-    /// BLOCK_STATUS waiting for its lookup helper's scan.
-    Lookup,
-}
-
 pub struct Request {
     pub conn: u32,
     pub to: ReplyTo,
     pub command: Command,
     pub buffer: Option<Buffer>,
-    pub span: AlignedSpan,
-    /// Bytes of the current step done so far (short reads and writes).
-    pub progress: usize,
-    pub step: Step,
+    /// The file backend's state for this request (its buffer's place in the
+    /// file, the operation it is on, block locks held).
+    pub task: FileTask,
+    /// BLOCK_STATUS waiting for its lookup helper's scan.
+    pub in_lookup: bool,
     /// Payload bytes received so far (WRITE only).
     pub payload_received: usize,
-    /// Position in the WRITE_ZEROES fallback plan.
-    pub zero_plan: u8,
-    /// Next offset for ZeroFill.
-    pub fill_at: u64,
-    /// Block locks held (released when the backend work is over).
-    pub locks: LockSet,
     /// BLOCK_STATUS: which of the connection's contexts to answer for.
     pub status_mask: u32,
     pub error: Option<Failure>,
@@ -133,19 +70,23 @@ impl Request {
             to,
             command,
             buffer: None,
-            span: AlignedSpan { start: 0, len: 0, head: 0 },
-            progress: 0,
-            step: Step::Start,
+            task: FileTask::default(),
+            in_lookup: false,
             payload_received: 0,
-            zero_plan: 0,
-            fill_at: 0,
-            locks: LockSet::default(),
             status_mask: u32::MAX,
             error: None,
             inline: [0; REPLY_INLINE_BYTES],
             inline_len: 0,
             segments: [Segment::Inline { start: 0, len: 0 }; SEGMENTS_MAX],
             segment_count: 0,
+        }
+    }
+
+    /// The buffer as the backend sees it (empty when there is none).
+    pub fn data(&mut self) -> Data<'_> {
+        match &mut self.buffer {
+            Some(buffer) => Data { fixed: buffer.fixed_index(), bytes: buffer.as_mut_slice() },
+            None => Data { bytes: &mut [], fixed: None },
         }
     }
 
@@ -222,16 +163,6 @@ pub fn advance_sent(sizes: impl Iterator<Item = usize>, skip: usize, sent: usize
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn spans_round_out_to_alignment() {
-        assert_eq!(AlignedSpan::new(4096, 4096, 512), AlignedSpan { start: 4096, len: 4096, head: 0 });
-        assert_eq!(AlignedSpan::new(1, 10, 512), AlignedSpan { start: 0, len: 512, head: 1 });
-        assert_eq!(AlignedSpan::new(511, 2, 512), AlignedSpan { start: 0, len: 1024, head: 511 });
-        assert_eq!(AlignedSpan::new(7, 9, 1), AlignedSpan { start: 7, len: 9, head: 0 });
-        assert!(AlignedSpan::new(8192, 4096, 4096).is_exact(4096));
-        assert!(!AlignedSpan::new(8192, 100, 4096).is_exact(100));
-    }
 
     #[test]
     fn advance_counts_whole_and_partial_replies() {

@@ -7,7 +7,7 @@
 //! read itself is unchanged (one READ of the whole range), so this costs a
 //! scan of the buffer and never an extra syscall.
 
-use crate::meta::extent::{DATA, Extent};
+use crate::proto::extent::{DATA, Extent};
 
 /// Zero runs are found on these boundaries (absolute offsets); shorter
 /// ones are not worth a chunk header.

@@ -3,8 +3,8 @@
 //! of one file share one image, so what one of them writes is what every
 //! other one reports.
 
+pub mod flags;
 pub mod image;
-pub mod spec;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,22 +12,28 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::backend::{Backend, BackendError, FileBackend, FileIdentity, MemoryBackend};
-use crate::proto::handshake::{BlockSize, ExportInfo};
+use crate::proto::handshake::ExportInfo;
 use crate::proto::meta::ContextKind;
-use crate::proto::wire::*;
 
 pub use image::Image;
-pub use spec::{ExportSpec, Source, parse_size};
+
+/// What to export and under which name, before it is opened (from the
+/// command line today; `cli::export_spec` parses it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSpec {
+    pub name: Option<String>,
+    pub source: Source,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(std::path::PathBuf),
+    Memory(u64),
+}
 
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum ExportError {
-    /// `SIZE` in `memory:SIZE` is not a number with an optional K/M/G/T/P suffix.
-    #[error("bad size {0:?} (use e.g. 512M, 1G, 4T)")]
-    BadSize(String),
-    /// A memory export larger than the page table allows.
-    #[error("memory export of {0} bytes exceeds the 1 PiB limit")]
-    TooLarge(u64),
     /// Two exports with one name.
     #[error("duplicate export name {0:?}")]
     DuplicateName(String),
@@ -63,51 +69,17 @@ impl Export {
             (Source::Memory(_), _) => format!("memory{index}"),
         };
         let name = spec.name.clone().unwrap_or(default_name);
-        let description = options.description.clone().unwrap_or_else(|| describe(backend, options.read_only));
-        // Clients bound by a minimum block size may not address an unaligned
-        // tail (libnbd refuses, qemu asserts), so an export whose size is not
-        // a multiple of the O_DIRECT alignment advertises 1 and relies on the
-        // bounce/read-modify-write path instead.
-        let minimum = match backend.alignment() {
-            a if backend.size().is_multiple_of(u64::from(a)) => a,
-            _ => 1,
-        };
+        let description = options.description.clone().unwrap_or_else(|| flags::describe(backend, options.read_only));
         let info = ExportInfo {
             name,
             description,
             size: backend.size(),
-            flags: export_flags(backend, options.read_only),
-            block_size: BlockSize { minimum, preferred: minimum.max(4096), maximum: options.payload_bytes_max },
+            flags: flags::transmission_flags(backend, options.read_only),
+            block_size: flags::block_size(backend, options.payload_bytes_max),
             contexts: ContextKind::ALL.to_vec(),
         };
         Self { info, image, read_only: options.read_only }
     }
-}
-
-fn describe(backend: &Backend, read_only: bool) -> String {
-    let access = if read_only { "read-only" } else { "read-write" };
-    match backend {
-        Backend::File(f) => {
-            let io = if f.direct_io { "O_DIRECT" } else { "buffered" };
-            format!("{} ({access}, {io})", f.path.display())
-        }
-        Backend::Memory(_) => format!("sparse memory ({access})"),
-    }
-}
-
-/// Flags that hold whatever the client negotiates. CAN_MULTI_CONN is safe:
-/// there is no per-connection cache, and FLUSH syncs the shared inode.
-fn export_flags(backend: &Backend, read_only: bool) -> u16 {
-    let mut flags = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
-    if read_only {
-        flags |= TF_READ_ONLY;
-    } else {
-        flags |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES;
-        if backend.fast_zero() {
-            flags |= TF_SEND_FAST_ZERO;
-        }
-    }
-    flags
 }
 
 /// Opens every export. Paths that reach the same file (or device) share one
@@ -148,6 +120,7 @@ pub fn images(exports: &[Arc<Export>]) -> Vec<Arc<Image>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::wire::*;
 
     #[test]
     fn read_only_exports_do_not_offer_writes() {

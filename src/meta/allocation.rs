@@ -19,12 +19,12 @@
 //! FIEMAP_FLAG_SYNC is not used: it would force writeback.
 //!
 //! These are blocking syscalls with no io_uring opcode; they run on the
-//! lookup helper threads (see `meta::lookup`), never on a ring worker.
+//! lookup helper threads (see `engine::lookup`), never on a ring worker.
 
 use std::io;
 use std::os::fd::RawFd;
 
-use super::extent::{DATA, Extent, HOLE, ZERO, push_capped};
+use crate::proto::extent::{DATA, Extent, HOLE, ZERO, push_capped};
 
 /// `_IOWR('f', 11, struct fiemap)`.
 const FS_IOC_FIEMAP: libc::c_ulong = 0xc020_660b;

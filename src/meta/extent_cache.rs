@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use super::extent::{DATA, Extent, covered, push_capped};
+use crate::proto::extent::{DATA, Extent, covered, push_capped};
 
 pub struct ExtentCache {
     /// start -> (end, status); ranges never overlap and neighbours with the
@@ -210,7 +210,7 @@ fn put(map: &mut BTreeMap<u64, (u64, u32)>, offset: u64, end: u64, status: u32) 
 
 #[cfg(test)]
 mod tests {
-    use super::super::extent::{HOLE, ZERO};
+    use crate::proto::extent::{HOLE, ZERO};
     use super::*;
 
     fn ext(length: u64, status: u32) -> Extent {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::engine::worker::NewConnection;
+use crate::engine::handoff::NewConnection;
 use crate::proto::handshake::{ExportInfo, HandshakeLimits};
 
 use super::admission::{Handshakes, Ticket};

@@ -3,6 +3,7 @@
 //! testable and ready for fuzzing.
 
 pub mod error;
+pub mod extent;
 pub mod handshake;
 pub mod meta;
 pub mod reply;

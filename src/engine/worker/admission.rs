@@ -16,6 +16,8 @@
 
 use io_uring::{opcode, types};
 
+use crate::backend::file_io::FileTask;
+use crate::backend::io::AlignedSpan;
 use crate::proto::reply::ReplyTo;
 use crate::proto::transmission::{self, Command, RequestHeader, Verdict};
 use crate::proto::wire::CMD_READ;
@@ -23,7 +25,7 @@ use crate::proto::wire::CMD_READ;
 use super::super::block_status;
 use super::super::buffers::Refusal;
 use super::super::conn::{Closing, INLINE_PAYLOAD_BYTES_MAX};
-use super::super::request::{AlignedSpan, Request};
+use super::super::request::Request;
 use super::super::user_data::Token;
 use super::Worker;
 
@@ -162,7 +164,7 @@ impl Worker {
         let (target, len) = match conn.payload_request {
             Some(request) => {
                 let req = &mut self.requests[request as usize];
-                let at = req.span.head + req.payload_received;
+                let at = req.task.span.head + req.payload_received;
                 let len = req.client_len() - req.payload_received;
                 let buffer = req.buffer.as_mut().expect("writes own a buffer");
                 // SAFETY: at + len <= span.len <= buffer length.
@@ -233,7 +235,7 @@ impl Worker {
         conn.consume(header_bytes);
         if let Command::Write { length, .. } = command {
             let take = conn.unparsed().len().min(length as usize);
-            let head = req.span.head;
+            let head = req.task.span.head;
             let buffer = req.buffer.as_mut().expect("writes own a buffer");
             buffer.as_mut_slice()[head..head + take].copy_from_slice(&conn.unparsed()[..take]);
             conn.consume(take);
@@ -290,10 +292,11 @@ impl Worker {
         let mut req = Request::new(id, to, command);
         let bytes = match command {
             Command::Read { offset, length, .. } | Command::Write { offset, length, .. } => {
-                req.span = AlignedSpan::new(offset, length as usize, alignment);
-                let unaligned_write = matches!(command, Command::Write { .. }) && !req.span.is_exact(length as usize);
+                let span = AlignedSpan::new(offset, length as usize, alignment);
+                req.task = FileTask::new(span);
+                let unaligned_write = matches!(command, Command::Write { .. }) && !span.is_exact(length as usize);
                 // An unaligned write reads its partial blocks into scratch space after the span.
-                req.span.len + if unaligned_write { alignment as usize } else { 0 }
+                span.len + if unaligned_write { alignment as usize } else { 0 }
             }
             Command::BlockStatus { length, req_one, .. } => {
                 let cap = if req_one { 1 } else { self.config.extents_max };

@@ -2,17 +2,25 @@
 //! steps, BLOCK_STATUS from the extent cache or the lookup helper.
 
 use crate::backend::Backend;
+use crate::backend::file_io::FileIo;
+use crate::backend::io::Next;
 use crate::faults;
-use crate::meta::extent::Extent;
-use crate::meta::lookup::{LookupDone, LookupJob};
 use crate::proto::Failure;
+use crate::proto::extent::Extent;
 use crate::proto::transmission::Command;
 
 use super::super::block_status::{self, Gathered, Query};
-use super::super::file_io::{FileIo, Next};
-use super::super::memory_io;
-use super::super::request::{Request, Step};
+use super::super::lookup::{LookupDone, LookupJob};
+use super::super::ops;
+use super::super::user_data::Token;
 use super::Worker;
+
+/// Which backend call a file request's step is.
+enum FileCall {
+    Start,
+    Resume,
+    Completed(i32),
+}
 
 impl Worker {
     pub(super) fn start_request(&mut self, request: u32) {
@@ -21,20 +29,13 @@ impl Worker {
             Command::Read { offset, .. } => faults::before_read(offset),
             _ => {}
         }
-        // Borrow disjoint fields: the image is reached through its
-        // connection without cloning the Arc, whose refcount every worker
-        // would otherwise bounce between cores on each request.
-        let Worker { requests, conns, zeroes, .. } = self;
-        let req = &mut requests[request as usize];
-        let image = &*conns[req.conn as usize].export.image;
-        let next = match &image.backend {
-            Backend::Memory(memory) => {
-                memory_io::execute(memory, req);
-                Next::Finished
-            }
-            Backend::File(file) => FileIo { file, image, zeroes, id: request }.start(req),
-        };
-        self.follow(request, next);
+        let req = &mut self.requests[request as usize];
+        if let Backend::Memory(memory) = &self.conns[req.conn as usize].export.image.backend {
+            let command = req.command;
+            let result = memory.execute(&command, req.data().bytes);
+            return self.follow(request, Next::Finished(result));
+        }
+        self.file_step(request, FileCall::Start);
     }
 
     fn start_block_status(&mut self, request: u32) {
@@ -51,7 +52,7 @@ impl Worker {
                 self.extents = extents;
             }
             Gathered::Scan { from, epoch } => {
-                req.step = Step::Lookup;
+                req.in_lookup = true;
                 let job = LookupJob {
                     request,
                     export: conn.export_index,
@@ -72,7 +73,7 @@ impl Worker {
             Ok(extents) => self.answer_block_status(done.request, &extents),
             Err(errno) => {
                 let req = &mut self.requests[done.request as usize];
-                req.step = Step::Start;
+                req.in_lookup = false;
                 req.error = Some(Failure::from_errno(errno));
                 self.finish(done.request, false);
             }
@@ -85,42 +86,50 @@ impl Worker {
         let buffer = req.buffer.as_mut().expect("block status owns a buffer");
         let used = block_status::encode(&conn.contexts, req.status_mask, extents, req.to, buffer.as_mut_slice());
         req.reply_buffer(0, used);
-        req.step = Step::Start;
+        req.in_lookup = false;
         self.finish(request, false);
     }
 
-    /// Runs one step of a file request's state machine.
-    fn file_step(&mut self, request: u32, step: impl FnOnce(&mut FileIo<'_>, &mut Request) -> Next) {
+    /// Runs one step of a file request's plan.
+    fn file_step(&mut self, request: u32, call: FileCall) {
+        // Borrow disjoint fields: the image is reached through its
+        // connection without cloning the Arc, whose refcount every worker
+        // would otherwise bounce between cores on each request.
         let Worker { requests, conns, zeroes, .. } = self;
         let req = &mut requests[request as usize];
         let image = &*conns[req.conn as usize].export.image;
         let Backend::File(file) = &image.backend else { unreachable!("only file requests use the ring") };
-        let next = step(&mut FileIo { file, image, zeroes, id: request }, req);
+        let io = FileIo { file, locks: &image.locks, zeroes };
+        let command = req.command;
+        let mut task = std::mem::take(&mut req.task);
+        let next = match call {
+            FileCall::Start => io.start(&command, &mut task, req.data()),
+            FileCall::Resume => io.resume(&command, &mut task, req.data()),
+            FileCall::Completed(result) => io.on_result(&command, &mut task, req.data(), result),
+        };
+        req.task = task;
         self.follow(request, next);
     }
 
     pub(super) fn on_io(&mut self, request: u32, result: i32) {
-        self.file_step(request, |io, req| io.on_result(req, result));
+        self.file_step(request, FileCall::Completed(result));
     }
 
     fn follow(&mut self, request: u32, next: Next) {
         match next {
-            Next::Submit(entry) => self.push(entry),
-            Next::Finished => {
-                self.release_locks(request);
-                let is_read = matches!(self.requests[request as usize].command, Command::Read { .. });
+            Next::Submit(op) => {
+                // The operation's memory is the request's buffer or the
+                // worker's zero region, both kept until this CQE is reaped.
+                let entry = ops::entry(&op).user_data(Token::Request { request }.encode());
+                self.push(entry);
+            }
+            Next::Finished(result) => {
+                let req = &mut self.requests[request as usize];
+                req.error = result.err();
+                let is_read = matches!(req.command, Command::Read { .. });
                 self.finish(request, is_read);
             }
             Next::Defer => self.deferred.push_back(request),
-        }
-    }
-
-    /// The backend work is over: let the next mutation of its blocks in.
-    fn release_locks(&mut self, request: u32) {
-        let req = &mut self.requests[request as usize];
-        if !req.locks.is_empty() {
-            self.conns[req.conn as usize].export.image.locks.release(&req.locks);
-            req.locks = Default::default();
         }
     }
 
@@ -133,7 +142,7 @@ impl Worker {
         }
         for _ in 0..self.deferred.len() {
             let Some(request) = self.deferred.pop_front() else { break };
-            self.file_step(request, |io, req| io.resume(req));
+            self.file_step(request, FileCall::Resume);
         }
         if !self.deferred.is_empty() {
             self.arm_tick();

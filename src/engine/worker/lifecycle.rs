@@ -14,7 +14,8 @@ use crate::proto::transmission::RequestLimits;
 
 use super::super::conn::{Closing, Conn};
 use super::super::user_data::Token;
-use super::{NewConnection, Worker};
+use super::super::handoff::NewConnection;
+use super::Worker;
 
 impl Worker {
     pub(super) fn on_wake(&mut self) {

@@ -29,14 +29,14 @@ use io_uring::{opcode, types};
 use slab::Slab;
 
 use crate::export::Export;
-use crate::meta::extent::Extent;
-use crate::meta::lookup::LookupService;
-use crate::proto::handshake::Negotiated;
+use crate::proto::extent::Extent;
+use super::lookup::LookupService;
 
 use super::EngineError;
 use super::buffers::{Budget, BufferPool};
 use super::conn::Conn;
-use super::file_io::ZeroRegion;
+use super::handoff::NewConnection;
+use crate::backend::file_io::ZeroRegion;
 use super::request::Request;
 use super::ring::{Completion, REAP_BATCH_MAX, Ring};
 use super::user_data::Token;
@@ -66,15 +66,6 @@ pub struct WorkerConfig {
     /// Kernel submission polling with this idle timeout (`--sqpoll`).
     pub sqpoll_idle_ms: Option<u32>,
     pub verbose: bool,
-}
-
-/// A negotiated connection on its way to a worker.
-pub struct NewConnection {
-    pub socket: OwnedFd,
-    pub negotiated: Negotiated,
-    pub peer: String,
-    /// The core the socket's packets arrive on (SO_INCOMING_CPU), if known.
-    pub incoming_cpu: Option<usize>,
 }
 
 /// How long deferred requests (waiting for a block lock) and connections

@@ -5,12 +5,12 @@
 use io_uring::{opcode, types};
 
 use crate::export::Export;
-use crate::meta::extent::Extent;
+use crate::proto::extent::Extent;
 use crate::proto::reply;
 use crate::proto::transmission::{Command, ReplyMode};
 
 use super::super::conn::Closing;
-use super::super::request::{Request, Step};
+use super::super::request::Request;
 use super::super::sparse_read::{self, Run};
 use super::super::user_data::Token;
 use super::super::write_path;
@@ -22,8 +22,8 @@ impl Worker {
         let Worker { requests, conns, extents, now, .. } = self;
         let req = &mut requests[request as usize];
         let conn = &mut conns[req.conn as usize];
-        debug_assert!(req.step != Step::WaitLocks && req.step != Step::Lookup);
-        debug_assert!(req.locks.is_empty(), "block locks are released before the reply");
+        debug_assert!(!req.task.is_waiting() && !req.in_lookup);
+        debug_assert!(!req.task.holds_locks(), "block locks are released before the reply");
         let to = req.to;
         match (req.error, req.command) {
             (Some(error), _) => {
@@ -90,7 +90,7 @@ impl Worker {
     /// callers may still be using it, and call `release_if_idle`.
     pub(super) fn free_request(&mut self, request: u32) {
         let req = self.requests.remove(request as usize);
-        debug_assert!(req.locks.is_empty(), "a request is freed only after its backend work");
+        debug_assert!(!req.task.holds_locks(), "a request is freed only after its backend work");
         let conn = self.conns.get_mut(req.conn as usize).expect("a connection outlives its requests");
         conn.inflight -= 1;
         if let Some(buffer) = req.buffer {
@@ -104,7 +104,7 @@ impl Worker {
 /// A successful READ's reply: one data chunk (simple mode, DF, or no zero
 /// runs), else OFFSET_DATA and OFFSET_HOLE chunks (see `sparse_read`).
 fn compose_read(req: &mut Request, export: &Export, offset: u64, length: u32, df: bool, known: &mut Vec<Extent>) {
-    let (to, head, len) = (req.to, req.span.head, length as usize);
+    let (to, head, len) = (req.to, req.task.span.head, length as usize);
     let mut runs = [Run { hole: false, start: 0, len: 0 }; sparse_read::CHUNKS_MAX];
     let count = if to.mode == ReplyMode::Simple || df {
         0

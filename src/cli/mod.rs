@@ -6,7 +6,10 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::engine::worker::WorkerConfig;
-use crate::export::{ExportOptions, ExportSpec, parse_size};
+pub mod export_spec;
+
+use crate::export::{ExportOptions, ExportSpec};
+use export_spec::parse_size;
 use crate::server::ServerConfig;
 
 /// Serve files, block devices or sparse memory over NBD, on io_uring.

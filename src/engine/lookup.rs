@@ -15,9 +15,8 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::backend::Backend;
 use crate::export::Export;
-
-use super::allocation::{Strategy, scan_file};
-use super::extent::{DATA, Extent, covered, push_capped};
+use crate::meta::allocation::{Strategy, scan_file};
+use crate::proto::extent::{DATA, Extent, covered, push_capped};
 
 /// One scan: extend `extents` (already holding the cached prefix of the
 /// request `[offset, from)`) up to `end` or `extents_max` entries.

@@ -1,7 +1,7 @@
 //! The unit every allocation source produces: a run of bytes and its
 //! `base:allocation` status.
 
-use crate::proto::wire::{STATE_HOLE, STATE_ZERO};
+use super::wire::{STATE_HOLE, STATE_ZERO};
 
 /// Allocated, reads stored data.
 pub const DATA: u32 = 0;
