@@ -8,8 +8,8 @@
 //! its worker's lookup helper scans the rest (see `engine::lookup`).
 
 use crate::backend::Backend;
-use crate::proto::extent::{DATA, Extent};
 use crate::meta::extent_cache::ExtentCache;
+use crate::proto::extent::{DATA, Extent};
 use crate::proto::meta::ContextKind;
 use crate::proto::reply::{self, ReplyTo};
 use crate::proto::transmission::ReplyMode;
@@ -27,9 +27,8 @@ pub struct Query {
 pub enum Gathered {
     /// `out` holds the answer.
     Ready,
-    /// `out` holds the cached prefix `[offset, from)`; scan the rest. `epoch`
-    /// is the cache epoch read with the prefix.
-    Scan { from: u64, epoch: u64 },
+    /// `out` holds the cached prefix `[offset, from)`; scan the rest.
+    Scan { from: u64 },
 }
 
 pub fn gather(backend: &Backend, cache: Option<&ExtentCache>, query: &Query, out: &mut Vec<Extent>) -> Gathered {
@@ -38,14 +37,11 @@ pub fn gather(backend: &Backend, cache: Option<&ExtentCache>, query: &Query, out
     match (backend, cache) {
         (Backend::Memory(memory), _) => memory.extents(query.offset, query.length, query.extents_max, out),
         (Backend::File(file), _) if file.is_block_device => out.push(Extent { length: query.length, status: DATA }),
-        (Backend::File(_), None) => return Gathered::Scan { from: query.offset, epoch: 0 },
+        (Backend::File(_), None) => return Gathered::Scan { from: query.offset },
         (Backend::File(_), Some(cache)) => {
-            // Read the epoch before the prefix: a mutation completing after
-            // this point voids caching anything the scan derives from it.
-            let epoch = cache.epoch();
             let at = cache.lookup(query.offset, end, query.extents_max, out);
             if at < end && out.len() < query.extents_max {
-                return Gathered::Scan { from: at, epoch };
+                return Gathered::Scan { from: at };
             }
         }
     }

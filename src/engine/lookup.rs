@@ -19,15 +19,14 @@ use crate::meta::allocation::{Strategy, scan_file};
 use crate::proto::extent::{DATA, Extent, covered, push_capped};
 
 /// One scan: extend `extents` (already holding the cached prefix of the
-/// request `[offset, from)`) up to `end` or `extents_max` entries.
+/// request `[offset, from)`) up to `end` or `extents_max` entries. The
+/// vector travels back in [`LookupDone`] for the worker to reuse, so a cache
+/// miss allocates nothing on the worker.
 pub struct LookupJob {
     pub request: u32,
     pub export: usize,
     pub offset: u64,
     pub from: u64,
-    /// Cache epoch read together with the prefix: if any mutation completes
-    /// after it, nothing from this job is cached (the prefix could be stale).
-    pub epoch: u64,
     pub end: u64,
     pub extents_max: usize,
     pub extents: Vec<Extent>,
@@ -35,22 +34,17 @@ pub struct LookupJob {
 
 pub struct LookupDone {
     pub request: u32,
-    /// The extents, or the errno of a failed scan.
-    pub result: Result<Vec<Extent>, i32>,
-}
-
-/// What a scan produced: the answer, and which part of it is new.
-struct Scanned {
-    extents: Vec<Extent>,
-    /// Index of the first extent not taken from the cache.
-    first_new: usize,
-    /// Export offset where `extents[first_new]` starts.
-    cache_from: u64,
+    /// The answer (when `result` is Ok), and the vector to reuse either way.
+    pub extents: Vec<Extent>,
+    /// The errno of a failed scan.
+    pub result: Result<(), i32>,
 }
 
 /// Extents scanned ahead per slice, and in all after one answer.
 const PREFETCH_SLICE_EXTENTS: usize = 1024;
 const PREFETCH_EXTENTS_MAX: usize = 1 << 16;
+/// Bytes one prefetch slice may cover (bounds the regions it stamps).
+const PREFETCH_SLICE_BYTES: u64 = 1 << 30;
 
 pub struct LookupService {
     pub jobs: Sender<LookupJob>,
@@ -64,25 +58,18 @@ impl LookupService {
         let (done_tx, done) = crossbeam_channel::unbounded();
         std::thread::Builder::new().name(format!("ringnbd-extents-{index}")).spawn(move || {
             let mut helper = Helper { exports, files: Vec::new() };
-            for job in job_rx.iter() {
-                let (request, export, offset, epoch, end) = (job.request, job.export, job.offset, job.epoch, job.end);
-                let scanned = helper.scan(job);
-                // Answer first; caching and prefetching overlap with the
-                // client reading the reply and sending its next request.
-                let to_cache = scanned.as_ref().ok().map(|s| (s.extents[s.first_new..].to_vec(), s.cache_from));
-                let answered_to = scanned.as_ref().map_or(0, |s| offset + covered(&s.extents));
-                let result = scanned.map(|s| s.extents);
-                if done_tx.send(LookupDone { request, result }).is_err() {
+            for mut job in job_rx.iter() {
+                let (request, export, end) = (job.request, job.export, job.end);
+                let result = helper.answer(&mut job);
+                let answered_to = job.offset + covered(&job.extents);
+                if done_tx.send(LookupDone { request, extents: job.extents, result }).is_err() {
                     return;
                 }
                 wake_worker(&wake);
-                if let Some((extents, from)) = to_cache {
-                    helper.cache(export, from, &extents, epoch);
-                    // Capped short of its request: the client will ask for
-                    // the rest, so scan it now.
-                    if answered_to < end {
-                        helper.prefetch(export, answered_to, end, &job_rx);
-                    }
+                // Capped short of its request: the client will ask for the
+                // rest, so scan it now, while the client reads the reply.
+                if result.is_ok() && answered_to < end {
+                    helper.prefetch(export, answered_to, end, &job_rx);
                 }
             }
         })?;
@@ -121,29 +108,27 @@ impl Helper {
         }
     }
 
-    fn scan(&mut self, mut job: LookupJob) -> Result<Scanned, i32> {
+    /// Scans the rest of a job's range into its vector and caches what was
+    /// scanned.
+    fn answer(&mut self, job: &mut LookupJob) -> Result<(), i32> {
         let export = Arc::clone(&self.exports[job.export]);
-        let Backend::File(file) = &export.image.backend else { unreachable!("memory exports answer inline") };
-        let before = job.extents.len();
+        let image = &export.image;
+        let Backend::File(file) = &image.backend else { unreachable!("memory exports answer inline") };
         if file.is_block_device {
             // A block device has no holes to report unless it says so itself.
             push_capped(&mut job.extents, Extent { length: job.end - job.from, status: DATA }, job.extents_max);
-        } else {
-            let (fd, strategy) = self.file(job.export)?;
-            scan_file(fd, job.from, job.end, job.extents_max, strategy, &mut job.extents)
-                .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+            return Ok(());
         }
-        // The first scanned extent may have merged into the last cached one;
-        // cache from that extent's start.
-        let first_new = before.saturating_sub(1);
-        let cache_from = job.offset + covered(&job.extents[..first_new]);
-        Ok(Scanned { extents: job.extents, first_new, cache_from })
-    }
-
-    fn cache(&self, export: usize, from: u64, extents: &[Extent], epoch: u64) {
-        if let Some(cache) = &self.exports[export].image.extent_cache {
-            cache.insert(from, extents, epoch);
+        let stamp = image.extent_cache.as_ref().map(|c| c.begin_scan(job.from, job.end));
+        let prefix = job.extents.len();
+        let (fd, strategy) = self.file(job.export)?;
+        scan_file(fd, job.from, job.end, job.extents_max, strategy, &mut job.extents)
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        if let (Some(cache), Some(stamp)) = (&image.extent_cache, stamp) {
+            let scanned = scanned_part(&job.extents, prefix, job.from - job.offset);
+            cache.insert(job.from, &scanned, &stamp);
         }
+        Ok(())
     }
 
     /// Scans `[from, size)` ahead of a mapper into the cache, in small
@@ -156,20 +141,53 @@ impl Helper {
         let mut slice = Vec::with_capacity(PREFETCH_SLICE_EXTENTS);
         while from < size && budget > 0 && jobs.is_empty() {
             slice.clear();
-            let epoch = cache.epoch();
             let cached_to = cache.lookup(from, size, PREFETCH_SLICE_EXTENTS, &mut slice);
             if cached_to > from {
                 budget = budget.saturating_sub(slice.len());
                 from = cached_to;
                 continue;
             }
+            let until = size.min(from + PREFETCH_SLICE_BYTES);
+            let stamp = cache.begin_scan(from, until);
             let Ok((fd, strategy)) = self.file(export) else { return };
-            if scan_file(fd, from, size, PREFETCH_SLICE_EXTENTS, strategy, &mut slice).is_err() || slice.is_empty() {
+            if scan_file(fd, from, until, PREFETCH_SLICE_EXTENTS, strategy, &mut slice).is_err() || slice.is_empty() {
                 return;
             }
-            cache.insert(from, &slice, epoch);
+            cache.insert(from, &slice, &stamp);
             budget = budget.saturating_sub(slice.len());
             from += covered(&slice);
         }
+    }
+}
+
+/// The extents of `all` from byte `skip` on, where the first `prefix`
+/// entries came from the cache and the scan's first extent may have merged
+/// into the last of them.
+fn scanned_part(all: &[Extent], prefix: usize, skip: u64) -> Vec<Extent> {
+    // Entries before the (possibly merged) last prefix entry are all cached.
+    let first = prefix.saturating_sub(1);
+    let before = covered(&all[..first]);
+    let mut out = all[first..].to_vec();
+    if let Some(head) = out.first_mut() {
+        head.length -= skip - before;
+    }
+    out.retain(|e| e.length > 0);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::extent::HOLE;
+
+    #[test]
+    fn the_scanned_part_starts_where_the_scan_did() {
+        let e = |length, status| Extent { length, status };
+        // Prefix [DATA 100], scan merged 50 more DATA, then a HOLE.
+        assert_eq!(scanned_part(&[e(150, DATA), e(10, HOLE)], 1, 100), vec![e(50, DATA), e(10, HOLE)]);
+        // Prefix [DATA 100, HOLE 20], scan started with DATA 30.
+        assert_eq!(scanned_part(&[e(100, DATA), e(20, HOLE), e(30, DATA)], 2, 120), vec![e(30, DATA)]);
+        // No prefix.
+        assert_eq!(scanned_part(&[e(7, HOLE)], 0, 0), vec![e(7, HOLE)]);
     }
 }

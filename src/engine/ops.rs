@@ -18,9 +18,10 @@ pub fn entry(op: &Op) -> squeue::Entry {
                     .offset(offset)
                     .rw_flags(flags)
                     .build(),
-                None => {
-                    opcode::Write::new(types::Fd(fd), from.ptr.cast_const(), from.len).offset(offset).rw_flags(flags).build()
-                }
+                None => opcode::Write::new(types::Fd(fd), from.ptr.cast_const(), from.len)
+                    .offset(offset)
+                    .rw_flags(flags)
+                    .build(),
             }
         }
         Op::Allocate { fd, offset, length, mode } => {

@@ -1,13 +1,12 @@
 //! Sparse structured READ replies: runs of zeroes go out as OFFSET_HOLE
 //! chunks instead of zero-filled OFFSET_DATA, as qemu-nbd does.
 //!
-//! Where the extent cache knows a range is data it is sent as data without
-//! looking at it; everything else is checked block by block for zeroes, so
-//! holes, unwritten extents and written zeroes all shrink on the wire. The
-//! read itself is unchanged (one READ of the whole range), so this costs a
-//! scan of the buffer and never an extra syscall.
-
-use crate::proto::extent::{DATA, Extent};
+//! The data is checked block by block for zeroes, so holes, unwritten
+//! extents and written zeroes all shrink on the wire (a hole chunk says
+//! "reads as zeroes", which is true of all three). The read itself is
+//! unchanged (one READ of the whole range), so this costs a scan of the
+//! buffer, which stops at the first non-zero word of a data block, and never
+//! an extra syscall, lock or cache lookup.
 
 /// Zero runs are found on these boundaries (absolute offsets); shorter
 /// ones are not worth a chunk header.
@@ -23,19 +22,17 @@ pub struct Run {
     pub len: usize,
 }
 
-/// Runs covering `data` (read at `offset`), at most CHUNKS_MAX. `known`
-/// is the cache's description of a prefix of the range (may be empty).
-/// Returns the number of runs written to `out`.
-pub fn runs(data: &[u8], offset: u64, known: &[Extent], out: &mut [Run; CHUNKS_MAX]) -> usize {
+/// Runs covering `data` (read at `offset`), at most CHUNKS_MAX. Returns the
+/// number of runs written to `out`.
+pub fn runs(data: &[u8], offset: u64, out: &mut [Run; CHUNKS_MAX]) -> usize {
     let end = offset + data.len() as u64;
-    let known_data_end = known_data_until(offset, known);
     let mut count = 0;
     let mut at = offset;
     while at < end {
         let block_end = ((at / HOLE_BLOCK_BYTES + 1) * HOLE_BLOCK_BYTES).min(end);
         let whole_block = at.is_multiple_of(HOLE_BLOCK_BYTES) && block_end - at == HOLE_BLOCK_BYTES;
         let slice = &data[(at - offset) as usize..(block_end - offset) as usize];
-        let hole = whole_block && !known_data_end.is_some_and(|(s, e)| at >= s && block_end <= e) && is_zero(slice);
+        let hole = whole_block && is_zero(slice);
         let start = (at - offset) as usize;
         let len = (block_end - at) as usize;
         match out[..count].last_mut() {
@@ -55,19 +52,6 @@ pub fn runs(data: &[u8], offset: u64, known: &[Extent], out: &mut [Run; CHUNKS_M
         at = block_end;
     }
     count
-}
-
-/// The first known-data range in the cached prefix, if any, as (start, end).
-/// Only the first is used: one range keeps the per-block check O(1).
-fn known_data_until(offset: u64, known: &[Extent]) -> Option<(u64, u64)> {
-    let mut at = offset;
-    for extent in known {
-        if extent.status == DATA {
-            return Some((at, at + extent.length));
-        }
-        at += extent.length;
-    }
-    None
 }
 
 /// True if every byte is zero. ORs 64-byte chunks so the compiler can use
@@ -91,9 +75,9 @@ mod tests {
 
     const B: usize = HOLE_BLOCK_BYTES as usize;
 
-    fn run_list(data: &[u8], offset: u64, known: &[Extent]) -> Vec<Run> {
+    fn run_list(data: &[u8], offset: u64) -> Vec<Run> {
         let mut out = [Run { hole: false, start: 0, len: 0 }; CHUNKS_MAX];
-        let n = runs(data, offset, known, &mut out);
+        let n = runs(data, offset, &mut out);
         out[..n].to_vec()
     }
 
@@ -101,7 +85,7 @@ mod tests {
     fn zero_blocks_become_holes_and_partial_blocks_stay_data() {
         let mut data = vec![0u8; 4 * B];
         data[B + 7] = 1;
-        let r = run_list(&data, 0, &[]);
+        let r = run_list(&data, 0);
         assert_eq!(
             r,
             vec![
@@ -112,21 +96,13 @@ mod tests {
         );
         // Unaligned start: the first partial block is data even if zero
         // (here it merges with the data block after it).
-        let r = run_list(&data[100..], 100, &[]);
+        let r = run_list(&data[100..], 100);
         assert_eq!(r[0], Run { hole: false, start: 0, len: 2 * B - 100 });
         let zeros = vec![0u8; 3 * B];
-        let r = run_list(&zeros[100..], 100, &[]);
+        let r = run_list(&zeros[100..], 100);
         assert_eq!(r[0], Run { hole: false, start: 0, len: B - 100 });
         assert_eq!(r[1], Run { hole: true, start: B - 100, len: 2 * B });
         assert_eq!(r.iter().map(|x| x.len).sum::<usize>(), 3 * B - 100);
-    }
-
-    #[test]
-    fn cached_data_is_not_turned_into_holes() {
-        let data = vec![0u8; 2 * B];
-        let known = [Extent { length: B as u64, status: DATA }];
-        let r = run_list(&data, 0, &known);
-        assert_eq!(r, vec![Run { hole: false, start: 0, len: B }, Run { hole: true, start: B, len: B }]);
     }
 
     #[test]
@@ -135,7 +111,7 @@ mod tests {
         for block in (0..64).step_by(2) {
             data[block * B] = 1;
         }
-        let r = run_list(&data, 0, &[]);
+        let r = run_list(&data, 0);
         assert_eq!(r.len(), CHUNKS_MAX);
         assert!(!r.last().unwrap().hole);
         assert_eq!(r.iter().map(|x| x.len).sum::<usize>(), 64 * B);
@@ -158,6 +134,6 @@ mod tests {
     #[test]
     fn all_data_is_one_run() {
         let data = vec![7u8; 3 * B + 5];
-        assert_eq!(run_list(&data, 0, &[]), vec![Run { hole: false, start: 0, len: 3 * B + 5 }]);
+        assert_eq!(run_list(&data, 0), vec![Run { hole: false, start: 0, len: 3 * B + 5 }]);
     }
 }

@@ -30,12 +30,15 @@ impl Mutation {
 /// (successfully or not). The extent cache learns about the change here,
 /// after the data is in place, so a BLOCK_STATUS sent after the reply can
 /// never be answered from a stale entry.
-pub fn complete(image: &Image, command: &Command, succeeded: bool) {
+///
+/// Failed mutations count too: a write that failed half-way may still have
+/// changed the file. This is on every mutation's path, so what it does is
+/// lock-free and allocation-free (see `meta::extent_cache`).
+pub fn complete(image: &Image, command: &Command, _succeeded: bool) {
     let (Some(mutation), Some(cache)) = (Mutation::of(command), &image.extent_cache) else { return };
     match mutation {
-        Mutation::Write { offset, length } if succeeded => cache.wrote(offset, offset + length),
         Mutation::Write { offset, length } | Mutation::Zero { offset, length } | Mutation::Trim { offset, length } => {
-            cache.forget(offset, offset + length)
+            cache.mutated(offset, offset + length)
         }
     }
 }

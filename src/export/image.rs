@@ -20,7 +20,7 @@ impl Image {
     pub fn new(backend: Backend, extent_cache_entries: usize) -> Self {
         let extent_cache = match &backend {
             Backend::File(f) if !f.is_block_device && extent_cache_entries > 0 => {
-                Some(ExtentCache::new(extent_cache_entries, f.block_bytes))
+                Some(ExtentCache::new(extent_cache_entries, f.size))
             }
             _ => None,
         };

@@ -1,137 +1,220 @@
-//! The per-export extent cache shared by every worker and connection.
+//! The per-file extent cache shared by every worker, connection and export
+//! of one file.
 //!
-//! A map of non-overlapping known ranges (start -> end, status). Lookups
-//! return the cached prefix of a request; the uncached rest is scanned by a
-//! lookup helper and inserted. Coherence with writes through the server:
+//! A map of non-overlapping known ranges (start -> end, status), filled by
+//! the lookup helpers' scans and read by BLOCK_STATUS. The I/O path never
+//! touches the map: a completed mutation (write, zero, trim) only bumps the
+//! generation counter of the regions it touched, with one atomic add and no
+//! lock or allocation. Coherence comes from comparing generations:
 //!
-//! - every mutation *completion* (write, zero, trim) updates or clears the
-//!   range and bumps `epoch` (a WRITE marks its range data; zero and trim
-//!   clear it, since the filesystem decides what they become);
-//! - a scan remembers the epoch it started at, and its result is cached only
-//!   if no mutation completed meanwhile, so a scan racing a write can never
-//!   leave stale "hole" entries behind. The scan's own answer may predate the
-//!   write, which is fine: the client had not seen that write's reply when
-//!   it asked.
+//! - a scan notes each region's generation before it starts
+//!   ([`ExtentCache::begin_scan`]); its result is cached only for regions
+//!   whose generation has not moved by the time it is inserted, so a scan
+//!   that raced a mutation never leaves a stale entry behind;
+//! - each region remembers the generation its entries were scanned at, and
+//!   a lookup stops at the first region whose generation has moved since:
+//!   that part is rescanned, so a BLOCK_STATUS sent after a mutation's reply,
+//!   on any connection and any worker, never sees the range as it was.
+//!
+//! Regions are at least 1 MiB (and at most 65,536 per file), so a mutation
+//! costs the rescan of its region on the next lookup there, not of the file.
 //!
 //! Changes made to the file by other processes are not seen; run with
 //! `--extent-cache=off` when the export is shared (doc/contexts.md).
 
 use std::collections::BTreeMap;
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use crate::proto::extent::{DATA, Extent, covered, push_capped};
+use crate::proto::extent::{Extent, covered, push_capped};
+
+/// Smallest region, and the most regions one file gets.
+const REGION_BYTES_MIN: u64 = 1 << 20;
+const REGIONS_MAX: u64 = 1 << 16;
+/// `cached_at` of a region with nothing cached.
+const NOTHING: u64 = u64::MAX;
 
 pub struct ExtentCache {
     /// start -> (end, status); ranges never overlap and neighbours with the
-    /// same status are merged.
+    /// same status are merged. Written only by lookup helpers.
     map: RwLock<BTreeMap<u64, (u64, u32)>>,
-    /// Mirrors `map.len()` so mutations can skip the lock while nothing is
-    /// cached. See `mutated` and `insert` for the ordering that makes this safe.
+    /// Mirrors `map.len()` (for tests and capacity).
     entries: AtomicUsize,
-    epoch: AtomicU64,
     entries_max: usize,
-    /// Mutated ranges are widened to this (the filesystem block): a write
-    /// of 100 bytes allocates the whole block, and descriptors stay aligned.
-    granule: u64,
+    region_shift: u32,
+    /// Per region: bumped by every completed mutation once the region is
+    /// `watched`.
+    generations: Box<[AtomicU64]>,
+    /// Per region: a scan has begun there, so mutations must bump it.
+    watched: Box<[AtomicBool]>,
+    /// Per region: the generation its cached entries were scanned at, or
+    /// NOTHING. Written under the map's write lock.
+    cached_at: Box<[AtomicU64]>,
+}
+
+/// The generations of the regions a scan covers, taken before it started.
+pub struct ScanStamp {
+    first_region: usize,
+    generations: Vec<u64>,
+}
+
+impl ScanStamp {
+    fn generation(&self, region: usize) -> Option<u64> {
+        region.checked_sub(self.first_region).and_then(|i| self.generations.get(i).copied())
+    }
 }
 
 impl ExtentCache {
-    pub fn new(entries_max: usize, granule: u64) -> Self {
-        assert!(granule.is_power_of_two());
+    /// A cache of at most `entries_max` extents for a file of `size_bytes`.
+    pub fn new(entries_max: usize, size_bytes: u64) -> Self {
+        let region_bytes = size_bytes.div_ceil(REGIONS_MAX).next_power_of_two().max(REGION_BYTES_MIN);
+        let regions = size_bytes.div_ceil(region_bytes).max(1) as usize;
         Self {
             map: RwLock::new(BTreeMap::new()),
             entries: AtomicUsize::new(0),
-            epoch: AtomicU64::new(0),
             entries_max,
-            granule,
+            region_shift: region_bytes.trailing_zeros(),
+            generations: (0..regions).map(|_| AtomicU64::new(0)).collect(),
+            watched: (0..regions).map(|_| AtomicBool::new(false)).collect(),
+            cached_at: (0..regions).map(|_| AtomicU64::new(NOTHING)).collect(),
         }
     }
 
-    pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::SeqCst)
-    }
-
     pub fn len(&self) -> usize {
-        self.entries.load(Ordering::SeqCst)
+        self.entries.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    fn region(&self, offset: u64) -> usize {
+        ((offset >> self.region_shift) as usize).min(self.generations.len() - 1)
+    }
+
+    fn region_start(&self, region: usize) -> u64 {
+        (region as u64) << self.region_shift
+    }
+
+    /// The regions `[offset, end)` touches (end > offset).
+    fn regions(&self, offset: u64, end: u64) -> std::ops::RangeInclusive<usize> {
+        self.region(offset)..=self.region(end - 1)
+    }
+
+    /// A mutation of `[offset, end)` completed (its data is in place). The
+    /// hot path: one load per region, and an add where a scan ever looked.
+    pub fn mutated(&self, offset: u64, end: u64) {
+        if offset >= end {
+            return;
+        }
+        for region in self.regions(offset, end) {
+            // SeqCst pairs with begin_scan's store: either this load sees the
+            // region watched and bumps, or the scan starts after this
+            // mutation's data landed and sees it.
+            if self.watched[region].load(Ordering::SeqCst) {
+                self.generations[region].fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Called before scanning `[from, end)`: what `insert` checks against.
+    pub fn begin_scan(&self, from: u64, end: u64) -> ScanStamp {
+        let regions = self.regions(from, end.max(from + 1));
+        let first_region = *regions.start();
+        let generations = regions
+            .map(|r| {
+                if !self.watched[r].load(Ordering::SeqCst) {
+                    self.watched[r].store(true, Ordering::SeqCst);
+                }
+                self.generations[r].load(Ordering::SeqCst)
+            })
+            .collect();
+        ScanStamp { first_region, generations }
+    }
+
+    /// Whether the entries cached in `region` still describe it.
+    fn valid(&self, region: usize) -> bool {
+        let at = self.cached_at[region].load(Ordering::Acquire);
+        at != NOTHING && at == self.generations[region].load(Ordering::SeqCst)
+    }
+
     /// Appends cached extents covering `[offset, end)` from `offset` on,
-    /// stopping at the first gap or after `extents_max` extents. Returns the
-    /// offset up to which `out` now describes the range.
+    /// stopping at the first gap, at a region changed since it was cached,
+    /// or after `extents_max` extents. Returns the offset up to which `out`
+    /// now describes the range.
     pub fn lookup(&self, offset: u64, end: u64, extents_max: usize, out: &mut Vec<Extent>) -> u64 {
-        if self.is_empty() {
+        if self.is_empty() || offset >= end {
             return offset;
         }
         let map = self.map.read().expect("extent cache lock");
-        let mut at = offset;
         let first = map.range(..=offset).next_back().filter(|(_, (e, _))| *e > offset).map(|(s, _)| *s);
-        let start_key = first.unwrap_or(offset);
-        for (&start, &(stop, status)) in map.range(start_key..) {
+        let mut at = offset;
+        let mut checked_through = None; // last region known valid
+        for (&start, &(stop, status)) in map.range(first.unwrap_or(offset)..) {
             if start > at || at >= end {
                 break;
             }
-            let piece_end = stop.min(end);
-            if !push_capped(out, Extent { length: piece_end - at, status }, extents_max) {
+            let mut piece_end = stop.min(end);
+            for region in self.regions(at, piece_end) {
+                if checked_through.is_some_and(|c| region <= c) {
+                    continue;
+                }
+                if !self.valid(region) {
+                    piece_end = self.region_start(region).max(at);
+                    break;
+                }
+                checked_through = Some(region);
+            }
+            if piece_end <= at || !push_capped(out, Extent { length: piece_end - at, status }, extents_max) {
                 break;
             }
             at = piece_end;
+            if piece_end < stop.min(end) {
+                break; // stopped at a changed region
+            }
         }
         at
     }
 
-    /// Caches a scan of `[offset, offset + covered(extents))` that began at
-    /// `epoch`; dropped if a mutation completed since.
-    pub fn insert(&self, offset: u64, extents: &[Extent], epoch: u64) {
+    /// Caches a scan of `[from, from + covered(extents))` stamped by
+    /// `begin_scan`; regions that changed since are left out.
+    pub fn insert(&self, from: u64, extents: &[Extent], stamp: &ScanStamp) {
+        let to = from + covered(extents);
+        if to <= from {
+            return;
+        }
         let mut map = self.map.write().expect("extent cache lock");
-        if self.epoch.load(Ordering::SeqCst) != epoch {
+        // Keep the prefix of whole regions the scan can still vouch for.
+        let mut keep_to = to;
+        for region in self.regions(from, to) {
+            let moved = stamp.generation(region) != Some(self.generations[region].load(Ordering::SeqCst));
+            if moved {
+                keep_to = self.region_start(region).max(from);
+                break;
+            }
+        }
+        if keep_to <= from {
             return;
         }
         if map.len() + extents.len() > self.entries_max {
-            map.clear(); // bounded memory: start over rather than grow
+            // Bounded memory: start over rather than grow.
+            map.clear();
+            self.cached_at.iter().for_each(|c| c.store(NOTHING, Ordering::Release));
         }
-        let at = offset + covered(extents);
-        cut(&mut map, offset, at);
-        append(&mut map, offset, extents);
-        // Publish the entries, then look at the epoch once more. A mutation
-        // bumps the epoch before it reads `entries` (see `mutated`), so
-        // either it sees these entries and waits for this lock to cut its
-        // range, or this check sees its bump and the insert is undone.
-        self.entries.store(map.len(), Ordering::SeqCst);
-        if self.epoch.load(Ordering::SeqCst) != epoch {
-            cut(&mut map, offset, at);
-            self.entries.store(map.len(), Ordering::SeqCst);
+        for region in self.regions(from, keep_to) {
+            let generation = stamp.generation(region).expect("stamped");
+            if self.cached_at[region].load(Ordering::Acquire) != generation {
+                // Older entries of this region predate a mutation: drop them.
+                let start = self.region_start(region);
+                cut(&mut map, start, start + (1 << self.region_shift));
+            }
         }
-    }
-
-    /// A WRITE completed: its range now holds data.
-    pub fn wrote(&self, offset: u64, end: u64) {
-        self.mutated(offset, end, Some(DATA));
-    }
-
-    /// A zero or trim completed: what the range became is the filesystem's
-    /// choice, so forget it.
-    pub fn forget(&self, offset: u64, end: u64) {
-        self.mutated(offset, end, None);
-    }
-
-    fn mutated(&self, offset: u64, end: u64, status: Option<u32>) {
-        // Bump first, then look: pairs with the publish-then-check in `insert`.
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-        if self.entries.load(Ordering::SeqCst) == 0 {
-            return;
+        cut(&mut map, from, keep_to);
+        append(&mut map, from, keep_to, extents);
+        for region in self.regions(from, keep_to) {
+            self.cached_at[region].store(stamp.generation(region).expect("stamped"), Ordering::Release);
         }
-        let (offset, end) = (offset / self.granule * self.granule, end.div_ceil(self.granule) * self.granule);
-        let mut map = self.map.write().expect("extent cache lock");
-        cut(&mut map, offset, end);
-        if let Some(status) = status {
-            put(&mut map, offset, end, status);
-        }
-        self.entries.store(map.len(), Ordering::SeqCst);
+        self.entries.store(map.len(), Ordering::Relaxed);
     }
 }
 
@@ -154,64 +237,46 @@ fn cut(map: &mut BTreeMap<u64, (u64, u32)>, offset: u64, end: u64) {
     }
 }
 
-/// Inserts `extents` from `offset` into a range already cut free, in key
-/// order, merging equal neighbours (one map insert per extent, instead of a
-/// cut and two lookups each as in `put`).
-fn append(map: &mut BTreeMap<u64, (u64, u32)>, offset: u64, extents: &[Extent]) {
+/// Inserts `extents` from `offset`, clipped at `end`, into a range already
+/// cut free, in key order, merging equal neighbours.
+fn append(map: &mut BTreeMap<u64, (u64, u32)>, offset: u64, end: u64, extents: &[Extent]) {
     // (start, end, status) not yet inserted; starts as the left neighbour
     // when it touches `offset`, so an equal status extends it.
     let mut run = map.range(..offset).next_back().filter(|(_, (e, _))| *e == offset).map(|(&s, &(e, st))| (s, e, st));
     let mut at = offset;
     for extent in extents {
+        if at >= end {
+            break;
+        }
+        let stop = (at + extent.length).min(end);
         match &mut run {
-            Some((_, end, status)) if *end == at && *status == extent.status => *end += extent.length,
+            Some((_, run_end, status)) if *run_end == at && *status == extent.status => *run_end = stop,
             _ => {
-                if let Some((start, end, status)) = run {
-                    map.insert(start, (end, status));
+                if let Some((start, run_end, status)) = run {
+                    map.insert(start, (run_end, status));
                 }
-                run = Some((at, at + extent.length, extent.status));
+                run = Some((at, stop, extent.status));
             }
         }
-        at += extent.length;
+        at = stop;
     }
-    if let Some((start, mut end, status)) = run {
-        if let Some(&(next_end, next_status)) = map.get(&end)
+    if let Some((start, mut run_end, status)) = run {
+        if let Some(&(next_end, next_status)) = map.get(&run_end)
             && next_status == status
         {
-            map.remove(&end);
-            end = next_end;
+            map.remove(&run_end);
+            run_end = next_end;
         }
-        map.insert(start, (end, status));
+        map.insert(start, (run_end, status));
     }
-}
-
-/// Sets `[offset, end)` to `status`, merging with equal neighbours.
-fn put(map: &mut BTreeMap<u64, (u64, u32)>, offset: u64, end: u64, status: u32) {
-    if offset >= end {
-        return;
-    }
-    cut(map, offset, end);
-    let (mut start, mut stop) = (offset, end);
-    if let Some((&prev, &(prev_end, prev_status))) = map.range(..offset).next_back()
-        && prev_end == offset
-        && prev_status == status
-    {
-        map.remove(&prev);
-        start = prev;
-    }
-    if let Some(&(next_end, next_status)) = map.get(&end)
-        && next_status == status
-    {
-        map.remove(&end);
-        stop = next_end;
-    }
-    map.insert(start, (stop, status));
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::proto::extent::{HOLE, ZERO};
     use super::*;
+    use crate::proto::extent::{DATA, HOLE, ZERO};
+
+    const MIB: u64 = 1 << 20;
 
     fn ext(length: u64, status: u32) -> Extent {
         Extent { length, status }
@@ -223,94 +288,93 @@ mod tests {
         (out, at)
     }
 
+    fn scan_insert(cache: &ExtentCache, from: u64, extents: &[Extent]) {
+        let stamp = cache.begin_scan(from, from + covered(extents));
+        cache.insert(from, extents, &stamp);
+    }
+
     #[test]
     fn lookups_return_the_cached_prefix_and_stop_at_gaps() {
-        let c = ExtentCache::new(1000, 1);
-        c.insert(100, &[ext(100, DATA), ext(100, HOLE)], c.epoch());
+        let c = ExtentCache::new(1000, 64 * MIB);
+        scan_insert(&c, 100, &[ext(100, DATA), ext(100, HOLE)]);
         assert_eq!(all(&c, 150, 1000), (vec![ext(50, DATA), ext(100, HOLE)], 300));
         assert_eq!(all(&c, 0, 1000), (vec![], 0), "gap at the start");
         assert_eq!(all(&c, 250, 260), (vec![ext(10, HOLE)], 260), "clipped to the request");
-        c.insert(300, &[ext(50, HOLE)], c.epoch());
+        scan_insert(&c, 300, &[ext(50, HOLE)]);
         assert_eq!(all(&c, 200, 400), (vec![ext(150, HOLE)], 350), "coalesced across inserts");
     }
 
     #[test]
-    fn writes_mark_data_and_zeroes_forget() {
-        let c = ExtentCache::new(1000, 1);
-        c.insert(0, &[ext(1000, HOLE)], c.epoch());
-        c.wrote(100, 200);
-        assert_eq!(all(&c, 0, 1000), (vec![ext(100, HOLE), ext(100, DATA), ext(800, HOLE)], 1000));
-        c.forget(150, 300);
-        assert_eq!(all(&c, 0, 1000), (vec![ext(100, HOLE), ext(50, DATA)], 150));
-        assert_eq!(all(&c, 300, 1000), (vec![ext(700, HOLE)], 1000));
-        c.wrote(150, 300);
-        assert_eq!(all(&c, 0, 1000), (vec![ext(100, HOLE), ext(200, DATA), ext(700, HOLE)], 1000));
+    fn a_mutation_invalidates_only_its_regions() {
+        let c = ExtentCache::new(1000, 64 * MIB);
+        scan_insert(&c, 0, &[ext(8 * MIB, HOLE)]);
+        c.mutated(3 * MIB + 100, 3 * MIB + 200);
+        assert_eq!(all(&c, 0, 8 * MIB), (vec![ext(3 * MIB, HOLE)], 3 * MIB), "stops at the changed region");
+        assert_eq!(all(&c, 4 * MIB, 8 * MIB), (vec![ext(4 * MIB, HOLE)], 8 * MIB), "later regions still valid");
+        assert_eq!(all(&c, 3 * MIB + 5, 8 * MIB).1, 3 * MIB + 5, "nothing from inside the changed region");
+        // A rescan of the region restores it.
+        scan_insert(&c, 3 * MIB, &[ext(MIB / 2, HOLE), ext(MIB / 2, DATA)]);
+        assert_eq!(
+            all(&c, 0, 8 * MIB),
+            (vec![ext(3 * MIB + MIB / 2, HOLE), ext(MIB / 2, DATA), ext(4 * MIB, HOLE)], 8 * MIB)
+        );
     }
 
     #[test]
     fn a_scan_that_raced_a_mutation_is_not_cached() {
-        let c = ExtentCache::new(1000, 1);
-        let epoch = c.epoch();
-        c.wrote(0, 10); // completes while the scan is running
-        c.insert(0, &[ext(100, HOLE)], epoch);
-        assert_eq!(all(&c, 0, 100).1, 0, "stale scan dropped");
+        let c = ExtentCache::new(1000, 64 * MIB);
+        let stamp = c.begin_scan(0, 4 * MIB);
+        c.mutated(2 * MIB, 2 * MIB + 10); // completes while the scan is running
+        c.insert(0, &[ext(4 * MIB, HOLE)], &stamp);
+        assert_eq!(all(&c, 0, 4 * MIB), (vec![ext(2 * MIB, HOLE)], 2 * MIB), "only the untouched prefix");
+    }
+
+    #[test]
+    fn stale_older_entries_of_a_rescanned_region_are_dropped() {
+        let c = ExtentCache::new(1000, 64 * MIB);
+        scan_insert(&c, 0, &[ext(MIB, HOLE)]);
+        c.mutated(100, 200);
+        // A capped rescan covers only part of the region; the older entries
+        // of the region must not come back as valid with it.
+        scan_insert(&c, 0, &[ext(50, HOLE)]);
+        assert_eq!(all(&c, 0, MIB), (vec![ext(50, HOLE)], 50));
+    }
+
+    #[test]
+    fn unwatched_regions_cost_no_generation_bump() {
+        let c = ExtentCache::new(1000, 64 * MIB);
+        c.mutated(0, 10);
+        assert_eq!(c.generations[0].load(Ordering::SeqCst), 0);
+        c.begin_scan(0, 10);
+        c.mutated(0, 10);
+        assert_eq!(c.generations[0].load(Ordering::SeqCst), 1);
     }
 
     #[test]
     fn descriptor_cap_is_respected_and_capacity_is_bounded() {
-        let c = ExtentCache::new(4, 1);
-        c.insert(0, &[ext(1, DATA), ext(1, HOLE), ext(1, DATA)], c.epoch());
+        let c = ExtentCache::new(4, 64 * MIB);
+        scan_insert(&c, 0, &[ext(1, DATA), ext(1, HOLE), ext(1, DATA)]);
         let mut out = vec![];
         assert_eq!(c.lookup(0, 3, 2, &mut out), 2);
         assert_eq!(out.len(), 2);
-        c.insert(3, &[ext(1, HOLE), ext(1, ZERO)], c.epoch());
+        scan_insert(&c, 3, &[ext(1, HOLE), ext(1, ZERO)]);
         assert!(c.len() <= 4, "over capacity clears before inserting");
     }
 
     #[test]
-    fn mutations_widen_to_the_granule() {
-        let c = ExtentCache::new(100, 4096);
-        c.insert(0, &[ext(3 * 4096, HOLE)], c.epoch());
-        c.wrote(5000, 5100);
-        assert_eq!(all(&c, 0, 3 * 4096), (vec![ext(4096, HOLE), ext(4096, DATA), ext(4096, HOLE)], 3 * 4096));
-    }
-
-    #[test]
-    fn an_insert_racing_a_lock_free_mutation_undoes_itself() {
-        // The interleaving the publish-then-check guards against: the scan's
-        // epoch matches when the insert starts, a mutation then bumps the
-        // epoch while the cache still looks empty, and the insert completes.
-        let c = ExtentCache::new(100, 1);
-        let epoch = c.epoch();
-        let map = c.map.write().unwrap();
-        c.epoch.fetch_add(1, Ordering::SeqCst); // mutated()'s bump, entries still 0
-        drop(map);
-        c.insert(0, &[ext(100, HOLE)], epoch);
-        assert_eq!(all(&c, 0, 100).1, 0, "dropped: epoch already moved");
-        // And when the bump lands after the epoch check but before publication,
-        // the final re-check removes the entries.
-        let c = ExtentCache::new(100, 1);
-        let epoch = c.epoch();
-        std::thread::scope(|s| {
-            let guard = c.map.write().unwrap();
-            let writer = s.spawn(|| c.wrote(10, 20));
-            // The writer either bumps and returns (cache empty) or blocks on
-            // the lock; give it time to do the former.
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            drop(guard);
-            writer.join().unwrap();
-        });
-        c.insert(0, &[ext(100, HOLE)], epoch);
-        assert_eq!(all(&c, 0, 100).1, 0);
+    fn big_files_get_bigger_regions() {
+        let c = ExtentCache::new(10, 1 << 50);
+        assert_eq!(c.generations.len(), REGIONS_MAX as usize);
+        assert_eq!(1u64 << c.region_shift, (1 << 50) / REGIONS_MAX);
+        let small = ExtentCache::new(10, 100);
+        assert_eq!((small.generations.len(), 1u64 << small.region_shift), (1, MIB));
     }
 
     #[test]
     fn cut_splits_an_entry_that_spans_the_range() {
-        let c = ExtentCache::new(100, 1);
-        c.insert(0, &[ext(100, HOLE)], c.epoch());
-        c.forget(40, 60);
-        assert_eq!(all(&c, 0, 100), (vec![ext(40, HOLE)], 40));
-        assert_eq!(all(&c, 60, 100), (vec![ext(40, HOLE)], 100));
-        assert_eq!(c.len(), 2);
+        let mut map = BTreeMap::new();
+        map.insert(0, (100, HOLE));
+        cut(&mut map, 40, 60);
+        assert_eq!(map.into_iter().collect::<Vec<_>>(), vec![(0, (40, HOLE)), (60, (100, HOLE))]);
     }
 }

@@ -15,6 +15,9 @@ use super::super::ops;
 use super::super::user_data::Token;
 use super::Worker;
 
+/// Job vectors a worker keeps for reuse (one per lookup in flight at once).
+const SPARE_EXTENT_VECTORS_MAX: usize = 16;
+
 /// Which backend call a file request's step is.
 enum FileCall {
     Start,
@@ -39,7 +42,7 @@ impl Worker {
     }
 
     fn start_block_status(&mut self, request: u32) {
-        let Worker { requests, conns, extents, lookups, config, .. } = self;
+        let Worker { requests, conns, extents, lookups, config, spare_extents, .. } = self;
         let req = &mut requests[request as usize];
         let Command::BlockStatus { offset, length, req_one, .. } = req.command else { unreachable!("checked") };
         let conn = &conns[req.conn as usize];
@@ -51,17 +54,21 @@ impl Worker {
                 self.answer_block_status(request, &extents);
                 self.extents = extents;
             }
-            Gathered::Scan { from, epoch } => {
+            Gathered::Scan { from } => {
                 req.in_lookup = true;
+                // A vector back from an earlier job: no allocation per miss
+                // once the worker has a few.
+                let mut job_extents = spare_extents.pop().unwrap_or_default();
+                job_extents.clear();
+                job_extents.extend_from_slice(extents);
                 let job = LookupJob {
                     request,
                     export: conn.export_index,
                     offset,
                     from,
-                    epoch,
                     end: offset + length,
                     extents_max: query.extents_max,
-                    extents: extents.clone(),
+                    extents: job_extents,
                 };
                 lookups.jobs.send(job).expect("lookup helper outlives its worker");
             }
@@ -70,13 +77,16 @@ impl Worker {
 
     pub(super) fn on_lookup(&mut self, done: LookupDone) {
         match done.result {
-            Ok(extents) => self.answer_block_status(done.request, &extents),
+            Ok(()) => self.answer_block_status(done.request, &done.extents),
             Err(errno) => {
                 let req = &mut self.requests[done.request as usize];
                 req.in_lookup = false;
                 req.error = Some(Failure::from_errno(errno));
                 self.finish(done.request, false);
             }
+        }
+        if self.spare_extents.len() < SPARE_EXTENT_VECTORS_MAX {
+            self.spare_extents.push(done.extents);
         }
     }
 

@@ -13,8 +13,8 @@ use io_uring::opcode;
 use crate::proto::transmission::RequestLimits;
 
 use super::super::conn::{Closing, Conn};
-use super::super::user_data::Token;
 use super::super::handoff::NewConnection;
+use super::super::user_data::Token;
 use super::Worker;
 
 impl Worker {

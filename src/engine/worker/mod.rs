@@ -28,18 +28,18 @@ use crossbeam_channel::Receiver;
 use io_uring::{opcode, types};
 use slab::Slab;
 
+use super::lookup::LookupService;
 use crate::export::Export;
 use crate::proto::extent::Extent;
-use super::lookup::LookupService;
 
 use super::EngineError;
 use super::buffers::{Budget, BufferPool};
 use super::conn::Conn;
 use super::handoff::NewConnection;
-use crate::backend::file_io::ZeroRegion;
 use super::request::Request;
 use super::ring::{Completion, REAP_BATCH_MAX, Ring};
 use super::user_data::Token;
+use crate::backend::file_io::ZeroRegion;
 
 /// Every per-worker limit, set once at start.
 #[derive(Debug, Clone)]
@@ -113,6 +113,8 @@ pub struct Worker {
     batch: Vec<Completion>,
     /// Scratch for BLOCK_STATUS answers gathered inline.
     extents: Vec<Extent>,
+    /// Vectors returned by lookup helpers, reused for the next jobs.
+    spare_extents: Vec<Vec<Extent>>,
     lookups: LookupService,
     /// The time of the current loop turn (one clock read per turn).
     now: Instant,
@@ -176,6 +178,7 @@ impl Worker {
             draining: false,
             batch: Vec::with_capacity(REAP_BATCH_MAX),
             extents: Vec::with_capacity(config.extents_max.min(1 << 16)),
+            spare_extents: Vec::new(),
             now: Instant::now(),
             config,
         })

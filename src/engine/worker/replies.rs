@@ -4,8 +4,6 @@
 
 use io_uring::{opcode, types};
 
-use crate::export::Export;
-use crate::proto::extent::Extent;
 use crate::proto::reply;
 use crate::proto::transmission::{Command, ReplyMode};
 
@@ -19,7 +17,7 @@ use super::Worker;
 impl Worker {
     /// Encodes the reply and queues it on its connection.
     pub(super) fn finish(&mut self, request: u32, is_read: bool) {
-        let Worker { requests, conns, extents, now, .. } = self;
+        let Worker { requests, conns, now, .. } = self;
         let req = &mut requests[request as usize];
         let conn = &mut conns[req.conn as usize];
         debug_assert!(!req.task.is_waiting() && !req.in_lookup);
@@ -30,9 +28,7 @@ impl Worker {
                 req.clear_reply();
                 req.reply_inline(|out| reply::error(out, to, error.code.code(), error.message));
             }
-            (None, Command::Read { offset, length, df }) if is_read => {
-                compose_read(req, &conn.export, offset, length, df, extents);
-            }
+            (None, Command::Read { offset, length, df }) if is_read => compose_read(req, offset, length, df),
             (None, Command::BlockStatus { .. }) => {} // encoded into the buffer already
             (None, _) => req.reply_inline(|out| reply::success(out, to, is_read)),
         }
@@ -103,18 +99,14 @@ impl Worker {
 
 /// A successful READ's reply: one data chunk (simple mode, DF, or no zero
 /// runs), else OFFSET_DATA and OFFSET_HOLE chunks (see `sparse_read`).
-fn compose_read(req: &mut Request, export: &Export, offset: u64, length: u32, df: bool, known: &mut Vec<Extent>) {
+fn compose_read(req: &mut Request, offset: u64, length: u32, df: bool) {
     let (to, head, len) = (req.to, req.task.span.head, length as usize);
     let mut runs = [Run { hole: false, start: 0, len: 0 }; sparse_read::CHUNKS_MAX];
     let count = if to.mode == ReplyMode::Simple || df {
         0
     } else {
-        known.clear();
-        if let Some(cache) = &export.image.extent_cache {
-            cache.lookup(offset, offset + u64::from(length), sparse_read::CHUNKS_MAX, known);
-        }
         let data = &req.buffer.as_ref().expect("reads own a buffer")[head..head + len];
-        sparse_read::runs(data, offset, known, &mut runs)
+        sparse_read::runs(data, offset, &mut runs)
     };
     if count <= 1 && !runs[0].hole {
         req.reply_inline(|out| reply::read_data(out, to, offset, length));
