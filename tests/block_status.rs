@@ -1284,40 +1284,57 @@ fn descriptors_are_aligned_to_the_minimum_block_size() {
     let path = dir.path("direct");
     let size = fragmented_file(&path, 4 * MIB, 9);
     assert_eq!(size % 4096, 0);
-    let server = Server::start(&[path.to_str().unwrap()]);
-    let uri = server.tcp_uri.clone().unwrap();
-    let check = |when: &str| {
-        let (minimum, ends) = boundaries(&uri);
-        assert!(minimum >= 512 && minimum.is_power_of_two(), "O_DIRECT export advertises minimum {minimum}");
-        assert_eq!(ends.last(), Some(&size));
-        for (i, &end) in ends[..ends.len() - 1].iter().enumerate() {
-            let near = &ends[i.saturating_sub(2)..(i + 3).min(ends.len())];
-            assert_eq!(
-                end % minimum,
-                0,
-                "{when}: descriptor boundary {end} is not a multiple of {minimum} (ends {near:?})"
-            );
+    // By default any alignment is served and the minimum is 1; with
+    // --strict-alignment the O_DIRECT alignment is the minimum. Either way
+    // descriptors fall on 512-byte boundaries and on the minimum.
+    for strict in [false, true] {
+        let mut args = vec![path.to_str().unwrap()];
+        if strict {
+            args.push("--strict-alignment");
         }
-        ends.len()
-    };
-    assert!(check("fresh") > 20);
-    // A client that did not agree to the block size may write and zero
-    // unaligned ranges (the server read-modify-writes them); the map must
-    // still be in whole blocks.
-    let mut c = Client::connect(&server.addr(), SR);
-    let holes: Vec<u64> = runs_at(&file_truth(&path), 0)
-        .into_iter()
-        .filter(|r| r.2 == HOLE && r.1 >= 16 * KIB)
-        .map(|r| r.0)
-        .take(3)
-        .collect();
-    assert_eq!(holes.len(), 3);
-    c.write(holes[0] + 1000, &[9u8; 100]);
-    c.write(holes[1] + 4096 - 10, &[9u8; 20]);
-    c.zero(holes[2] + 700, 5000, false);
-    let (_, bytes) = c.read(holes[0], 4096, 0);
-    assert_eq!(&bytes[1000..1100], &[9u8; 100][..]);
-    check("after unaligned writes");
+        let server = Server::start(&args);
+        let uri = server.tcp_uri.clone().unwrap();
+        let check = |when: &str| {
+            let (minimum, ends) = boundaries(&uri);
+            if strict {
+                assert!(minimum >= 512 && minimum.is_power_of_two(), "strict O_DIRECT export advertises {minimum}");
+            } else {
+                assert_eq!(minimum, 1, "any alignment by default");
+            }
+            let align = minimum.max(512);
+            assert_eq!(ends.last(), Some(&size));
+            for (i, &end) in ends[..ends.len() - 1].iter().enumerate() {
+                let near = &ends[i.saturating_sub(2)..(i + 3).min(ends.len())];
+                assert_eq!(
+                    end % align,
+                    0,
+                    "{when}: descriptor boundary {end} is not a multiple of {align} (ends {near:?})"
+                );
+            }
+            ends.len()
+        };
+        assert!(check("fresh") > 20);
+        // A client that did not agree to the block size may write and zero
+        // unaligned ranges (the server read-modify-writes them); the map must
+        // still be in whole blocks.
+        let mut c = Client::connect(&server.addr(), SR);
+        let holes: Vec<u64> = runs_at(&file_truth(&path), 0)
+            .into_iter()
+            .filter(|r| r.2 == HOLE && r.1 >= 16 * KIB)
+            .map(|r| r.0)
+            .take(3)
+            .collect();
+        assert_eq!(holes.len(), 3);
+        c.write(holes[0] + 1000, &[9u8; 100]);
+        c.write(holes[1] + 4096 - 10, &[9u8; 20]);
+        c.zero(holes[2] + 700, 5000, false);
+        let (_, bytes) = c.read(holes[0], 4096, 0);
+        assert_eq!(&bytes[1000..1100], &[9u8; 100][..]);
+        check("after unaligned writes");
+        drop(c);
+        std::fs::remove_file(&path).unwrap();
+        fragmented_file(&path, 4 * MIB, 9);
+    }
 }
 
 // ---------------------------------------------------------------------------

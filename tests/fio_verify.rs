@@ -165,3 +165,16 @@ fn fio_four_connections_verify_memory_unix() {
 fn fio_randwrite_mixed_bs_verify_tmpfs_file_tcp() {
     fio_verify(Transport::Tcp, Backing::TmpfsFile, 64 * MIB, &["--bsrange=512-256k", "--size=64m", "--runtime=20"]);
 }
+
+/// fio's default block alignment is its block size: 1000-byte requests at
+/// 1000-byte offsets on an O_DIRECT export, through a libnbd client that
+/// honours the server's advertised minimum block size.
+#[test]
+fn fio_bs_1000_verify_odirect_file_tcp() {
+    fio_verify(Transport::Tcp, Backing::File, 64_000_000, &["--bs=1000", "--size=64000000"]);
+}
+
+#[test]
+fn fio_bs_1000_verify_odirect_file_unix() {
+    fio_verify(Transport::Unix, Backing::File, 32_000_000, &["--bs=1000", "--size=32000000", "--rw=write"]);
+}

@@ -148,7 +148,8 @@ pub struct FileIo<'a> {
 
 impl FileIo<'_> {
     pub fn start(&self, command: &Command, task: &mut FileTask, data: Data<'_>) -> Next {
-        let next = if self.file.inline_io { self.inline(command, task, data) } else { self.on_ring(command, task, data) };
+        let next =
+            if self.file.inline_io { self.inline(command, task, data) } else { self.on_ring(command, task, data) };
         self.settle(task, next)
     }
 

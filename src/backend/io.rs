@@ -23,15 +23,35 @@ pub struct IoMemory {
 /// One storage operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
-    Read { fd: RawFd, into: IoMemory, offset: u64 },
+    Read {
+        fd: RawFd,
+        into: IoMemory,
+        offset: u64,
+    },
     /// `dsync`: durable before completion (FUA).
-    Write { fd: RawFd, from: IoMemory, offset: u64, dsync: bool },
+    Write {
+        fd: RawFd,
+        from: IoMemory,
+        offset: u64,
+        dsync: bool,
+    },
     /// fallocate(2) with `mode`.
-    Allocate { fd: RawFd, offset: u64, length: u64, mode: i32 },
+    Allocate {
+        fd: RawFd,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    },
     /// fdatasync(2).
-    Sync { fd: RawFd },
+    Sync {
+        fd: RawFd,
+    },
     /// posix_fadvise(WILLNEED).
-    Prefetch { fd: RawFd, offset: u64, length: u64 },
+    Prefetch {
+        fd: RawFd,
+        offset: u64,
+        length: u64,
+    },
 }
 
 /// What the engine does next with a request.

@@ -7,7 +7,6 @@ use crate::backend::memory::MEMORY_EXPORT_BYTES_MAX;
 use crate::export::{ExportSpec, Source};
 use crate::proto::wire::STRING_BYTES_MAX;
 
-
 /// Why an `EXPORT` argument (or a size) is not usable. Each says what to
 /// write instead.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

@@ -9,8 +9,8 @@ use crate::engine::worker::WorkerConfig;
 pub mod export_spec;
 
 use crate::export::{ExportOptions, ExportSpec};
-use export_spec::parse_size;
 use crate::server::ServerConfig;
+use export_spec::parse_size;
 
 /// Serve files, block devices or sparse memory over NBD, on io_uring.
 #[derive(Debug, Parser)]
@@ -70,6 +70,12 @@ pub struct Cli {
     /// Use buffered I/O instead of O_DIRECT for files and devices.
     #[arg(long)]
     pub no_direct: bool,
+
+    /// Advertise the O_DIRECT alignment as the minimum block size, holding
+    /// clients that ask for block sizes to it. By default the minimum is 1
+    /// and any alignment is served (read-modify-write where needed).
+    #[arg(long)]
+    pub strict_alignment: bool,
 
     /// Largest READ/WRITE payload (e.g. 32M). At least 1M.
     #[arg(long, value_name = "BYTES", default_value = "32M", value_parser = parse_payload)]
@@ -218,6 +224,7 @@ impl Cli {
             description: self.description.clone(),
             payload_bytes_max: self.max_payload,
             extent_cache_entries: if self.extent_cache { self.extent_cache_entries } else { 0 },
+            strict_alignment: self.strict_alignment,
         }
     }
 

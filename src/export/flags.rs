@@ -6,16 +6,23 @@ use crate::backend::Backend;
 use crate::proto::handshake::BlockSize;
 use crate::proto::wire::*;
 
-/// The block sizes advertised. Clients bound by a minimum block size may
-/// not address an unaligned tail (libnbd refuses, qemu asserts), so an
-/// export whose size is not a multiple of the O_DIRECT alignment advertises
-/// 1 and relies on the bounce/read-modify-write path instead.
-pub fn block_size(backend: &Backend, payload_bytes_max: u32) -> BlockSize {
-    let minimum = match backend.alignment() {
-        a if backend.size().is_multiple_of(u64::from(a)) => a,
+/// The block sizes advertised. Any alignment works (unaligned requests take
+/// the bounce and read-modify-write path), so the minimum is 1 and the
+/// storage's real alignment is the preferred size: libnbd clients that ask
+/// for block sizes then send any request their user makes instead of
+/// refusing it themselves.
+///
+/// `strict` advertises the O_DIRECT alignment as the minimum instead, for
+/// clients that want to be held to it; even then an export whose size is
+/// not a multiple of it advertises 1, because clients bound by a minimum
+/// cannot address an unaligned tail (libnbd refuses, qemu asserts).
+pub fn block_size(backend: &Backend, payload_bytes_max: u32, strict: bool) -> BlockSize {
+    let alignment = backend.alignment();
+    let minimum = match alignment {
+        a if strict && backend.size().is_multiple_of(u64::from(a)) => a,
         _ => 1,
     };
-    BlockSize { minimum, preferred: minimum.max(4096), maximum: payload_bytes_max }
+    BlockSize { minimum, preferred: alignment.max(4096), maximum: payload_bytes_max }
 }
 
 pub fn describe(backend: &Backend, read_only: bool) -> String {
@@ -43,4 +50,3 @@ pub fn transmission_flags(backend: &Backend, read_only: bool) -> u16 {
     }
     flags
 }
-

@@ -50,6 +50,8 @@ pub struct ExportOptions {
     pub payload_bytes_max: u32,
     /// Extent-cache capacity per file export; 0 turns the cache off.
     pub extent_cache_entries: usize,
+    /// Advertise the O_DIRECT alignment as the minimum block size.
+    pub strict_alignment: bool,
 }
 
 pub struct Export {
@@ -75,7 +77,7 @@ impl Export {
             description,
             size: backend.size(),
             flags: flags::transmission_flags(backend, options.read_only),
-            block_size: flags::block_size(backend, options.payload_bytes_max),
+            block_size: flags::block_size(backend, options.payload_bytes_max, options.strict_alignment),
             contexts: ContextKind::ALL.to_vec(),
         };
         Self { info, image, read_only: options.read_only }
@@ -130,6 +132,7 @@ mod tests {
             description: None,
             payload_bytes_max: 1 << 25,
             extent_cache_entries: 0,
+            strict_alignment: false,
         };
         let e = open_all(&["memory:1M".parse().unwrap()], &options).unwrap().remove(0);
         assert_ne!(e.info.flags & TF_READ_ONLY, 0);
@@ -146,6 +149,7 @@ mod tests {
             description: None,
             payload_bytes_max: 1 << 25,
             extent_cache_entries: 0,
+            strict_alignment: false,
         };
         let specs = vec!["a=memory:1M".parse().unwrap(), "a=memory:2M".parse().unwrap()];
         assert!(matches!(open_all(&specs, &options), Err(ExportError::DuplicateName(_))));
@@ -169,6 +173,7 @@ mod sharing_tests {
             description: None,
             payload_bytes_max: 1 << 25,
             extent_cache_entries: 1000,
+            strict_alignment: false,
         };
         let specs: Vec<ExportSpec> = [format!("a={}", path.display()), format!("b={}/link.img", dir.display())]
             .iter()

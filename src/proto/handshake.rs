@@ -282,11 +282,7 @@ impl<'a> Handshake<'a> {
                 reply_if_empty(out, option, data, REP_ERR_POLICY, b"TLS is not configured");
             }
             OPT_STRUCTURED_REPLY => self.structured_reply(data, out),
-            OPT_EXTENDED_HEADERS => {
-                if reply_if_empty(out, option, data, REP_ACK, &[]) {
-                    self.extended = true;
-                }
-            }
+            OPT_EXTENDED_HEADERS => self.extended_headers(data, out),
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta_context(option, data, out),
             _ => option_reply(out, option, REP_ERR_UNSUP, b"unknown option"),
         }
@@ -367,11 +363,32 @@ impl<'a> Handshake<'a> {
         option_reply(out, OPT_LIST, REP_ACK, &[]);
     }
 
+    /// Repeating a state-changing option is INVALID, as qemu answers it
+    /// (libnbd's interop tests expect that); after extended headers the spec
+    /// wants EXT_HEADER_REQD instead.
     fn structured_reply(&mut self, data: &[u8], out: &mut Vec<u8>) {
-        if self.extended {
-            option_reply(out, OPT_STRUCTURED_REPLY, REP_ERR_EXT_HEADER_REQD, b"extended headers in use");
-        } else if reply_if_empty(out, OPT_STRUCTURED_REPLY, data, REP_ACK, &[]) {
+        let option = OPT_STRUCTURED_REPLY;
+        if !data.is_empty() {
+            option_reply(out, option, REP_ERR_INVALID, b"option takes no data");
+        } else if self.extended {
+            option_reply(out, option, REP_ERR_EXT_HEADER_REQD, b"extended headers in use");
+        } else if self.structured {
+            option_reply(out, option, REP_ERR_INVALID, b"structured replies already negotiated");
+        } else {
+            option_reply(out, option, REP_ACK, &[]);
             self.structured = true;
+        }
+    }
+
+    fn extended_headers(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        let option = OPT_EXTENDED_HEADERS;
+        if !data.is_empty() {
+            option_reply(out, option, REP_ERR_INVALID, b"option takes no data");
+        } else if self.extended {
+            option_reply(out, option, REP_ERR_INVALID, b"extended headers already negotiated");
+        } else {
+            option_reply(out, option, REP_ACK, &[]);
+            self.extended = true;
         }
     }
 

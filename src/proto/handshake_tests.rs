@@ -512,6 +512,22 @@ fn extended_headers_are_acked_and_override_structured_replies() {
 }
 
 #[test]
+fn repeating_structured_replies_or_extended_headers_is_invalid_as_in_qemu() {
+    let ex = exports();
+    let mut c = Client::fixed(&ex);
+    c.cont(OPT_STRUCTURED_REPLY, &[]);
+    let rs = c.cont(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(rs[0].1, REP_ERR_INVALID, "repeated STRUCTURED_REPLY");
+    assert_eq!(c.go("disk", &[]).0.reply_mode, ReplyMode::Structured, "still structured");
+
+    let mut c = Client::fixed(&ex);
+    c.cont(OPT_EXTENDED_HEADERS, &[]);
+    let rs = c.cont(OPT_EXTENDED_HEADERS, &[]);
+    assert_eq!(rs[0].1, REP_ERR_INVALID, "repeated EXTENDED_HEADERS");
+    assert_eq!(c.go("disk", &[]).0.reply_mode, ReplyMode::Extended, "still extended");
+}
+
+#[test]
 fn extended_headers_with_data_are_invalid_and_not_enabled() {
     let ex = exports();
     let mut c = Client::fixed(&ex);

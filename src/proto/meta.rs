@@ -7,7 +7,7 @@
 //! silently ignored, as the spec requires.
 
 use super::error::DecodeError;
-use super::wire::Reader;
+use super::wire::{Reader, STRING_BYTES_MAX};
 
 /// A context this server knows how to answer BLOCK_STATUS for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,7 +61,17 @@ pub fn parse_meta_request(data: &[u8]) -> Result<MetaRequest<'_>, DecodeError> {
     }
     let mut queries = Vec::with_capacity(count);
     for _ in 0..count {
-        queries.push(r.string32("query")?);
+        let len = r.u32("query length")? as usize;
+        let raw = r.take(len, "query")?;
+        // A query longer than any name, or not UTF-8, cannot match a
+        // context: it is skipped, as qemu does, rather than failing the
+        // whole option (its length was sound, so the framing is).
+        if len > STRING_BYTES_MAX {
+            continue;
+        }
+        if let Ok(query) = std::str::from_utf8(raw) {
+            queries.push(query);
+        }
     }
     r.expect_end("queries")?;
     Ok(MetaRequest { export, queries })
@@ -139,6 +149,18 @@ mod tests {
         lying.put_u32(0);
         lying.put_u32(u32::MAX);
         assert!(parse_meta_request(&lying).is_err());
+    }
+
+    #[test]
+    fn overlong_and_non_utf8_queries_are_skipped_not_fatal() {
+        let mut data = encode("", &[]);
+        data.truncate(data.len() - 4);
+        data.put_u32(3);
+        for query in [vec![b'x'; 5000], vec![0xff, 0xfe], b"base:allocation".to_vec()] {
+            data.put_u32(query.len() as u32);
+            data.extend_from_slice(&query);
+        }
+        assert_eq!(parse_meta_request(&data).unwrap().queries, vec!["base:allocation"]);
     }
 
     #[test]
