@@ -1,62 +1,115 @@
-//! Listening sockets and the accept thread.
+//! Listening sockets: TCP addresses (names resolved, port 10809 when none
+//! is given) and Unix sockets that this process owns.
 //!
-//! The accept thread polls every listener plus a stop eventfd. Each
-//! accepted socket gets a short-lived handshake thread (bounded by
-//! `handshakes_max`) that negotiates with blocking I/O under the handshake
-//! deadline and then hands the socket to the least-loaded worker.
+//! A Unix socket path is taken only if nobody listens there: a live socket
+//! file (one that accepts a connection) is refused, a stale one (left by a
+//! crash) is replaced. At exit the file is removed only if it is still the
+//! socket this process created (same device and inode), so a second server
+//! started on the same path cannot delete a live server's socket, and a
+//! server cannot delete a socket someone else has put there since.
 
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::net::{IpAddr, SocketAddr, TcpListener, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::engine::handoff::NewConnection;
-use crate::proto::handshake::{ExportInfo, HandshakeLimits};
-
-use super::admission::{Handshakes, Ticket};
-use super::negotiate::{NegotiateError, TimedStream, negotiate};
+/// The IANA port for NBD, used when an address names none.
+pub const DEFAULT_PORT: u16 = 10809;
 
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum NetError {
-    /// A listen address did not parse.
-    #[error("bad listen address {0:?} (use HOST:PORT, e.g. 127.0.0.1:10809 or [::1]:10809)")]
+    /// A listen address did not parse or resolve.
+    #[error("bad listen address {0:?} (use HOST[:PORT], e.g. localhost, 127.0.0.1:10809 or [::1]:10809)")]
     BadAddress(String),
     /// bind() or listen() failed.
     #[error("cannot listen on {what}: {source}")]
     Bind { what: String, source: io::Error },
+    /// Another server accepts connections on this Unix socket.
+    #[error("{0}: another server is listening on this socket (stop it, or choose another path)")]
+    SocketInUse(PathBuf),
+    /// The path exists and is not a socket.
+    #[error("{0}: exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
 }
 
 pub enum Listener {
     Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
+    Unix(UnixListener, PathBuf, SocketFile),
+}
+
+/// Which file this process bound (device and inode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketFile {
+    device: u64,
+    inode: u64,
+}
+
+impl SocketFile {
+    fn of(path: &Path) -> Option<Self> {
+        let meta = std::fs::symlink_metadata(path).ok()?;
+        meta.file_type().is_socket().then(|| SocketFile { device: meta.dev(), inode: meta.ino() })
+    }
+}
+
+/// The socket addresses `address` means: `HOST:PORT`, `[V6]:PORT`, or a
+/// host or IP literal alone (port 10809). Names resolve to every address
+/// they have (`localhost` to 127.0.0.1 and ::1).
+pub fn resolve(address: &str) -> Result<Vec<SocketAddr>, NetError> {
+    let bad = || NetError::BadAddress(address.to_owned());
+    if let Ok(exact) = address.parse::<SocketAddr>() {
+        return Ok(vec![exact]);
+    }
+    let bare = address.strip_prefix('[').and_then(|a| a.strip_suffix(']')).unwrap_or(address);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, DEFAULT_PORT)]);
+    }
+    let has_port = address.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    let with_port = if has_port { address.to_owned() } else { format!("{address}:{DEFAULT_PORT}") };
+    let mut found: Vec<SocketAddr> = with_port.to_socket_addrs().map_err(|_| bad())?.collect();
+    found.dedup();
+    if found.is_empty() {
+        return Err(bad());
+    }
+    Ok(found)
 }
 
 impl Listener {
-    pub fn bind_tcp(address: &str) -> Result<Self, NetError> {
-        let parsed: SocketAddr = address.parse().map_err(|_| NetError::BadAddress(address.to_owned()))?;
-        let listener =
-            TcpListener::bind(parsed).map_err(|source| NetError::Bind { what: address.to_owned(), source })?;
-        Ok(Listener::Tcp(listener))
+    /// One listener per address `address` resolves to.
+    pub fn bind_tcp(address: &str) -> Result<Vec<Self>, NetError> {
+        resolve(address)?
+            .into_iter()
+            .map(|at| {
+                let listener =
+                    TcpListener::bind(at).map_err(|source| NetError::Bind { what: at.to_string(), source })?;
+                Ok(Listener::Tcp(listener))
+            })
+            .collect()
     }
 
     pub fn bind_unix(path: PathBuf) -> Result<Self, NetError> {
-        // A socket file left by an earlier run would make bind fail.
-        if std::fs::symlink_metadata(&path).is_ok_and(|m| {
-            use std::os::unix::fs::FileTypeExt;
-            m.file_type().is_socket()
-        }) {
-            let _ = std::fs::remove_file(&path);
-        }
         let what = path.display().to_string();
-        let listener = UnixListener::bind(&path).map_err(|source| NetError::Bind { what, source })?;
-        Ok(Listener::Unix(listener, path))
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(&path) {
+                Ok(_) => return Err(NetError::SocketInUse(path)),
+                // Nobody listens: a socket file left by a server that died.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(&path).map_err(|source| NetError::Bind { what: what.clone(), source })?;
+                }
+                Err(source) => return Err(NetError::Bind { what, source }),
+            },
+            Ok(_) => return Err(NetError::NotASocket(path)),
+            Err(_) => {}
+        }
+        let listener = UnixListener::bind(&path).map_err(|source| NetError::Bind { what: what.clone(), source })?;
+        let Some(file) = SocketFile::of(&path) else {
+            return Err(NetError::Bind { what, source: io::Error::other("the socket file vanished after bind") });
+        };
+        Ok(Listener::Unix(listener, path, file))
     }
 
     /// The URI a client uses to reach the default export.
@@ -67,237 +120,64 @@ impl Listener {
                 Ok(a) => format!("nbd://{a}/"),
                 Err(_) => "nbd://?/".into(),
             },
-            Listener::Unix(_, path) => format!("nbd+unix:///?socket={}", path.display()),
+            Listener::Unix(_, path, _) => format!("nbd+unix:///?socket={}", path.display()),
         }
     }
 
-    fn fd(&self) -> RawFd {
+    pub fn fd(&self) -> RawFd {
         match self {
             Listener::Tcp(l) => l.as_raw_fd(),
-            Listener::Unix(l, _) => l.as_raw_fd(),
+            Listener::Unix(l, _, _) => l.as_raw_fd(),
         }
     }
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, path) = self {
+        if let Listener::Unix(_, path, ours) = self
+            && SocketFile::of(path) == Some(*ours)
+        {
             let _ = std::fs::remove_file(path);
         }
     }
 }
 
-/// Where negotiated connections go: implemented by the server's worker set.
-pub trait Dispatch: Send + Sync {
-    fn dispatch(&self, connection: NewConnection);
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-pub struct AcceptConfig {
-    pub exports: Arc<[ExportInfo]>,
-    pub limits: HandshakeLimits,
-    pub handshake_timeout: Duration,
-    /// Concurrent handshakes; beyond it the oldest idle one is shed (see
-    /// `net::admission`).
-    pub handshakes_max: usize,
-    pub verbose: bool,
-    /// Set when the server stops: handshakes in progress get ERR_SHUTDOWN.
-    pub shutdown: Arc<AtomicBool>,
-}
-
-/// How long the accept loop pauses after hitting the descriptor limit, so
-/// shed handshakes can close theirs.
-const FD_LIMIT_BACKOFF: Duration = Duration::from_millis(5);
-/// At most one log line about the descriptor limit per this long.
-const FD_LIMIT_LOG_PERIOD: Duration = Duration::from_secs(10);
-
-/// Accept-side state: the handshakes in progress and what to do at the
-/// descriptor limit.
-struct Acceptor {
-    handshakes: Arc<Handshakes>,
-    /// Held open so that, at the descriptor limit, one can be given up to
-    /// accept a waiting client and close it at once: it learns it was
-    /// refused instead of hanging in the backlog.
-    reserve_fd: Option<std::fs::File>,
-    refused_since_log: u64,
-    last_log: Option<Instant>,
-}
-
-/// Runs until `stop_fd` (an eventfd) becomes readable.
-pub fn accept_loop(listeners: &[Listener], stop_fd: RawFd, config: Arc<AcceptConfig>, dispatch: Arc<dyn Dispatch>) {
-    let mut acceptor = Acceptor {
-        handshakes: Handshakes::new(config.handshakes_max),
-        reserve_fd: std::fs::File::open("/dev/null").ok(),
-        refused_since_log: 0,
-        last_log: None,
-    };
-    let mut fds: Vec<libc::pollfd> = listeners
-        .iter()
-        .map(|l| l.fd())
-        .chain(std::iter::once(stop_fd))
-        .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
-        .collect();
-    loop {
-        // SAFETY: fds is a valid array of pollfd for its length.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if rc < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            eprintln!("ringnbd: poll failed: {}", io::Error::last_os_error());
-            return;
-        }
-        if fds.last().is_some_and(|p| p.revents != 0) {
-            return;
-        }
-        for (listener, pollfd) in listeners.iter().zip(&fds) {
-            if pollfd.revents != 0 {
-                acceptor.accept_one(listener, &config, &dispatch);
-            }
-        }
-    }
-}
-
-impl Acceptor {
-    fn accept_one(&mut self, listener: &Listener, config: &Arc<AcceptConfig>, dispatch: &Arc<dyn Dispatch>) {
-        let accepted = match listener {
-            Listener::Tcp(l) => l.accept().map(|(s, peer)| Socket::Tcp(s, peer)),
-            Listener::Unix(l, path) => l.accept().map(|(s, _)| Socket::Unix(s, path.display().to_string())),
-        };
-        let socket = match accepted {
-            Ok(socket) => socket,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
-                return self.at_fd_limit(listener);
-            }
-            Err(e) => {
-                eprintln!("ringnbd: accept: {e}");
-                std::thread::sleep(Duration::from_millis(10));
-                return;
-            }
-        };
-        let Some(ticket) = self.handshakes.admit(socket.fd(), &socket.peer_address()) else {
-            if config.verbose {
-                eprintln!("ringnbd: refusing {}: every handshake slot is busy", socket.peer());
-            }
-            return; // dropping closes it
-        };
-        let (config, dispatch) = (Arc::clone(config), Arc::clone(dispatch));
-        let spawned = std::thread::Builder::new()
-            .name("ringnbd-handshake".into())
-            .stack_size(256 * 1024)
-            .spawn(move || handshake(socket, ticket, &config, &*dispatch));
-        if let Err(e) = spawned {
-            eprintln!("ringnbd: cannot start handshake thread: {e}");
-        }
+    #[test]
+    fn addresses_resolve_with_and_without_ports() {
+        assert_eq!(resolve("127.0.0.1:99").unwrap(), vec!["127.0.0.1:99".parse().unwrap()]);
+        assert_eq!(resolve("127.0.0.1").unwrap(), vec!["127.0.0.1:10809".parse().unwrap()]);
+        assert_eq!(resolve("[::1]").unwrap(), vec!["[::1]:10809".parse().unwrap()]);
+        assert_eq!(resolve("::1").unwrap(), vec!["[::1]:10809".parse().unwrap()]);
+        let local = resolve("localhost:1234").unwrap();
+        assert!(local.iter().all(|a| a.ip().is_loopback() && a.port() == 1234), "{local:?}");
+        assert!(resolve("localhost").unwrap().iter().all(|a| a.port() == DEFAULT_PORT));
+        assert!(resolve("no such host.invalid").is_err());
     }
 
-    /// Out of descriptors: make room by shedding an idle handshake if there
-    /// is one (the waiting client is accepted on the next turn), else refuse
-    /// the waiting client cleanly through the reserve descriptor. Either way
-    /// the loop does not spin, and the log gets one line per period.
-    fn at_fd_limit(&mut self, listener: &Listener) {
-        self.refused_since_log += 1;
-        let now = Instant::now();
-        if self.last_log.is_none_or(|at| now.duration_since(at) >= FD_LIMIT_LOG_PERIOD) {
-            eprintln!(
-                "ringnbd: accept: out of file descriptors ({} connection attempt(s) held back since the last \
-                 report); raise the limit (ulimit -n, LimitNOFILE=) or reduce the clients",
-                self.refused_since_log
-            );
-            self.last_log = Some(now);
-            self.refused_since_log = 0;
-        }
-        if self.handshakes.shed_idle() {
-            std::thread::sleep(FD_LIMIT_BACKOFF);
-            return;
-        }
-        if self.reserve_fd.take().is_some() {
-            let _ = match listener {
-                Listener::Tcp(l) => l.accept().map(drop),
-                Listener::Unix(l, _) => l.accept().map(drop),
-            };
-            self.reserve_fd = std::fs::File::open("/dev/null").ok();
-        }
-        std::thread::sleep(FD_LIMIT_BACKOFF);
+    #[test]
+    fn a_live_socket_is_refused_a_stale_one_replaced_and_only_ours_removed() {
+        let dir = std::env::temp_dir().join(format!("ringnbd-listener-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let first = Listener::bind_unix(path.clone()).unwrap();
+        assert!(matches!(Listener::bind_unix(path.clone()), Err(NetError::SocketInUse(_))));
+        // Someone replaces the file: dropping ours must leave theirs alone.
+        std::fs::remove_file(&path).unwrap();
+        let theirs = UnixListener::bind(&path).unwrap();
+        drop(first);
+        assert!(path.exists(), "another process's socket was deleted");
+        // Stale: nobody listens any more.
+        drop(theirs);
+        let second = Listener::bind_unix(path.clone()).expect("stale socket replaced");
+        drop(second);
+        assert!(!path.exists(), "our own socket is removed at exit");
+        std::fs::write(&path, b"not a socket").unwrap();
+        assert!(matches!(Listener::bind_unix(path.clone()), Err(NetError::NotASocket(_))));
+        assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
+        std::fs::remove_dir_all(dir).unwrap();
     }
-}
-
-enum Socket {
-    Tcp(TcpStream, SocketAddr),
-    Unix(UnixStream, String),
-}
-
-impl Socket {
-    fn fd(&self) -> RawFd {
-        match self {
-            Socket::Tcp(s, _) => s.as_raw_fd(),
-            Socket::Unix(s, _) => s.as_raw_fd(),
-        }
-    }
-
-    /// The client, for log lines.
-    fn peer(&self) -> String {
-        match self {
-            Socket::Tcp(_, peer) => peer.to_string(),
-            Socket::Unix(_, path) => path.clone(),
-        }
-    }
-
-    /// What per-peer limits count by: the IP address (any port), or the
-    /// socket for local clients.
-    fn peer_address(&self) -> String {
-        match self {
-            Socket::Tcp(_, peer) => peer.ip().to_string(),
-            Socket::Unix(_, path) => path.clone(),
-        }
-    }
-}
-
-fn handshake(socket: Socket, ticket: Ticket, config: &AcceptConfig, dispatch: &dyn Dispatch) {
-    let peer = socket.peer();
-    let (result, fd): (Result<_, NegotiateError>, OwnedFd) = match socket {
-        Socket::Tcp(mut s, _) => {
-            let _ = s.set_nodelay(true);
-            (run(&mut s, config, &ticket), s.into())
-        }
-        Socket::Unix(mut s, _) => (run(&mut s, config, &ticket), s.into()),
-    };
-    // Deregister before the descriptor is closed or handed on (see
-    // `admission`): from here nobody else may shut it down.
-    drop(ticket);
-    match result {
-        Ok(Some(negotiated)) => {
-            let incoming_cpu = incoming_cpu(&fd);
-            dispatch.dispatch(NewConnection { socket: fd, negotiated, peer, incoming_cpu })
-        }
-        Ok(None) => {}
-        Err(e) if config.verbose => eprintln!("ringnbd: handshake with {peer}: {e}"),
-        Err(_) => {}
-    }
-}
-
-/// The core that processed the socket's last incoming packets: the NIC
-/// queue's interrupt core on a real network, the sender's core on loopback.
-fn incoming_cpu(fd: &OwnedFd) -> Option<usize> {
-    let mut cpu: libc::c_int = -1;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes one int into `cpu` for an open socket.
-    let rc = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(fd),
-            libc::SOL_SOCKET,
-            libc::SO_INCOMING_CPU,
-            (&mut cpu as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0 && cpu >= 0).then_some(cpu as usize)
-}
-
-fn run<S: TimedStream>(
-    stream: &mut S,
-    config: &AcceptConfig,
-    ticket: &Ticket,
-) -> Result<Option<crate::proto::handshake::Negotiated>, NegotiateError> {
-    let progressed = || ticket.progressed();
-    negotiate(stream, &config.exports, config.limits, config.handshake_timeout, &config.shutdown, &progressed)
 }

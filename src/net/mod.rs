@@ -1,6 +1,7 @@
 //! Accepting connections and negotiating with blocking I/O, before a
 //! connection is handed to an io_uring worker.
 
+pub mod accept;
 pub mod admission;
 pub mod listener;
 pub mod negotiate;

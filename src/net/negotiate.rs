@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::proto::handshake::{ExportInfo, Handshake, HandshakeError, HandshakeLimits, Negotiated, Progress, Want};
+use crate::proto::handshake::{
+    ExportInfo, Handshake, HandshakeError, HandshakeLimits, Negotiated, Progress, Refusal, Want,
+};
 
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -46,17 +48,25 @@ impl TimedStream for std::os::unix::net::UnixStream {
 /// Scratch for skipping oversized options without buffering them.
 const DISCARD_CHUNK_BYTES: usize = 16 * 1024;
 
+/// What the driver tells its caller while negotiating.
+pub struct Observer<'a> {
+    /// The client has sent something (it is not idle).
+    pub progressed: &'a dyn Fn(),
+    /// An option was refused (for the log).
+    pub refused: &'a dyn Fn(&Refusal),
+}
+
 /// Negotiates; returns None if the client aborted.
 /// Once `shutdown` is set, remaining options are refused with ERR_SHUTDOWN.
-/// `progressed` is called whenever the client has sent something.
 pub fn negotiate<S: TimedStream>(
     stream: &mut S,
     exports: &[ExportInfo],
     limits: HandshakeLimits,
     timeout: Duration,
     shutdown: &AtomicBool,
-    progressed: &dyn Fn(),
+    observer: &Observer<'_>,
 ) -> Result<Option<Negotiated>, NegotiateError> {
+    let progressed = observer.progressed;
     let deadline = Instant::now() + timeout;
     let mut machine = Handshake::new(exports, limits);
     let mut out = Vec::with_capacity(256);
@@ -71,7 +81,9 @@ pub fn negotiate<S: TimedStream>(
                 if shutdown.load(Ordering::Acquire) {
                     machine.set_shutting_down();
                 }
-                match machine.feed(&input, &mut out)? {
+                let progress = machine.feed(&input, &mut out)?;
+                machine.take_refusals().iter().for_each(observer.refused);
+                match progress {
                     Progress::Continue => send(stream, &mut out, deadline)?,
                     Progress::Ready(negotiated) => {
                         send(stream, &mut out, deadline)?;
@@ -93,6 +105,7 @@ pub fn negotiate<S: TimedStream>(
                     n -= chunk;
                 }
                 machine.discarded(&mut out);
+                machine.take_refusals().iter().for_each(observer.refused);
                 send(stream, &mut out, deadline)?;
             }
         }
