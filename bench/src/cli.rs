@@ -6,9 +6,9 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use thiserror::Error;
 
-use crate::codec::Framing;
 use crate::uri::{self, NbdUri};
 use crate::workload::Workload;
+use ringnbd::proto::client::codec::Framing;
 
 /// Connections per run; each holds `iodepth` buffers of `bs` bytes.
 pub const CONNECTIONS_MAX: u32 = 1024;

@@ -23,13 +23,13 @@ use std::time::Instant;
 
 use io_uring::{opcode, squeue, types};
 
-use crate::codec::{self, Command, Framing, REQUEST_BYTES_MAX, Request};
 use crate::engine::EngineError;
-use crate::handshake::Session;
 use crate::job::{Completion, Issue, Job};
-use crate::replies::{Event, PARSER_LOOKAHEAD_BYTES_MAX, ReplyParser, ReplySink, RequestInfo};
 use crate::send_batch;
 use crate::user_data::{self, Op};
+use ringnbd::proto::client::codec::{self, Command, Framing, REQUEST_BYTES_MAX, Request};
+use ringnbd::proto::client::handshake::Session;
+use ringnbd::proto::client::replies::{Event, PARSER_LOOKAHEAD_BYTES_MAX, ReplyParser, ReplySink, RequestInfo};
 
 /// Room before each slot's data for the largest request header.
 const HEADER_ROOM_BYTES: usize = REQUEST_BYTES_MAX;

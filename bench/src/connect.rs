@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::handshake::{ClientHandshake, HandshakeConfig, HandshakeError, Progress, Session};
 use crate::uri::{Endpoint, NbdUri};
+use ringnbd::proto::client::handshake::{ClientHandshake, HandshakeConfig, HandshakeError, Progress, Session};
 
 #[derive(Debug, Error)]
 #[non_exhaustive]

@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 use io_uring::{IoUring, squeue, types};
 use thiserror::Error;
 
-use crate::codec::{EncodeError, error_name};
 use crate::conn::{Conn, ServerFailure};
 use crate::job::{Job, Next};
 use crate::user_data::{self, Op, Owner};
+use ringnbd::proto::client::codec::{EncodeError, error_name};
 
 /// The longest a worker sleeps before checking the abort flag and timeouts.
 const TICK: Duration = Duration::from_millis(100);

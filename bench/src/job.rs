@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use crate::codec::Command;
+use ringnbd::proto::client::codec::Command;
 
 /// A request a job wants sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,13 +9,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::codec::Command;
 use crate::job::{Completion, Issue, Job, Next};
 use crate::pattern;
 use crate::progress::Progress;
 use crate::stats::Stats;
 use crate::verify::VerifyTable;
 use crate::workload::{Pacer, Picker, Stripe};
+use ringnbd::proto::client::codec::Command;
 
 /// Random picks tried before a verify slot gives up on finding a block
 /// with nothing in flight (it then waits for a completion).

@@ -1,9 +1,10 @@
 //! ringnbd-bench: an NBD load generator on io_uring.
 //!
 //! Layout, pure modules first (no sockets, rings or clocks):
-//! - `uri`, `cli`: what to run; `codec`, `replies`, `handshake`: the NBD
-//!   client protocol; `workload`, `pattern`, `verify`: what to send and how
-//!   to check it; `stats`, `report`, `progress`: measuring and printing.
+//! - `uri`, `cli`: what to run; the NBD client protocol (negotiation,
+//!   request encoding, the reply parser) is the server crate's
+//!   `ringnbd::proto::client`; `workload`, `pattern`, `verify`: what to send
+//!   and how to check it; `stats`, `report`, `progress`: measuring and printing.
 //!
 //! Then the I/O: `connect` (blocking negotiation), `engine` + `conn`
 //! (one io_uring per worker thread; `user_data` and `send_batch` are its
@@ -12,17 +13,14 @@
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 mod cli;
-mod codec;
 mod conn;
 mod connect;
 mod engine;
-mod handshake;
 mod job;
 mod load;
 mod map;
 mod pattern;
 mod progress;
-mod replies;
 mod report;
 mod run;
 mod send_batch;

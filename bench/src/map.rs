@@ -15,10 +15,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::codec::Command;
 use crate::job::{Completion, Issue, Job, Next};
 use crate::progress::Progress;
 use crate::stats::OpStats;
+use ringnbd::proto::client::codec::Command;
 
 /// base:allocation uses two bits (HOLE = 1, ZERO = 2); others are reserved
 /// and ignored, as the spec tells clients to.

@@ -3,11 +3,11 @@
 
 use std::fmt::Write;
 
-use crate::codec::Framing;
-use crate::handshake::BlockSizes;
 use crate::map::{MapTotals, STATUS_NAMES};
 use crate::stats::{OpStats, Stats};
 use crate::workload::Workload;
+use ringnbd::proto::client::codec::Framing;
+use ringnbd::proto::client::handshake::BlockSizes;
 
 const MIB: f64 = (1 << 20) as f64;
 /// Latency quantiles reported, with their labels.

@@ -17,11 +17,9 @@ use ringnbd::proto::wire::{TF_CAN_MULTI_CONN, TF_READ_ONLY};
 use thiserror::Error;
 
 use crate::cli::{LoadPlan, MapPlan, Mode, Plan};
-use crate::codec::Framing;
 use crate::conn::Conn;
 use crate::connect::{self, ConnectError};
 use crate::engine::{EngineError, Worker};
-use crate::handshake::{HandshakeConfig, Session};
 use crate::load::{LoadConfig, LoadJob};
 use crate::map::{self, ChunkSummary, MapJob};
 use crate::progress::{self, Progress, Snapshot};
@@ -29,6 +27,8 @@ use crate::report::{LoadReport, MapReport, RunInfo};
 use crate::stats::{OpStats, Stats};
 use crate::verify::VERIFY_BLOCKS_MAX;
 use crate::workload::Rng;
+use ringnbd::proto::client::codec::Framing;
+use ringnbd::proto::client::handshake::{HandshakeConfig, Session};
 
 /// Without extended headers a request length is 32-bit; this stays below
 /// 4 GiB and is a multiple of every legal minimum block size (<= 64 KiB).

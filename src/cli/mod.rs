@@ -90,9 +90,10 @@ pub struct Cli {
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     pub shutdown_timeout: f64,
 
-    /// Description shown by `nbdinfo --list` and NBD_INFO_DESCRIPTION.
-    #[arg(long, value_name = "TEXT")]
-    pub description: Option<String>,
+    /// Description shown by `nbdinfo --list` and NBD_INFO_DESCRIPTION, as
+    /// `NAME=TEXT` for one export or `TEXT` for all (repeatable).
+    #[arg(long, value_name = "[NAME=]TEXT")]
+    pub description: Vec<String>,
 
     /// Requests one connection may have in flight (backpressure; 1 to 4096).
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=4096))]
@@ -221,7 +222,7 @@ impl Cli {
         ExportOptions {
             read_only: self.read_only,
             direct_io: !self.no_direct,
-            description: self.description.clone(),
+            descriptions: self.description.clone(),
             payload_bytes_max: self.max_payload,
             extent_cache_entries: if self.extent_cache { self.extent_cache_entries } else { 0 },
             strict_alignment: self.strict_alignment,

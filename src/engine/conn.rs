@@ -30,6 +30,37 @@ pub const INLINE_PAYLOAD_BYTES_MAX: usize = RECV_BUFFER_BYTES / 2 - 64;
 /// Replies gathered into one sendmsg (each reply is one or two iovecs).
 pub const SEND_IOVECS_MAX: usize = 64;
 
+/// Why a connection ended (the first cause wins), for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    ClientClosed,
+    Disconnect,
+    ReceiveFailed(i32),
+    SendFailed(i32),
+    ProtocolViolation(String),
+    StallTimeout,
+    Shutdown,
+    DrainDeadline,
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseReason::ClientClosed => write!(f, "client closed the connection"),
+            CloseReason::Disconnect => write!(f, "client sent NBD_CMD_DISC"),
+            CloseReason::ReceiveFailed(errno) => {
+                write!(f, "receive failed: {}", std::io::Error::from_raw_os_error(*errno))
+            }
+            CloseReason::SendFailed(0) => write!(f, "send failed: the client is gone"),
+            CloseReason::SendFailed(errno) => write!(f, "send failed: {}", std::io::Error::from_raw_os_error(*errno)),
+            CloseReason::ProtocolViolation(what) => write!(f, "protocol violation: {what}"),
+            CloseReason::StallTimeout => write!(f, "no progress from the client within --stall-timeout"),
+            CloseReason::Shutdown => write!(f, "server shutting down"),
+            CloseReason::DrainDeadline => write!(f, "still busy at the shutdown deadline"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Closing {
     Open,
@@ -121,6 +152,10 @@ pub struct Conn {
     /// on it; a connection that waits on its client for longer than the
     /// stall timeout is dropped.
     pub last_progress: Instant,
+    pub opened_at: Instant,
+    /// Requests parsed so far.
+    pub requests_seen: u64,
+    pub close_reason: Option<CloseReason>,
 }
 
 impl Conn {
@@ -161,7 +196,15 @@ impl Conn {
             stalled: None,
             buffer_bytes: 0,
             last_progress: now,
+            opened_at: now,
+            requests_seen: 0,
+            close_reason: None,
         }
+    }
+
+    /// Records why the connection ends, unless a cause is known already.
+    pub fn closing_because(&mut self, reason: CloseReason) {
+        self.close_reason.get_or_insert(reason);
     }
 
     /// Whether the connection cannot move until its client does: a WRITE
@@ -212,7 +255,10 @@ impl Conn {
 
     /// Gathers queued replies into the connection's msghdr. Returns None
     /// when nothing is queued. The msghdr and iovecs live in boxes owned by
-    /// the connection, which outlives the send (see `Worker::release`).
+    /// the connection, which outlives the send (see `release_if_idle`). The
+    /// iovecs point into requests' inline bytes inside the worker's request
+    /// slab, which is why that slab never grows (asserted in
+    /// `insert_request`): a reallocation would move them under the kernel.
     pub fn build_send(&mut self, requests: &Slab<Request>) -> Option<*const libc::msghdr> {
         let mut count = 0;
         let mut skip = self.send_skip;

@@ -14,6 +14,13 @@ use super::buffers::Registrar;
 
 /// CQEs copied out per reap; bounds the work done per loop turn.
 pub const REAP_BATCH_MAX: usize = 256;
+/// Kernel worker threads per ring for operations that cannot complete
+/// inline: bounded ones (fallocate, fsync, file I/O that would block) and
+/// unbounded ones (socket I/O that cannot wait on poll). Without a cap a
+/// burst of trims spawns a thread each, and idle ones exit only one at a
+/// time, seconds apart.
+pub const KERNEL_WORKERS_BOUNDED_MAX: u32 = 8;
+pub const KERNEL_WORKERS_UNBOUNDED_MAX: u32 = 4;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Completion {
@@ -46,6 +53,9 @@ impl Ring {
                 .or_else(|_| IoUring::builder().setup_coop_taskrun().setup_cqsize(entries * 4).build(entries))
                 .or_else(|_| IoUring::new(entries))?,
         };
+        // Best effort: kernels before 5.15 have no cap to set.
+        let mut caps = [KERNEL_WORKERS_BOUNDED_MAX, KERNEL_WORKERS_UNBOUNDED_MAX];
+        let _ = ring.submitter().register_iowq_max_workers(&mut caps);
         Ok(Self { ring, backlog: VecDeque::with_capacity(entries as usize) })
     }
 

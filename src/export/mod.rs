@@ -46,7 +46,9 @@ pub enum ExportError {
 pub struct ExportOptions {
     pub read_only: bool,
     pub direct_io: bool,
-    pub description: Option<String>,
+    /// `--description [NAME=]TEXT` values: for the export NAME when it is
+    /// one, else for every export without its own (the last one wins).
+    pub descriptions: Vec<String>,
     pub payload_bytes_max: u32,
     /// Extent-cache capacity per file export; 0 turns the cache off.
     pub extent_cache_entries: usize,
@@ -71,7 +73,7 @@ impl Export {
             (Source::Memory(_), _) => format!("memory{index}"),
         };
         let name = spec.name.clone().unwrap_or(default_name);
-        let description = options.description.clone().unwrap_or_else(|| flags::describe(backend, options.read_only));
+        let description = flags::describe(backend, options.read_only);
         let info = ExportInfo {
             name,
             description,
@@ -105,7 +107,26 @@ pub fn open_all(specs: &[ExportSpec], options: &ExportOptions) -> Result<Vec<Exp
         }
         exports.push(export);
     }
+    apply_descriptions(&mut exports, &options.descriptions);
     Ok(exports)
+}
+
+/// Gives each export the description meant for it (see
+/// `ExportOptions::descriptions`).
+fn apply_descriptions(exports: &mut [Export], descriptions: &[String]) {
+    let names: Vec<String> = exports.iter().map(|e| e.info.name.clone()).collect();
+    fn named<'a>(text: &'a str, names: &[String]) -> Option<(&'a str, &'a str)> {
+        text.split_once('=').filter(|(name, _)| names.iter().any(|n| n == name))
+    }
+    let general = descriptions.iter().rev().find(|d| named(d, &names).is_none());
+    for export in exports {
+        let own = descriptions.iter().rev().find_map(|d| named(d, &names).filter(|(n, _)| *n == export.info.name));
+        if let Some((_, text)) = own {
+            export.info.description = text.to_owned();
+        } else if let Some(text) = general {
+            export.info.description = text.clone();
+        }
+    }
 }
 
 /// The distinct images behind `exports`, each once.
@@ -129,7 +150,7 @@ mod tests {
         let options = ExportOptions {
             read_only: true,
             direct_io: false,
-            description: None,
+            descriptions: Vec::new(),
             payload_bytes_max: 1 << 25,
             extent_cache_entries: 0,
             strict_alignment: false,
@@ -146,13 +167,32 @@ mod tests {
         let options = ExportOptions {
             read_only: false,
             direct_io: false,
-            description: None,
+            descriptions: Vec::new(),
             payload_bytes_max: 1 << 25,
             extent_cache_entries: 0,
             strict_alignment: false,
         };
         let specs = vec!["a=memory:1M".parse().unwrap(), "a=memory:2M".parse().unwrap()];
         assert!(matches!(open_all(&specs, &options), Err(ExportError::DuplicateName(_))));
+    }
+
+    #[test]
+    fn descriptions_apply_per_export_or_to_all() {
+        let options = |descriptions: &[&str]| ExportOptions {
+            read_only: false,
+            direct_io: false,
+            descriptions: descriptions.iter().map(|d| d.to_string()).collect(),
+            payload_bytes_max: 1 << 25,
+            extent_cache_entries: 0,
+            strict_alignment: false,
+        };
+        let specs: Vec<ExportSpec> = vec!["a=memory:1M".parse().unwrap(), "b=memory:1M".parse().unwrap()];
+        let texts = |d: &[&str]| -> Vec<String> {
+            open_all(&specs, &options(d)).unwrap().into_iter().map(|e| e.info.description).collect()
+        };
+        assert_eq!(texts(&["b=the b disk", "for everyone"]), vec!["for everyone", "the b disk"]);
+        assert_eq!(texts(&["x=y is general"]), vec!["x=y is general", "x=y is general"]);
+        assert!(texts(&[])[0].contains("sparse memory"), "the default says what it is");
     }
 }
 
@@ -170,7 +210,7 @@ mod sharing_tests {
         let options = ExportOptions {
             read_only: false,
             direct_io: false,
-            description: None,
+            descriptions: Vec::new(),
             payload_bytes_max: 1 << 25,
             extent_cache_entries: 1000,
             strict_alignment: false,

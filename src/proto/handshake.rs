@@ -121,6 +121,9 @@ pub enum HandshakeError {
     Driver { wanted: usize, got: usize },
 }
 
+/// Refusals kept between two `take_refusals` calls (each option is taken
+/// right after it is answered, so this only bounds a driver that never asks).
+const REFUSALS_KEPT_MAX: usize = 64;
 /// Option header: magic u64 + option u32 + length u32.
 const OPTION_HEADER_BYTES: usize = 8 + 4 + 4;
 /// Handshake-flags greeting: NBDMAGIC + IHAVEOPT + flags u16.
@@ -149,6 +152,17 @@ pub struct Handshake<'a> {
     meta: Option<(Option<usize>, Vec<ContextKind>)>,
     options_seen: u32,
     shutting_down: bool,
+    /// Options refused since the driver last took them (for its log).
+    refusals: Vec<Refusal>,
+}
+
+/// An option the server refused, for the log: which, with what error reply,
+/// and why (the detail may name what the client asked for).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub option: u32,
+    pub reply: u32,
+    pub reason: String,
 }
 
 impl<'a> Handshake<'a> {
@@ -164,6 +178,7 @@ impl<'a> Handshake<'a> {
             meta: None,
             options_seen: 0,
             shutting_down: false,
+            refusals: Vec::new(),
         }
     }
 
@@ -171,6 +186,20 @@ impl<'a> Handshake<'a> {
     /// which tells the client to disconnect cleanly.
     pub fn set_shutting_down(&mut self) {
         self.shutting_down = true;
+    }
+
+    /// The options refused since the last call, oldest first.
+    pub fn take_refusals(&mut self) -> Vec<Refusal> {
+        std::mem::take(&mut self.refusals)
+    }
+
+    /// Sends an error reply carrying `message`, and notes it for the log
+    /// with `reason` (which may say more than the client is told).
+    fn refuse(&mut self, out: &mut Vec<u8>, option: u32, reply: u32, message: &str, reason: String) {
+        option_reply(out, option, reply, message.as_bytes());
+        if self.refusals.len() < REFUSALS_KEPT_MAX {
+            self.refusals.push(Refusal { option, reply, reason });
+        }
     }
 
     pub fn greeting(&self, out: &mut Vec<u8>) {
@@ -212,8 +241,9 @@ impl<'a> Handshake<'a> {
 
     /// The bytes of an oversized option were skipped by the driver.
     pub fn discarded(&mut self, out: &mut Vec<u8>) {
-        if let State::Discarding { option, .. } = self.state {
-            option_reply(out, option, REP_ERR_TOO_BIG, b"option too large");
+        if let State::Discarding { option, length } = self.state {
+            let reason = format!("option of {length} bytes is too large");
+            self.refuse(out, option, REP_ERR_TOO_BIG, "option too large", reason);
             self.state = State::OptionHeader;
         }
     }
@@ -266,7 +296,7 @@ impl<'a> Handshake<'a> {
             if option == OPT_EXPORT_NAME {
                 return Err(HandshakeError::ShuttingDown);
             }
-            option_reply(out, option, REP_ERR_SHUTDOWN, b"server is shutting down");
+            self.refuse(out, option, REP_ERR_SHUTDOWN, "server is shutting down", "server is shutting down".into());
             return Ok(Progress::Continue);
         }
         match option {
@@ -278,13 +308,14 @@ impl<'a> Handshake<'a> {
             }
             OPT_INFO | OPT_GO => return Ok(self.info_or_go(option, data, out)),
             OPT_LIST => self.list(data, out),
+            OPT_STARTTLS if !data.is_empty() => self.no_data_allowed(out, option),
             OPT_STARTTLS => {
-                reply_if_empty(out, option, data, REP_ERR_POLICY, b"TLS is not configured");
+                self.refuse(out, option, REP_ERR_POLICY, "TLS is not configured", "TLS is not configured".into())
             }
             OPT_STRUCTURED_REPLY => self.structured_reply(data, out),
             OPT_EXTENDED_HEADERS => self.extended_headers(data, out),
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta_context(option, data, out),
-            _ => option_reply(out, option, REP_ERR_UNSUP, b"unknown option"),
+            _ => self.refuse(out, option, REP_ERR_UNSUP, "unknown option", format!("unknown option {option}")),
         }
         Ok(Progress::Continue)
     }
@@ -309,12 +340,14 @@ impl<'a> Handshake<'a> {
         let request = match parse_info_request(data) {
             Ok(request) => request,
             Err(e) => {
-                option_reply(out, option, REP_ERR_INVALID, e.to_string().as_bytes());
+                let message = e.to_string();
+                self.refuse(out, option, REP_ERR_INVALID, &message, format!("malformed: {message}"));
                 return Progress::Continue;
             }
         };
         let Some(export) = self.find_export(request.name) else {
-            option_reply(out, option, REP_ERR_UNKNOWN, b"no such export");
+            let reason = format!("unknown export {:?}", request.name);
+            self.refuse(out, option, REP_ERR_UNKNOWN, "no such export", reason);
             return Progress::Continue;
         };
         let wants = |code| request.info_codes.contains(&code);
@@ -348,10 +381,9 @@ impl<'a> Handshake<'a> {
         Progress::Continue
     }
 
-    fn list(&self, data: &[u8], out: &mut Vec<u8>) {
+    fn list(&mut self, data: &[u8], out: &mut Vec<u8>) {
         if !data.is_empty() {
-            option_reply(out, OPT_LIST, REP_ERR_INVALID, b"LIST takes no data");
-            return;
+            return self.no_data_allowed(out, OPT_LIST);
         }
         for export in self.exports {
             let mut payload = Vec::with_capacity(4 + export.name.len() + export.description.len());
@@ -369,11 +401,13 @@ impl<'a> Handshake<'a> {
     fn structured_reply(&mut self, data: &[u8], out: &mut Vec<u8>) {
         let option = OPT_STRUCTURED_REPLY;
         if !data.is_empty() {
-            option_reply(out, option, REP_ERR_INVALID, b"option takes no data");
+            self.no_data_allowed(out, option);
         } else if self.extended {
-            option_reply(out, option, REP_ERR_EXT_HEADER_REQD, b"extended headers in use");
+            let message = "extended headers in use";
+            self.refuse(out, option, REP_ERR_EXT_HEADER_REQD, message, message.into());
         } else if self.structured {
-            option_reply(out, option, REP_ERR_INVALID, b"structured replies already negotiated");
+            let message = "structured replies already negotiated";
+            self.refuse(out, option, REP_ERR_INVALID, message, message.into());
         } else {
             option_reply(out, option, REP_ACK, &[]);
             self.structured = true;
@@ -383,9 +417,10 @@ impl<'a> Handshake<'a> {
     fn extended_headers(&mut self, data: &[u8], out: &mut Vec<u8>) {
         let option = OPT_EXTENDED_HEADERS;
         if !data.is_empty() {
-            option_reply(out, option, REP_ERR_INVALID, b"option takes no data");
+            self.no_data_allowed(out, option);
         } else if self.extended {
-            option_reply(out, option, REP_ERR_INVALID, b"extended headers already negotiated");
+            let message = "extended headers already negotiated";
+            self.refuse(out, option, REP_ERR_INVALID, message, message.into());
         } else {
             option_reply(out, option, REP_ACK, &[]);
             self.extended = true;
@@ -398,20 +433,20 @@ impl<'a> Handshake<'a> {
             // Each SET replaces the selection, even when it fails.
             self.meta = None;
             if !self.structured && !self.extended {
-                option_reply(out, option, REP_ERR_INVALID, b"negotiate structured replies first");
-                return;
+                let message = "negotiate structured replies first";
+                return self.refuse(out, option, REP_ERR_INVALID, message, message.into());
             }
         }
         let request = match meta::parse_meta_request(data) {
             Ok(request) => request,
             Err(e) => {
-                option_reply(out, option, REP_ERR_INVALID, e.to_string().as_bytes());
-                return;
+                let message = e.to_string();
+                return self.refuse(out, option, REP_ERR_INVALID, &message, format!("malformed: {message}"));
             }
         };
         let Some(export) = self.find_export(request.export) else {
-            option_reply(out, option, REP_ERR_UNKNOWN, b"no such export");
-            return;
+            let reason = format!("meta contexts of unknown export {:?}", request.export);
+            return self.refuse(out, option, REP_ERR_UNKNOWN, "no such export", reason);
         };
         let chosen = meta::match_queries(mode, &request.queries, &self.exports[export].contexts);
         for (index, kind) in chosen.iter().enumerate() {
@@ -426,6 +461,10 @@ impl<'a> Handshake<'a> {
             self.meta = Some((Some(export), chosen));
         }
         option_reply(out, option, REP_ACK, &[]);
+    }
+
+    fn no_data_allowed(&mut self, out: &mut Vec<u8>, option: u32) {
+        self.refuse(out, option, REP_ERR_INVALID, "option takes no data", "option takes no data".into());
     }
 
     fn find_export(&self, name: &str) -> Option<usize> {
@@ -484,17 +523,6 @@ fn option_reply(out: &mut Vec<u8>, option: u32, reply: u32, payload: &[u8]) {
     out.put_u32(reply);
     out.put_u32(payload.len() as u32);
     out.extend_from_slice(payload);
-}
-
-/// Options that take no data: INVALID if some came, else `reply`.
-/// Returns whether the option was accepted.
-fn reply_if_empty(out: &mut Vec<u8>, option: u32, data: &[u8], reply: u32, payload: &[u8]) -> bool {
-    if !data.is_empty() {
-        option_reply(out, option, REP_ERR_INVALID, b"option takes no data");
-        return false;
-    }
-    option_reply(out, option, reply, payload);
-    reply == REP_ACK
 }
 
 fn info_string(out: &mut Vec<u8>, option: u32, info: u16, text: &str) {

@@ -2,6 +2,7 @@
 //! rings, threads or clocks live below this module, which keeps it unit
 //! testable and ready for fuzzing.
 
+pub mod client;
 pub mod error;
 pub mod extent;
 pub mod handshake;
@@ -11,3 +12,6 @@ pub mod transmission;
 pub mod wire;
 
 pub use error::{DecodeError, Failure, NbdError};
+
+#[cfg(test)]
+mod roundtrip_tests;

@@ -108,6 +108,24 @@ pub const CHUNK_ERROR: u16 = 0x8001;
 pub const STATE_HOLE: u32 = 1 << 0;
 pub const STATE_ZERO: u32 = 1 << 1;
 
+/// The spec's name for an option, for logs ("option 42" if unknown).
+pub fn option_name(option: u32) -> std::borrow::Cow<'static, str> {
+    let name = match option {
+        OPT_EXPORT_NAME => "EXPORT_NAME",
+        OPT_ABORT => "ABORT",
+        OPT_LIST => "LIST",
+        OPT_STARTTLS => "STARTTLS",
+        OPT_INFO => "INFO",
+        OPT_GO => "GO",
+        OPT_STRUCTURED_REPLY => "STRUCTURED_REPLY",
+        OPT_LIST_META_CONTEXT => "LIST_META_CONTEXT",
+        OPT_SET_META_CONTEXT => "SET_META_CONTEXT",
+        OPT_EXTENDED_HEADERS => "EXTENDED_HEADERS",
+        _ => return format!("option {option}").into(),
+    };
+    name.into()
+}
+
 /// The spec's string ceiling (names, descriptions, queries): MUST be <= 4096.
 pub const STRING_BYTES_MAX: usize = 4096;
 

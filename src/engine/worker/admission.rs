@@ -24,7 +24,7 @@ use crate::proto::wire::CMD_READ;
 
 use super::super::block_status;
 use super::super::buffers::Refusal;
-use super::super::conn::{Closing, INLINE_PAYLOAD_BYTES_MAX};
+use super::super::conn::{CloseReason, Closing, INLINE_PAYLOAD_BYTES_MAX};
 use super::super::request::Request;
 use super::super::user_data::Token;
 use super::Worker;
@@ -43,6 +43,11 @@ impl Worker {
             if conn.closing == Closing::Open {
                 conn.closing = Closing::Graceful;
             }
+            conn.closing_because(match result {
+                0 => CloseReason::ClientClosed,
+                _ if result == -libc::ECANCELED => CloseReason::Shutdown,
+                _ => CloseReason::ReceiveFailed(-result),
+            });
             return self.release_if_idle(id);
         }
         conn.last_progress = self.now;
@@ -124,10 +129,7 @@ impl Worker {
     }
 
     fn protocol_violation(&mut self, id: u32, error: &dyn std::fmt::Display) {
-        if self.config.verbose {
-            let peer = &self.conns[id as usize].peer;
-            eprintln!("ringnbd: worker {}: dropping {peer}: {error}", self.index);
-        }
+        self.conns[id as usize].closing_because(CloseReason::ProtocolViolation(error.to_string()));
         self.hard_close(id);
     }
 
@@ -210,6 +212,7 @@ impl Worker {
             Verdict::Run(Command::Disconnect) => {
                 conn.consume(header_bytes);
                 conn.closing = Closing::Graceful;
+                conn.closing_because(CloseReason::Disconnect);
                 self.release_if_idle(id);
                 return Ok(());
             }
@@ -315,7 +318,9 @@ impl Worker {
     }
 
     fn insert_request(&mut self, req: Request) -> u32 {
-        self.conns[req.conn as usize].inflight += 1;
+        let conn = &mut self.conns[req.conn as usize];
+        conn.inflight += 1;
+        conn.requests_seen += 1;
         // The iovecs of sends in flight point into slab entries; growing the
         // slab would move them (see `WorkerConfig::requests_max`).
         assert!(self.requests.len() < self.requests.capacity(), "request slab must never reallocate");

@@ -12,7 +12,7 @@ use io_uring::opcode;
 
 use crate::proto::transmission::RequestLimits;
 
-use super::super::conn::{Closing, Conn};
+use super::super::conn::{CloseReason, Closing, Conn};
 use super::super::handoff::NewConnection;
 use super::super::user_data::Token;
 use super::Worker;
@@ -81,6 +81,7 @@ impl Worker {
             let conn = &mut self.conns[id];
             if conn.closing == Closing::Open {
                 conn.closing = Closing::Graceful;
+                conn.closing_because(CloseReason::Shutdown);
             }
             // A receive waiting for a header is cancelled.
             if conn.recv_in_flight && conn.payload_request.is_none() {
@@ -104,6 +105,7 @@ impl Worker {
         }
         for id in ids {
             if self.conns.contains(id) && self.conns[id].closing != Closing::Hard {
+                self.conns[id].close_reason = Some(CloseReason::DrainDeadline);
                 self.hard_close(id as u32);
             }
         }
@@ -146,7 +148,18 @@ impl Worker {
         let idle = !conn.recv_in_flight && !conn.send_in_flight && conn.inflight == 0;
         if conn.closing != Closing::Open && idle {
             debug_assert!(conn.payload_request.is_none() && conn.send_queue.is_empty());
-            self.conns.remove(id as usize); // closes the socket
+            let conn = self.conns.remove(id as usize); // closes the socket
+            if self.config.verbose {
+                let reason = conn.close_reason.as_ref().map_or("closed".to_owned(), |r| r.to_string());
+                eprintln!(
+                    "ringnbd: worker {}: {} on export {:?} disconnected after {:.1} s and {} request(s): {reason}",
+                    self.index,
+                    conn.peer,
+                    conn.export.info.name,
+                    self.now.saturating_duration_since(conn.opened_at).as_secs_f64(),
+                    conn.requests_seen
+                );
+            }
             self.stalled.retain(|&s| s != id);
             self.load.fetch_sub(1, Ordering::Relaxed);
             self.released_since_trim += 1;
@@ -176,7 +189,8 @@ impl Worker {
             .map(|(id, _)| id as u32)
             .collect();
         for id in expired {
-            let conn = &self.conns[id as usize];
+            let conn = &mut self.conns[id as usize];
+            conn.closing_because(CloseReason::StallTimeout);
             eprintln!(
                 "ringnbd: worker {}: dropping {} on export {:?}: no progress from the client for {:.1} s \
                  (--stall-timeout) while it holds {} request(s) and {} KiB of buffers",

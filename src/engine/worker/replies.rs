@@ -7,7 +7,7 @@ use io_uring::{opcode, types};
 use crate::proto::reply;
 use crate::proto::transmission::{Command, ReplyMode};
 
-use super::super::conn::Closing;
+use super::super::conn::{CloseReason, Closing};
 use super::super::request::Request;
 use super::super::sparse_read::{self, Run};
 use super::super::user_data::Token;
@@ -66,6 +66,7 @@ impl Worker {
         // A zero-byte send of a non-empty message means the socket is dead.
         if result <= 0 || conn.closing == Closing::Hard {
             if conn.closing != Closing::Hard {
+                conn.closing_because(CloseReason::SendFailed(-result));
                 return self.hard_close(id);
             }
             self.drop_queued_replies(id);

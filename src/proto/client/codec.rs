@@ -9,7 +9,7 @@
 //! - structured chunk header, 20 B: magic, flags, type, cookie, payload length u32
 //! - extended chunk header, 32 B: magic, flags, type, cookie, offset, payload length u64
 
-use ringnbd::proto::wire::{
+use crate::proto::wire::{
     CHUNK_BLOCK_STATUS, CHUNK_BLOCK_STATUS_EXT, CHUNK_ERROR, CHUNK_NONE, CHUNK_OFFSET_DATA, CHUNK_OFFSET_HOLE,
     CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAG_PAYLOAD_LEN, CMD_READ, CMD_WRITE, COMPACT_REQUEST_BYTES,
     EXTENDED_HEADER_BYTES, EXTENDED_REPLY_MAGIC, EXTENDED_REQUEST_BYTES, EXTENDED_REQUEST_MAGIC, REQUEST_MAGIC,

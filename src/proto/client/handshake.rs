@@ -11,14 +11,16 @@
 //! wanted (it must follow SR/EH); then GO asking for INFO_BLOCK_SIZE. A GO
 //! answered with ERR_UNSUP falls back to EXPORT_NAME (not allowed after EH).
 
-use ringnbd::proto::wire::{
+use std::borrow::Cow;
+
+use crate::proto::wire::{
     FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_BLOCK_SIZE,
     INFO_EXPORT, NBDMAGIC, OPT_EXPORT_NAME, OPT_EXTENDED_HEADERS, OPT_GO, OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY,
-    OPTION_REPLY_MAGIC, PutBe, REP_ACK, REP_ERR_UNSUP, REP_INFO, REP_META_CONTEXT, Reader,
+    OPTION_REPLY_MAGIC, PutBe, REP_ACK, REP_ERR_UNSUP, REP_INFO, REP_META_CONTEXT, Reader, option_name,
 };
 use thiserror::Error;
 
-use crate::codec::Framing;
+use super::codec::Framing;
 
 /// The metadata context the map mode reads.
 pub const BASE_ALLOCATION: &str = "base:allocation";
@@ -101,13 +103,13 @@ pub enum HandshakeError {
     BadReplyMagic(u64),
     /// A reply echoed a different option than the one sent.
     #[error("reply for option {got} while waiting for {sent}")]
-    WrongOption { sent: &'static str, got: u32 },
+    WrongOption { sent: Cow<'static, str>, got: u32 },
     /// The server answered an option with an error.
     #[error("server refused {option}: {reply}{}", if message.is_empty() { String::new() } else { format!(": {message}") })]
-    Refused { option: &'static str, reply: String, message: String },
+    Refused { option: Cow<'static, str>, reply: String, message: String },
     /// A reply type that the option does not allow.
     #[error("unexpected reply type {reply:#x} to {option}")]
-    UnexpectedReply { option: &'static str, reply: u32 },
+    UnexpectedReply { option: Cow<'static, str>, reply: u32 },
     /// An option reply above [`REPLY_PAYLOAD_BYTES_MAX`].
     #[error("option reply of {0} bytes is too large")]
     ReplyTooLong(u32),
@@ -150,17 +152,6 @@ pub struct ClientHandshake {
     block_sizes: Option<BlockSizes>,
 }
 
-pub fn option_name(option: u32) -> &'static str {
-    match option {
-        OPT_EXPORT_NAME => "EXPORT_NAME",
-        OPT_GO => "GO",
-        OPT_STRUCTURED_REPLY => "STRUCTURED_REPLY",
-        OPT_SET_META_CONTEXT => "SET_META_CONTEXT",
-        OPT_EXTENDED_HEADERS => "EXTENDED_HEADERS",
-        _ => "an option",
-    }
-}
-
 /// Spec names for error replies (PROTOCOL.md §1.3).
 pub fn reply_error_name(reply: u32) -> String {
     let name = match reply & !REPLY_ERROR_BIT {
@@ -186,13 +177,13 @@ fn put_option(out: &mut Vec<u8>, option: u32, data: &[u8]) {
     out.extend_from_slice(data);
 }
 
-fn malformed(what: &str) -> impl Fn(ringnbd::proto::DecodeError) -> HandshakeError + '_ {
+fn malformed(what: &str) -> impl Fn(crate::proto::DecodeError) -> HandshakeError + '_ {
     move |e| HandshakeError::Malformed(format!("{what}: {e}"))
 }
 
 impl ClientHandshake {
     pub fn new(config: HandshakeConfig) -> Self {
-        assert!(config.export.len() <= ringnbd::proto::wire::STRING_BYTES_MAX, "export name over 4096 bytes");
+        assert!(config.export.len() <= crate::proto::wire::STRING_BYTES_MAX, "export name over 4096 bytes");
         Self {
             config,
             state: State::Greeting,
@@ -461,7 +452,7 @@ impl ClientHandshake {
 
 #[cfg(test)]
 mod tests {
-    use ringnbd::proto::wire::{INFO_NAME, REP_ERR_POLICY, REP_ERR_UNKNOWN};
+    use crate::proto::wire::{INFO_NAME, REP_ERR_POLICY, REP_ERR_UNKNOWN};
 
     use super::*;
 
@@ -624,7 +615,7 @@ mod tests {
         let mut policy = greeting(FLAG_FIXED_NEWSTYLE);
         policy.extend(reply(OPT_GO, REP_ERR_POLICY, &[]));
         let (err, _) = run(config(Framing::Simple, false), &policy);
-        assert!(matches!(err.unwrap_err(), HandshakeError::Refused { option: "GO", .. }));
+        assert!(matches!(err.unwrap_err(), HandshakeError::Refused { option, .. } if option == "GO"));
     }
 
     #[test]
@@ -664,7 +655,7 @@ mod tests {
         let mut wrong = greeting(FLAG_FIXED_NEWSTYLE);
         wrong.extend(reply(OPT_GO, REP_ACK, &[]));
         let err = run(config(Framing::Structured, false), &wrong).0.unwrap_err();
-        assert_eq!(err, HandshakeError::WrongOption { sent: "STRUCTURED_REPLY", got: OPT_GO });
+        assert_eq!(err, HandshakeError::WrongOption { sent: "STRUCTURED_REPLY".into(), got: OPT_GO });
         let mut huge = greeting(FLAG_FIXED_NEWSTYLE);
         let mut header = reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]);
         header[16..20].copy_from_slice(&(REPLY_PAYLOAD_BYTES_MAX + 1).to_be_bytes());

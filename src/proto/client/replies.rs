@@ -13,9 +13,9 @@
 //! only the last may overrun the request (it is clamped), every reply ends
 //! with exactly one final piece (a simple reply or a chunk flagged DONE).
 
-use ringnbd::proto::wire::REPLY_FLAG_DONE;
+use crate::proto::wire::REPLY_FLAG_DONE;
 
-use crate::codec::{
+use super::codec::{
     self, ChunkHeader, ChunkKind, Command, DATA_PREFIX_BYTES, ERROR_PAYLOAD_BYTES_MAX, Framing, HOLE_PAYLOAD_BYTES,
     ProtocolError, REPLY_HEADER_BYTES_MAX, ReplyHeader,
 };
@@ -378,12 +378,12 @@ impl ReplyParser {
 mod tests {
     use std::collections::HashMap;
 
-    use ringnbd::proto::wire::{
+    use crate::proto::wire::{
         CHUNK_BLOCK_STATUS, CHUNK_BLOCK_STATUS_EXT, CHUNK_ERROR, CHUNK_NONE, CHUNK_OFFSET_DATA, CHUNK_OFFSET_HOLE,
     };
 
+    use super::super::codec::tests::{chunk, error_payload, simple, status_payload};
     use super::*;
-    use crate::codec::tests::{chunk, error_payload, simple, status_payload};
 
     /// Owned copy of an event, merged per cookie so split points don't matter.
     #[derive(Debug, Clone, PartialEq, Eq)]
