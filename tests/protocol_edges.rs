@@ -1231,7 +1231,9 @@ fn fua_flush_trim_and_zero_on_memory_and_direct_file_exports() {
     sparse_file(&odd, 16 * MIB + 1000);
     let file_arg = format!("file={}", path.display());
     let odd_arg = format!("odd={}", odd.display());
-    let server = Server::start(&["mem=memory:16M", &file_arg, &odd_arg]);
+    // Strict alignment: the O_DIRECT export advertises its alignment as the
+    // minimum, and the client below opts out of being bound by it.
+    let server = Server::start(&["mem=memory:16M", &file_arg, &odd_arg, "--strict-alignment"]);
     let body = r#"
 K = 1024
 uri, path, aligned = sys.argv[1], sys.argv[2], sys.argv[3] == "aligned"
@@ -1267,7 +1269,7 @@ def assert_data(offset, length, what):
     for start, end, f in extents(offset, length):
         assert f & (nbd.STATE_HOLE | nbd.STATE_ZERO) == 0, (what, start, end, f)
 if aligned:
-    # O_DIRECT in effect: the server advertises its alignment as the minimum.
+    # O_DIRECT with --strict-alignment: the alignment is the minimum.
     assert h.get_block_size(nbd.SIZE_MINIMUM) >= 512, h.get_block_size(nbd.SIZE_MINIMUM)
 N = 512 * K
 data = pat(9, N)

@@ -94,8 +94,14 @@ pub struct Server {
     pub tcp_uri: Option<String>,
     /// `nbd+unix:///?socket=PATH` when listening on a Unix socket.
     pub unix_uri: Option<String>,
+    /// Every TCP URI the banner printed (one per listening address).
+    pub uris: Vec<String>,
+    /// The banner lines up to the URIs.
+    pub banner: Vec<String>,
     pub unix_socket: Option<PathBuf>,
     pub port: Option<u16>,
+    /// The server's stderr.
+    pub log: PathBuf,
     _dir: TempDir,
 }
 
@@ -138,19 +144,27 @@ impl Server {
             }
         }
         command.args(launch.args);
-        let stderr = match &launch.stderr {
-            Some(path) => Stdio::from(std::fs::File::create(path).expect("stderr capture file")),
-            None => Stdio::inherit(),
-        };
+        // Server chatter goes to a file (shown if the test fails), not into
+        // the test output.
+        let log = launch.stderr.clone().unwrap_or_else(|| dir.path("stderr.log"));
+        let stderr = Stdio::from(std::fs::File::create(&log).expect("stderr capture file"));
         let mut child = command.stdout(Stdio::piped()).stderr(stderr).spawn().expect("start ringnbd");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let (mut tcp_uri, mut unix_uri) = (None, None);
+        let mut uris = Vec::new();
+        let mut banner = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while (tcp && tcp_uri.is_none()) || (unix && unix_uri.is_none()) {
+        // The banner ends with "connect with: ..." once every listener is up.
+        while !banner.last().is_some_and(|l: &String| l.starts_with("connect with:")) {
             assert!(Instant::now() < deadline, "ringnbd did not print its URIs in time");
-            let Some(Ok(line)) = lines.next() else { panic!("ringnbd exited before printing its URIs") };
+            let Some(Ok(line)) = lines.next() else {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("ringnbd exited before printing its URIs; stderr:\n{text}")
+            };
+            banner.push(line.clone());
             if line.starts_with("nbd://") {
+                uris.push(line.clone());
                 tcp_uri = Some(line);
             } else if line.starts_with("nbd+unix://") {
                 unix_uri = Some(line);
@@ -159,10 +173,11 @@ impl Server {
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         let port = tcp_uri.as_ref().map(|u| {
-            let rest = u.trim_start_matches("nbd://127.0.0.1:");
-            rest.trim_end_matches('/').parse().expect("port in URI")
+            let rest = u.trim_end_matches('/').rsplit(':').next().expect("port in URI");
+            rest.parse().expect("port in URI")
         });
-        Server { child: Some(child), tcp_uri, unix_uri, unix_socket: unix.then_some(socket), port, _dir: dir }
+        let unix_socket = unix.then_some(socket);
+        Server { child: Some(child), tcp_uri, unix_uri, uris, banner, unix_socket, port, log, _dir: dir }
     }
 
     pub fn uri(&self) -> &str {
@@ -253,6 +268,12 @@ impl Drop for Server {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            eprintln!("--- server stderr ({}), last lines ---", self.log.display());
+            tail.iter().rev().for_each(|l| eprintln!("{l}"));
         }
     }
 }
