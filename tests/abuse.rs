@@ -5,39 +5,17 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::raw::*;
 use common::*;
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-
-const C_FIXED_NEWSTYLE: u32 = 1;
-const C_NO_ZEROES: u32 = 2;
-const OPT_EXPORT_NAME: u32 = 1;
-const OPT_INFO: u32 = 6;
-const OPT_GO: u32 = 7;
-const OPT_STRUCTURED_REPLY: u32 = 8;
-const OPT_SET_META_CONTEXT: u32 = 10;
-const OPT_EXTENDED_HEADERS: u32 = 11;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-
-const ESHUTDOWN: u32 = 108;
-
+// Wire constants and the raw client are in common::raw.
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
@@ -45,142 +23,6 @@ const MIB: u64 = 1024 * KIB;
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     Rng(seed).bytes(len)
-}
-
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes(b[..4].try_into().unwrap())
-}
-fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b[..8].try_into().unwrap())
-}
-
-// --- raw client ------------------------------------------------------------------------
-
-fn option_frame(option: u32, data: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(16 + data.len());
-    m.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    m.extend_from_slice(&option.to_be_bytes());
-    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    m.extend_from_slice(data);
-    m
-}
-
-fn info_data(name: &str, codes: &[u16]) -> Vec<u8> {
-    let mut d = Vec::new();
-    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&(codes.len() as u16).to_be_bytes());
-    for c in codes {
-        d.extend_from_slice(&c.to_be_bytes());
-    }
-    d
-}
-
-fn request(flags: u16, kind: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
-    let mut h = Vec::with_capacity(28);
-    h.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    h.extend_from_slice(&flags.to_be_bytes());
-    h.extend_from_slice(&kind.to_be_bytes());
-    h.extend_from_slice(&cookie.to_be_bytes());
-    h.extend_from_slice(&offset.to_be_bytes());
-    h.extend_from_slice(&length.to_be_bytes());
-    h
-}
-
-struct Raw {
-    s: TcpStream,
-}
-
-impl Raw {
-    fn connect(addr: &str) -> Raw {
-        let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        s.set_nodelay(true).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
-        Raw { s }
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.s.write_all(bytes).expect("send to server");
-    }
-
-    fn recv(&mut self, n: usize) -> Vec<u8> {
-        let mut b = vec![0u8; n];
-        self.s.read_exact(&mut b).unwrap_or_else(|e| panic!("receiving {n} bytes: {e}"));
-        b
-    }
-
-    fn greeting(&mut self) {
-        let g = self.recv(18);
-        assert_eq!((be64(&g), be64(&g[8..])), (NBDMAGIC, IHAVEOPT), "greeting");
-    }
-
-    /// Greeting, client flags and GO on `name`: simple replies.
-    fn open(addr: &str, name: &str) -> Raw {
-        let mut c = Raw::connect(addr);
-        c.greeting();
-        c.send(&(C_FIXED_NEWSTYLE | C_NO_ZEROES).to_be_bytes());
-        c.go(name);
-        c
-    }
-
-    /// Sends GO and reads replies up to its ACK.
-    fn go(&mut self, name: &str) {
-        self.send(&option_frame(OPT_GO, &info_data(name, &[])));
-        loop {
-            let h = self.recv(20);
-            assert_eq!(be64(&h), OPTION_REPLY_MAGIC);
-            self.recv(be32(&h[16..]) as usize);
-            match be32(&h[12..]) {
-                REP_ACK => return,
-                REP_INFO => {}
-                other => panic!("GO {name:?} answered {other:#x}"),
-            }
-        }
-    }
-
-    fn simple(&mut self) -> (u32, u64) {
-        let r = self.recv(16);
-        assert_eq!(be32(&r), SIMPLE_REPLY_MAGIC, "simple reply magic");
-        (be32(&r[4..]), be64(&r[8..]))
-    }
-
-    fn write(&mut self, cookie: u64, offset: u64, data: &[u8]) {
-        let mut m = request(0, CMD_WRITE, cookie, offset, data.len() as u32);
-        m.extend_from_slice(data);
-        self.send(&m);
-        assert_eq!(self.simple(), (0, cookie), "WRITE reply");
-    }
-
-    fn read(&mut self, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
-        self.send(&request(0, CMD_READ, cookie, offset, length));
-        assert_eq!(self.simple(), (0, cookie), "READ reply");
-        self.recv(length as usize)
-    }
-
-    fn disconnect(mut self) {
-        let _ = self.s.write_all(&request(0, CMD_DISC, 0, 0, 0));
-    }
-
-    /// How long until the server closes, or None if still open at `timeout`.
-    fn closed_within(&mut self, timeout: Duration) -> Option<Duration> {
-        let start = Instant::now();
-        let mut scratch = vec![0u8; 64 * 1024];
-        loop {
-            let left = timeout.saturating_sub(start.elapsed());
-            if left.is_zero() {
-                return None;
-            }
-            self.s.set_read_timeout(Some(left)).unwrap();
-            match self.s.read(&mut scratch) {
-                Ok(0) => return Some(start.elapsed()),
-                Ok(_) => {}
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return None,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return Some(start.elapsed()),
-            }
-        }
-    }
 }
 
 /// python3-libnbd under a wall-clock limit.
@@ -213,8 +55,8 @@ h.shutdown()
     }
     let data = pattern(offset ^ 0x5eed, 64 * 1024);
     let mut c = Raw::open(&server.addr(), name);
-    c.write(1, offset + 512 * KIB, &data);
-    assert_eq!(c.read(2, offset + 512 * KIB, data.len() as u32), data, "raw fresh client");
+    c.write_ok(1, offset + 512 * KIB, &data);
+    assert_eq!(c.read_ok(2, offset + 512 * KIB, data.len() as u32), data, "raw fresh client");
     c.disconnect();
 }
 
@@ -237,9 +79,9 @@ fn two_hundred_concurrent_connections_each_round_trip_their_own_region() {
                 opened.wait(); // all 200 negotiated and open at once
                 let data = pattern(i as u64, 64 * 1024 + i * 7);
                 let offset = i as u64 * MIB + i as u64;
-                c.write(i as u64, offset, &data);
+                c.write_ok(i as u64, offset, &data);
                 written.wait(); // every write done before anyone reads
-                assert_eq!(c.read(i as u64 + 1000, offset, data.len() as u32), data, "client {i}");
+                assert_eq!(c.read_ok(i as u64 + 1000, offset, data.len() as u32), data, "client {i}");
                 c.disconnect();
                 done.send(i).unwrap();
             })
@@ -257,7 +99,7 @@ fn two_hundred_concurrent_connections_each_round_trip_their_own_region() {
     let mut c = Raw::open(&addr, "");
     for i in 0..CLIENTS {
         let data = pattern(i as u64, 64 * 1024 + i * 7);
-        assert_eq!(c.read(i as u64, i as u64 * MIB + i as u64, data.len() as u32), data, "region {i}");
+        assert_eq!(c.read_ok(i as u64, i as u64 * MIB + i as u64, data.len() as u32), data, "region {i}");
     }
     let uri = server.tcp_uri.clone().unwrap();
     fresh_client_round_trip(&mut server, &uri, "", 240 * MIB);
@@ -320,7 +162,7 @@ fn handshake_timeout_drops_silent_clients_but_not_negotiated_ones() {
     let addr = server.addr();
     // Negotiated before the silent clients arrive, then idle past the timeout.
     let mut idle = Raw::open(&addr, "");
-    idle.write(1, 0, b"idle client data");
+    idle.write_ok(1, 0, b"idle client data");
 
     // A silent client: reads the greeting and then says nothing.
     let silent_addr = addr.clone();
@@ -354,8 +196,8 @@ fn handshake_timeout_drops_silent_clients_but_not_negotiated_ones() {
     while start.elapsed() < Duration::from_millis(1500) {
         let mut c = Raw::open(&addr, "");
         let data = pattern(rounds, 4096);
-        c.write(rounds, MIB + rounds * 4096, &data);
-        assert_eq!(c.read(rounds, MIB + rounds * 4096, 4096), data);
+        c.write_ok(rounds, MIB + rounds * 4096, &data);
+        assert_eq!(c.read_ok(rounds, MIB + rounds * 4096, 4096), data);
         c.disconnect();
         rounds += 1;
     }
@@ -370,7 +212,7 @@ fn handshake_timeout_drops_silent_clients_but_not_negotiated_ones() {
     assert!(dripped <= Duration::from_secs(3), "the handshake deadline is per handshake, not per read: {dripped:?}");
 
     // The negotiated connection outlived the handshake timeout.
-    assert_eq!(idle.read(2, 0, 16), b"idle client data");
+    assert_eq!(idle.read_ok(2, 0, 16), b"idle client data");
     let uri = server.tcp_uri.clone().unwrap();
     fresh_client_round_trip(&mut server, &uri, "", 8 * MIB);
 }
@@ -386,7 +228,7 @@ fn clients_dropping_mid_payload_and_mid_handshake() {
     let keep = pattern(77, MIB as usize);
     for name in ["mem", "file"] {
         let mut c = Raw::open(&addr, name);
-        c.write(1, 0, &keep);
+        c.write_ok(1, 0, &keep);
         c.disconnect();
     }
 
@@ -399,7 +241,7 @@ fn clients_dropping_mid_payload_and_mid_handshake() {
                     let name = if i % 2 == 0 { "mem" } else { "file" };
                     let mut c = Raw::open(&addr, name);
                     let offset = (2 + (i + round) % 8) * MIB + if i % 3 == 0 { 1 } else { 0 };
-                    let mut m = request(0, CMD_WRITE, i, offset, MIB as u32);
+                    let mut m = request_bytes(0, CMD_WRITE, i, offset, MIB as u32);
                     m.extend_from_slice(&pattern(i, MIB as usize / 2));
                     c.send(&m);
                     if i % 4 == 0 {
@@ -454,15 +296,15 @@ fn clients_dropping_mid_payload_and_mid_handshake() {
     assert!(server.is_running());
     for name in ["mem", "file"] {
         let mut c = Raw::open(&addr, name);
-        assert_eq!(c.read(1, 0, MIB as u32), keep, "{name}: data written before the abuse");
+        assert_eq!(c.read_ok(1, 0, MIB as u32), keep, "{name}: data written before the abuse");
         c.disconnect();
     }
     // Leaked request buffers would starve large requests: 32 MiB still works.
     for name in ["mem", "file"] {
         let big = pattern(99, 32 * MIB as usize);
         let mut c = Raw::open(&addr, name);
-        c.write(1, 16 * MIB, &big);
-        assert!(c.read(2, 16 * MIB, big.len() as u32) == big, "{name}: 32 MiB round trip after drops");
+        c.write_ok(1, 16 * MIB, &big);
+        assert!(c.read_ok(2, 16 * MIB, big.len() as u32) == big, "{name}: 32 MiB round trip after drops");
         c.disconnect();
     }
     for name in ["mem", "file"] {
@@ -647,9 +489,9 @@ fn random_garbage_handshakes_and_requests_leave_data_intact() {
     let addr = server.addr();
     let keep = pattern(4242, 4 * MIB as usize);
     let mut good = Raw::open(&addr, "data");
-    good.write(1, MIB, &keep);
+    good.write_ok(1, MIB, &keep);
     let mut good_file = Raw::open(&addr, "dfile");
-    good_file.write(1, MIB, &keep);
+    good_file.write_ok(1, MIB, &keep);
 
     let stop = Arc::new(AtomicBool::new(false));
     let connections = Arc::new(AtomicUsize::new(0));
@@ -676,8 +518,8 @@ fn random_garbage_handshakes_and_requests_leave_data_intact() {
     let mut round = 0u64;
     while start.elapsed() < Duration::from_secs(4) {
         let data = pattern(round, 64 * 1024);
-        good.write(100 + round, 8 * MIB + (round % 64) * 64 * KIB, &data);
-        assert_eq!(good.read(200 + round, 8 * MIB + (round % 64) * 64 * KIB, data.len() as u32), data);
+        good.write_ok(100 + round, 8 * MIB + (round % 64) * 64 * KIB, &data);
+        assert_eq!(good.read_ok(200 + round, 8 * MIB + (round % 64) * 64 * KIB, data.len() as u32), data);
         round += 1;
         thread::sleep(Duration::from_millis(20));
     }
@@ -691,11 +533,11 @@ fn random_garbage_handshakes_and_requests_leave_data_intact() {
     assert!(requests > 1000, "too few garbage requests reached transmission");
     thread::sleep(Duration::from_millis(200));
     assert!(server.is_running(), "server died under garbage");
-    assert!(good.read(2, MIB, keep.len() as u32) == keep, "data written before the garbage is intact");
-    assert!(good_file.read(2, MIB, keep.len() as u32) == keep, "file data written before the garbage is intact");
+    assert!(good.read_ok(2, MIB, keep.len() as u32) == keep, "data written before the garbage is intact");
+    assert!(good_file.read_ok(2, MIB, keep.len() as u32) == keep, "file data written before the garbage is intact");
     for name in ["data", "dfile"] {
         let mut fresh = Raw::open(&addr, name);
-        assert!(fresh.read(3, MIB, keep.len() as u32) == keep, "{name}: a fresh client sees the same data");
+        assert!(fresh.read_ok(3, MIB, keep.len() as u32) == keep, "{name}: a fresh client sees the same data");
         fresh.disconnect();
     }
     for name in ["data", "junk", "dfile", "jfile"] {
@@ -720,7 +562,7 @@ fn sigterm_with_requests_in_flight_exits_zero_and_keeps_acknowledged_writes() {
     let sender = thread::spawn(move || {
         let mut sent = 0;
         for i in 0..WRITES {
-            let mut m = request(0, CMD_WRITE, i, i * WRITE_BYTES, WRITE_BYTES as u32);
+            let mut m = request_bytes(0, CMD_WRITE, i, i * WRITE_BYTES, WRITE_BYTES as u32);
             m.extend_from_slice(&pattern(i, WRITE_BYTES as usize));
             if writer.write_all(&m).is_err() {
                 break;
@@ -776,7 +618,7 @@ fn sigterm_while_clients_are_mid_handshake_exits_zero() {
     let addr = server.addr();
     let mut c = Raw::open(&addr, "");
     let data = pattern(3, 64 * 1024);
-    c.write(1, 0, &data);
+    c.write_ok(1, 0, &data);
     // One client has read the greeting and gone quiet; another is mid-option.
     let mut stuck = Raw::connect(&addr);
     stuck.greeting();
@@ -822,10 +664,10 @@ fn sigterm_and_wait(server: &Server, limit: Duration) -> Option<Duration> {
 fn sigterm_is_not_held_up_by_a_client_stalled_mid_payload() {
     let mut server = Server::start(&["memory:64M"]);
     let mut good = Raw::open(&server.addr(), "");
-    good.write(1, 0, b"acknowledged");
+    good.write_ok(1, 0, b"acknowledged");
     // Half of a 1 MiB WRITE payload, then silence with the socket open.
     let mut stalled = Raw::open(&server.addr(), "");
-    let mut m = request(0, CMD_WRITE, 1, MIB, MIB as u32);
+    let mut m = request_bytes(0, CMD_WRITE, 1, MIB, MIB as u32);
     m.extend_from_slice(&pattern(1, MIB as usize / 2));
     stalled.send(&m);
     thread::sleep(Duration::from_millis(200));
@@ -838,11 +680,11 @@ fn sigterm_is_not_held_up_by_a_client_stalled_mid_payload() {
 fn sigterm_is_not_held_up_by_a_client_that_never_reads_replies() {
     let mut server = Server::start(&["memory:64M"]);
     let mut c = Raw::open(&server.addr(), "");
-    c.write(1, 0, &pattern(1, MIB as usize));
+    c.write_ok(1, 0, &pattern(1, MIB as usize));
     // 64 READs of 1 MiB, none of whose replies is ever read.
     c.s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
     for i in 0..64 {
-        if c.s.write_all(&request(0, CMD_READ, i, 0, MIB as u32)).is_err() {
+        if c.s.write_all(&request_bytes(0, CMD_READ, i, 0, MIB as u32)).is_err() {
             break;
         }
     }

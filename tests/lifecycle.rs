@@ -7,10 +7,9 @@
 mod common;
 
 use std::io::Write;
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::raw::{self, Raw};
+use common::raw::{self, Raw, reset};
 use common::*;
 
 const KIB: u64 = 1024;
@@ -108,22 +107,6 @@ fn resets_mid_payload_with_replies_in_flight_leak_nothing() {
     assert_eq!(fresh.read(2, 0, 4096).unwrap(), vec![9u8; 4096]);
     fresh.disconnect();
     assert_eq!(server.stop(), Some(0));
-}
-
-/// Closes with SO_LINGER 0, so the server sees a reset.
-fn reset(s: TcpStream) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: setsockopt on a socket we own, with a correctly sized struct.
-    unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&s),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
-    drop(s);
 }
 
 /// One connection holds every buffer with READs it never reads; another

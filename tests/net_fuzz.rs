@@ -134,17 +134,7 @@ fn fuzz_connection(addr: &str, rng: &mut Rng) {
         }
     }
     if rng.chance(50) {
-        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-        // SAFETY: setsockopt on our own socket with a correctly sized struct.
-        unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&s),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&linger as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            );
-        }
+        raw::reset(s);
     }
 }
 

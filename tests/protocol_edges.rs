@@ -5,71 +5,17 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::raw::*;
 use common::*;
 
-// --- wire constants (from the protocol document, not from src/) ---------------
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
-const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
-
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
-const C_FIXED_NEWSTYLE: u32 = 1;
-const C_NO_ZEROES: u32 = 2;
-
-const OPT_EXPORT_NAME: u32 = 1;
-const OPT_ABORT: u32 = 2;
-const OPT_LIST: u32 = 3;
-const OPT_STARTTLS: u32 = 5;
-const OPT_INFO: u32 = 6;
-const OPT_GO: u32 = 7;
-const OPT_STRUCTURED_REPLY: u32 = 8;
-const OPT_SET_META_CONTEXT: u32 = 10;
-const OPT_EXTENDED_HEADERS: u32 = 11;
-
-const REP_ACK: u32 = 1;
-const REP_SERVER: u32 = 2;
-const REP_INFO: u32 = 3;
-const REP_META_CONTEXT: u32 = 4;
-const REP_ERR_UNSUP: u32 = 0x8000_0001;
-const REP_ERR_POLICY: u32 = 0x8000_0002;
-const REP_ERR_INVALID: u32 = 0x8000_0003;
-const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
-const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
-const REP_ERR_EXT_HEADER_REQD: u32 = 0x8000_000a;
-
-const INFO_EXPORT: u16 = 0;
-
+// Wire constants (from the protocol document, not from src/) are in
+// common::raw; these few are only used here.
 const TF_HAS_FLAGS: u16 = 1;
 const TF_READ_ONLY: u16 = 1 << 1;
 const TF_SEND_DF: u16 = 1 << 7;
 const TF_BLOCK_STATUS_PAYLOAD: u16 = 1 << 12;
-
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_BLOCK_STATUS: u16 = 7;
-const CMD_FLAG_DF: u16 = 1 << 2;
-const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
-const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
-
-const CHUNK_NONE: u16 = 0;
-const CHUNK_OFFSET_DATA: u16 = 1;
-const CHUNK_OFFSET_HOLE: u16 = 2;
-const CHUNK_BLOCK_STATUS_EXT: u16 = 6;
-const CHUNK_ERROR: u16 = 0x8001;
-const REPLY_FLAG_DONE: u16 = 1;
-
-const EINVAL: u32 = 22;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -80,272 +26,6 @@ const PAGE: u64 = 64 * KIB;
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     Rng(seed).bytes(len)
-}
-
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes(b[..2].try_into().unwrap())
-}
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes(b[..4].try_into().unwrap())
-}
-fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b[..8].try_into().unwrap())
-}
-
-// --- the raw client ----------------------------------------------------------------
-
-/// One reply chunk (structured or extended) with its payload.
-#[derive(Debug)]
-struct Chunk {
-    flags: u16,
-    kind: u16,
-    cookie: u64,
-    /// Only in extended chunks: the request offset, echoed.
-    offset: Option<u64>,
-    payload: Vec<u8>,
-}
-
-/// A reply of any framing: simple (error code) or a chunk.
-#[derive(Debug)]
-enum Reply {
-    Simple { error: u32, cookie: u64 },
-    Chunk(Chunk),
-}
-
-struct Raw {
-    s: TcpStream,
-}
-
-impl Raw {
-    fn connect(addr: &str) -> Raw {
-        let s = TcpStream::connect(addr).expect("connect");
-        s.set_nodelay(true).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
-        Raw { s }
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.s.write_all(bytes).expect("send to server");
-    }
-
-    fn recv(&mut self, n: usize) -> Vec<u8> {
-        let mut b = vec![0u8; n];
-        self.s.read_exact(&mut b).unwrap_or_else(|e| panic!("receiving {n} bytes: {e}"));
-        b
-    }
-
-    /// Reads the 18-byte greeting; returns the handshake flags.
-    fn greeting(&mut self) -> u16 {
-        let g = self.recv(18);
-        assert_eq!(be64(&g[0..]), NBDMAGIC, "greeting magic");
-        assert_eq!(be64(&g[8..]), IHAVEOPT, "greeting IHAVEOPT");
-        be16(&g[16..])
-    }
-
-    /// Connects, checks the greeting offers fixed newstyle and NO_ZEROES, and
-    /// sends `client_flags`.
-    fn handshake(addr: &str, client_flags: u32) -> Raw {
-        let mut c = Raw::connect(addr);
-        let flags = c.greeting();
-        assert_eq!(flags & FLAG_FIXED_NEWSTYLE, FLAG_FIXED_NEWSTYLE, "server must be fixed newstyle");
-        assert_eq!(flags & FLAG_NO_ZEROES, FLAG_NO_ZEROES, "server offers NO_ZEROES");
-        c.send(&client_flags.to_be_bytes());
-        c
-    }
-
-    /// Handshake plus GO on `name` in simple-reply mode.
-    fn open(addr: &str, name: &str) -> Raw {
-        let mut c = Raw::handshake(addr, C_FIXED_NEWSTYLE | C_NO_ZEROES);
-        c.go(name);
-        c
-    }
-
-    fn option(&mut self, option: u32, data: &[u8]) {
-        let mut m = Vec::with_capacity(16 + data.len());
-        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        m.extend_from_slice(&option.to_be_bytes());
-        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        m.extend_from_slice(data);
-        self.send(&m);
-    }
-
-    /// One option reply: (option echoed, reply type, data).
-    fn option_reply(&mut self) -> (u32, u32, Vec<u8>) {
-        let h = self.recv(20);
-        assert_eq!(be64(&h), OPTION_REPLY_MAGIC, "option reply magic");
-        let data = self.recv(be32(&h[16..]) as usize);
-        (be32(&h[8..]), be32(&h[12..]), data)
-    }
-
-    /// Sends INFO or GO; returns the NBD_INFO_EXPORT payload (size u64 +
-    /// flags u16) or the error reply type.
-    fn info_or_go(&mut self, option: u32, name: &str) -> Result<Vec<u8>, u32> {
-        self.option(option, &info_data(name, &[]));
-        let mut export = None;
-        loop {
-            let (opt, kind, data) = self.option_reply();
-            assert_eq!(opt, option, "option echoed");
-            match kind {
-                REP_INFO if be16(&data) == INFO_EXPORT => {
-                    assert_eq!(data.len(), 12, "NBD_INFO_EXPORT length");
-                    export = Some(data[2..].to_vec());
-                }
-                REP_INFO => {}
-                REP_ACK => return Ok(export.expect("INFO_EXPORT before ACK")),
-                error if error & 0x8000_0000 != 0 => {
-                    assert!(export.is_none(), "no INFO before an error reply");
-                    return Err(error);
-                }
-                other => panic!("unexpected reply type {other:#x} to option {option}"),
-            }
-        }
-    }
-
-    /// GO; returns (size, transmission flags).
-    fn go(&mut self, name: &str) -> (u64, u16) {
-        let export = self.info_or_go(OPT_GO, name).unwrap_or_else(|e| panic!("GO {name:?} failed: {e:#x}"));
-        (be64(&export), be16(&export[8..]))
-    }
-
-    fn request(&mut self, flags: u16, kind: u16, cookie: u64, offset: u64, length: u32) {
-        let mut h = Vec::with_capacity(28);
-        h.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        h.extend_from_slice(&flags.to_be_bytes());
-        h.extend_from_slice(&kind.to_be_bytes());
-        h.extend_from_slice(&cookie.to_be_bytes());
-        h.extend_from_slice(&offset.to_be_bytes());
-        h.extend_from_slice(&length.to_be_bytes());
-        self.send(&h);
-    }
-
-    fn request_ext(&mut self, flags: u16, kind: u16, cookie: u64, offset: u64, length: u64) {
-        let mut h = Vec::with_capacity(32);
-        h.extend_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
-        h.extend_from_slice(&flags.to_be_bytes());
-        h.extend_from_slice(&kind.to_be_bytes());
-        h.extend_from_slice(&cookie.to_be_bytes());
-        h.extend_from_slice(&offset.to_be_bytes());
-        h.extend_from_slice(&length.to_be_bytes());
-        self.send(&h);
-    }
-
-    /// The next reply, whatever its framing.
-    fn reply(&mut self) -> Reply {
-        let magic = be32(&self.recv(4));
-        match magic {
-            SIMPLE_REPLY_MAGIC => {
-                let r = self.recv(12);
-                Reply::Simple { error: be32(&r), cookie: be64(&r[4..]) }
-            }
-            STRUCTURED_REPLY_MAGIC => {
-                let r = self.recv(16);
-                let payload = self.recv(be32(&r[12..]) as usize);
-                Reply::Chunk(Chunk {
-                    flags: be16(&r),
-                    kind: be16(&r[2..]),
-                    cookie: be64(&r[4..]),
-                    offset: None,
-                    payload,
-                })
-            }
-            EXTENDED_REPLY_MAGIC => {
-                let r = self.recv(28);
-                let length = be64(&r[20..]);
-                assert!(length < 64 * MIB, "absurd extended payload length {length}");
-                let payload = self.recv(length as usize);
-                Reply::Chunk(Chunk {
-                    flags: be16(&r),
-                    kind: be16(&r[2..]),
-                    cookie: be64(&r[4..]),
-                    offset: Some(be64(&r[12..])),
-                    payload,
-                })
-            }
-            other => panic!("bad reply magic {other:#010x}"),
-        }
-    }
-
-    /// A simple reply: (error, cookie).
-    fn simple(&mut self) -> (u32, u64) {
-        match self.reply() {
-            Reply::Simple { error, cookie } => (error, cookie),
-            Reply::Chunk(c) => panic!("expected a simple reply, got chunk {c:?}"),
-        }
-    }
-
-    fn chunk(&mut self) -> Chunk {
-        match self.reply() {
-            Reply::Chunk(c) => c,
-            Reply::Simple { error, cookie } => panic!("expected a chunk, got simple reply {error} for {cookie}"),
-        }
-    }
-
-    /// Simple-mode WRITE; returns the error code.
-    fn write(&mut self, cookie: u64, offset: u64, data: &[u8]) -> u32 {
-        self.request(0, CMD_WRITE, cookie, offset, data.len() as u32);
-        self.send(data);
-        let (error, got) = self.simple();
-        assert_eq!(got, cookie, "cookie echoed");
-        error
-    }
-
-    /// Simple-mode READ.
-    fn read(&mut self, cookie: u64, offset: u64, length: u32) -> Result<Vec<u8>, u32> {
-        self.request(0, CMD_READ, cookie, offset, length);
-        let (error, got) = self.simple();
-        assert_eq!(got, cookie, "cookie echoed");
-        if error != 0 {
-            return Err(error);
-        }
-        Ok(self.recv(length as usize))
-    }
-
-    /// Waits for the server to close; discards anything it still sends.
-    /// Returns how long it took, or None if it stayed open for `timeout`.
-    fn closed_within(&mut self, timeout: Duration) -> Option<Duration> {
-        let start = Instant::now();
-        let mut scratch = vec![0u8; 64 * 1024];
-        loop {
-            let left = timeout.saturating_sub(start.elapsed());
-            if left.is_zero() {
-                return None;
-            }
-            self.s.set_read_timeout(Some(left)).unwrap();
-            match self.s.read(&mut scratch) {
-                Ok(0) => return Some(start.elapsed()),
-                Ok(_) => {}
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return None,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return Some(start.elapsed()), // reset
-            }
-        }
-    }
-}
-
-/// INFO/GO data: name length, name, info count, codes.
-fn info_data(name: &str, codes: &[u16]) -> Vec<u8> {
-    let mut d = Vec::new();
-    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&(codes.len() as u16).to_be_bytes());
-    for c in codes {
-        d.extend_from_slice(&c.to_be_bytes());
-    }
-    d
-}
-
-/// LIST/SET_META_CONTEXT data.
-fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
-    let mut d = Vec::new();
-    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-    for q in queries {
-        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
-        d.extend_from_slice(q.as_bytes());
-    }
-    d
 }
 
 /// python3-libnbd with a wall-clock limit, so a hung server fails the test.
@@ -427,7 +107,7 @@ fn unknown_option_gets_err_unsup_and_list_still_works() {
     assert!(c.closed_within(Duration::from_secs(5)).is_some(), "server closes after ABORT");
     // The server is still there for the next client.
     let mut d = Raw::open(&server.addr(), "disk");
-    assert_eq!(d.write(1, 0, b"after-abort"), 0);
+    assert_eq!(d.write(1, 0, b"after-abort").0, 0);
 }
 
 #[test]
@@ -445,7 +125,7 @@ fn info_and_go_agree_byte_for_byte_and_unknown_export_is_an_option_error() {
     assert_eq!(flags & TF_HAS_FLAGS, TF_HAS_FLAGS);
     assert_eq!(flags & TF_SEND_DF, 0, "SEND_DF must be clear without structured replies");
     assert_eq!(flags & TF_READ_ONLY, 0, "writable export");
-    assert_eq!(c.write(7, 0, b"go works"), 0);
+    assert_eq!(c.write(7, 0, b"go works").0, 0);
     assert_eq!(c.read(8, 0, 8).unwrap(), b"go works");
 }
 
@@ -522,7 +202,7 @@ fn oversized_options_are_skipped_or_disconnect_and_server_stays_up() {
     }
     assert!(server.is_running());
     // Existing and new connections are unaffected.
-    assert_eq!(c.write(1, 4096, b"still here"), 0);
+    assert_eq!(c.write(1, 4096, b"still here").0, 0);
     let mut f = Raw::open(&server.addr(), "");
     assert_eq!(f.read(2, 4096, 10).unwrap(), b"still here");
 }
@@ -533,7 +213,7 @@ fn export_name_fallback_with_and_without_no_zeroes() {
     let addr = server.addr();
     let check_transmission = |c: &mut Raw, seed: u64| {
         let data = pattern(seed, 4096);
-        assert_eq!(c.write(seed, 8192, &data), 0);
+        assert_eq!(c.write(seed, 8192, &data).0, 0);
         assert_eq!(c.read(seed + 1, 8192, 4096).unwrap(), data);
     };
 
@@ -554,7 +234,7 @@ fn export_name_fallback_with_and_without_no_zeroes() {
     c.option(OPT_EXPORT_NAME, b"");
     let reply = c.recv(10);
     assert_eq!(be64(&reply), 16 * MIB, "empty name is the default export");
-    c.request(0, CMD_READ, 99, 0, 16);
+    c.request_compact(0, CMD_READ, 99, 0, 16);
     let r = c.recv(16);
     assert_eq!(be32(&r), SIMPLE_REPLY_MAGIC, "no padding after EXPORT_NAME with NO_ZEROES: {r:02x?}");
     assert_eq!(be64(&r[8..]), 99);
@@ -646,26 +326,26 @@ h.shutdown()
 fn unknown_commands_and_flags_get_einval_without_disconnect() {
     let server = Server::start(&["memory:16M", "other=memory:1M"]);
     let mut c = Raw::open(&server.addr(), "");
-    assert_eq!(c.write(1, 0, b"0123456789"), 0);
+    assert_eq!(c.write(1, 0, b"0123456789").0, 0);
 
-    c.request(0, 99, 0xdead_beef_0000_0001, 0, 0);
+    c.request_compact(0, 99, 0xdead_beef_0000_0001, 0, 0);
     assert_eq!(c.simple(), (EINVAL, 0xdead_beef_0000_0001), "unknown command 99");
     // A non-WRITE length has no payload, so nothing must be drained.
-    c.request(0, 99, 2, 0, 4096);
+    c.request_compact(0, 99, 2, 0, 4096);
     assert_eq!(c.simple(), (EINVAL, 2));
-    c.request(0, 0xffff, 3, u64::MAX, u32::MAX);
+    c.request_compact(0, 0xffff, 3, u64::MAX, u32::MAX);
     assert_eq!(c.simple(), (EINVAL, 3));
     // Unknown flag on READ: EINVAL and no data follows.
-    c.request(1 << 15, CMD_READ, 4, 0, 512);
+    c.request_compact(1 << 15, CMD_READ, 4, 0, 512);
     assert_eq!(c.simple(), (EINVAL, 4));
     // DF is not advertised without structured replies.
-    c.request(CMD_FLAG_DF, CMD_READ, 5, 0, 512);
+    c.request_compact(CMD_FLAG_DF, CMD_READ, 5, 0, 512);
     assert_eq!(c.simple(), (EINVAL, 5));
     // BLOCK_STATUS needs structured replies and a context.
-    c.request(0, CMD_BLOCK_STATUS, 6, 0, 512);
+    c.request_compact(0, CMD_BLOCK_STATUS, 6, 0, 512);
     assert_eq!(c.simple(), (EINVAL, 6));
     // A WRITE with an unknown flag: rejected, and its payload drained.
-    c.request(1 << 14, CMD_WRITE, 7, 0, 28);
+    c.request_compact(1 << 14, CMD_WRITE, 7, 0, 28);
     let mut fake = Vec::new();
     fake.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
     fake.extend_from_slice(&[0; 24]);
@@ -679,9 +359,9 @@ fn unknown_commands_and_flags_get_einval_without_disconnect() {
     assert_eq!(s.option_reply().1, REP_ACK);
     let (_, flags) = s.go("");
     assert_eq!(flags & TF_SEND_DF, TF_SEND_DF, "DF advertised with structured replies");
-    s.request(0, 99, 10, 0, 0);
+    s.request_compact(0, 99, 10, 0, 0);
     expect_error(s.reply(), 10, EINVAL, "unknown command (structured)");
-    s.request(1 << 15, CMD_READ, 11, 0, 512);
+    s.request_compact(1 << 15, CMD_READ, 11, 0, 512);
     match s.reply() {
         Reply::Chunk(c) => {
             assert_eq!((c.kind, c.flags & REPLY_FLAG_DONE, c.cookie), (CHUNK_ERROR, REPLY_FLAG_DONE, 11));
@@ -689,19 +369,19 @@ fn unknown_commands_and_flags_get_einval_without_disconnect() {
         }
         other => panic!("a structured READ error must be a chunk, got {other:?}"),
     }
-    s.request(0, CMD_BLOCK_STATUS, 12, 0, 512);
+    s.request_compact(0, CMD_BLOCK_STATUS, 12, 0, 512);
     expect_error(s.reply(), 12, EINVAL, "BLOCK_STATUS without a context");
     // A plain structured READ over data and holes rebuilds from its chunks.
-    s.request(0, CMD_READ, 15, 0, 3 * PAGE as u32);
+    s.request_compact(0, CMD_READ, 15, 0, 3 * PAGE as u32);
     let (got, _) = read_chunks(&mut s, 15, 0, 3 * PAGE);
     assert_eq!(&got[..10], b"0123456789");
     assert!(got[10..].iter().all(|&b| b == 0), "the rest of the range reads as zeroes");
-    s.request(CMD_FLAG_DF, CMD_READ, 13, 0, 10);
+    s.request_compact(CMD_FLAG_DF, CMD_READ, 13, 0, 10);
     let chunk = s.chunk();
     assert_eq!((chunk.kind, chunk.flags, chunk.cookie), (CHUNK_OFFSET_DATA, REPLY_FLAG_DONE, 13));
     assert_eq!(be64(&chunk.payload), 0);
     assert_eq!(&chunk.payload[8..], b"0123456789");
-    assert_eq!(c.write(14, 100, b"ok"), 0, "the first connection still works");
+    assert_eq!(c.write(14, 100, b"ok").0, 0, "the first connection still works");
 
     // SET_META_CONTEXT names an export; GO to another one has no contexts.
     let mut m = Raw::handshake(&server.addr(), C_FIXED_NEWSTYLE | C_NO_ZEROES);
@@ -713,7 +393,7 @@ fn unknown_commands_and_flags_get_einval_without_disconnect() {
     assert_eq!(m.option_reply().1, REP_META_CONTEXT);
     assert_eq!(m.option_reply().1, REP_ACK);
     m.go("");
-    m.request(0, CMD_BLOCK_STATUS, 20, 0, 512);
+    m.request_compact(0, CMD_BLOCK_STATUS, 20, 0, 512);
     expect_error(m.reply(), 20, EINVAL, "BLOCK_STATUS with contexts set for another export");
     // A later SET with no queries replaces the selection with nothing.
     let mut m = Raw::handshake(&server.addr(), C_FIXED_NEWSTYLE | C_NO_ZEROES);
@@ -725,7 +405,7 @@ fn unknown_commands_and_flags_get_einval_without_disconnect() {
     m.option(OPT_SET_META_CONTEXT, &meta_data("", &[]));
     assert_eq!(m.option_reply().1, REP_ACK, "empty SET selects nothing");
     m.go("");
-    m.request(0, CMD_BLOCK_STATUS, 21, 0, 512);
+    m.request_compact(0, CMD_BLOCK_STATUS, 21, 0, 512);
     expect_error(m.reply(), 21, EINVAL, "BLOCK_STATUS after an empty SET");
 }
 
@@ -747,7 +427,7 @@ fn bad_request_magic_disconnects_only_that_client() {
     let mut server = Server::start(&["memory:16M"]);
     let data = pattern(5, 64 * 1024);
     let mut good = Raw::open(&server.addr(), "");
-    assert_eq!(good.write(1, 128 * KIB, &data), 0);
+    assert_eq!(good.write(1, 128 * KIB, &data).0, 0);
 
     for magic in [0x1256_0953u32, 0x2560_9514, 0, 0xffff_ffff] {
         let mut bad = Raw::open(&server.addr(), "");
@@ -772,7 +452,7 @@ fn bad_request_magic_disconnects_only_that_client() {
     assert!(server.is_running());
     assert_eq!(good.read(2, 128 * KIB, data.len() as u32).unwrap(), data, "the other client reads correct data");
     let more = pattern(6, 4096);
-    assert_eq!(good.write(3, 0, &more), 0);
+    assert_eq!(good.write(3, 0, &more).0, 0);
     let mut fresh = Raw::open(&server.addr(), "");
     assert_eq!(fresh.read(4, 0, 4096).unwrap(), more);
     assert_eq!(fresh.read(5, 128 * KIB, data.len() as u32).unwrap(), data);
@@ -813,12 +493,12 @@ fn write_over_max_payload_is_rejected_and_drained() {
     let server = Server::start(&["memory:64M"]);
     let mut c = Raw::open(&server.addr(), "");
     let marker = pattern(7, 4096);
-    assert_eq!(c.write(1, 0, &marker), 0);
+    assert_eq!(c.write(1, 0, &marker).0, 0);
     // 32 MiB + 1 over compact headers: EINVAL, payload drained. The payload
     // looks like requests, so a server that parses it instead of draining it
     // answers them (wrong cookies) instead of the next real request.
     let length = 32 * MIB as u32 + 1;
-    c.request(0, CMD_WRITE, 2, 0, length);
+    c.request_compact(0, CMD_WRITE, 2, 0, length);
     let mut payload = Vec::with_capacity(length as usize);
     let mut fake = Vec::new();
     fake.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
@@ -836,10 +516,10 @@ fn write_over_max_payload_is_rejected_and_drained() {
     // The connection is in sync and nothing was written.
     assert_eq!(c.read(3, 0, 4096).unwrap(), marker);
     let after = pattern(8, 8192);
-    assert_eq!(c.write(4, 4096, &after), 0);
+    assert_eq!(c.write(4, 4096, &after).0, 0);
     assert_eq!(c.read(5, 4096, 8192).unwrap(), after);
     // READ over the maximum: EINVAL without data.
-    assert_eq!(c.read(6, 0, length), Err(EINVAL));
+    assert_eq!(c.read(6, 0, length).map_err(|e| e.0), Err(EINVAL));
     assert_eq!(c.read(7, 0, 4096).unwrap(), marker);
 }
 
@@ -882,9 +562,9 @@ for structured in (True, False):
     // Raw check that a zero-length simple READ carries no data: the next
     // reply must start right after its 16-byte header.
     let mut c = Raw::open(&server.addr(), "");
-    c.request(0, CMD_READ, 1, 0, 0);
+    c.request_compact(0, CMD_READ, 1, 0, 0);
     assert_eq!(c.simple().1, 1);
-    c.request(0, CMD_WRITE, 2, 0, 0);
+    c.request_compact(0, CMD_WRITE, 2, 0, 0);
     assert_eq!(c.simple().1, 2);
     assert_eq!(c.read(3, 0, 4096).unwrap(), pattern_py(3, 4096));
 }
@@ -1120,7 +800,7 @@ fn extended_headers_write_read_and_block_status() {
 
     // A compact header on an EH connection is bad framing.
     let (mut e, _) = open_extended(&server.addr());
-    e.request(0, CMD_READ, 1, 0, 512);
+    e.request_compact(0, CMD_READ, 1, 0, 512);
     e.send(&[0; 4]); // make up 32 bytes
     assert!(e.closed_within(Duration::from_secs(5)).is_some(), "compact magic after EH must disconnect");
     // PAYLOAD_LEN above the maximum payload: hard disconnect (spec 2.7).

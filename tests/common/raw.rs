@@ -216,10 +216,12 @@ impl Raw {
         be16(&g[16..])
     }
 
-    /// Connects, reads the greeting and sends `client_flags`.
+    /// Connects, checks the greeting offers fixed newstyle and NO_ZEROES,
+    /// and sends `client_flags`.
     pub fn handshake(addr: &str, client_flags: u32) -> Raw {
         let mut c = Raw::connect(addr);
-        c.greeting();
+        let flags = c.greeting();
+        assert_eq!(flags & 3, 3, "server must offer fixed newstyle and NO_ZEROES");
         c.send(&client_flags.to_be_bytes());
         c
     }
@@ -287,6 +289,16 @@ impl Raw {
     pub fn go(&mut self, name: &str) -> (u64, u16) {
         let export = self.info_or_go(OPT_GO, name).unwrap_or_else(|e| panic!("GO {name:?} failed: {e:#x}"));
         (be64(&export), be16(&export[8..]))
+    }
+
+    /// A compact (28-byte) request header, whatever was negotiated.
+    pub fn request_compact(&mut self, flags: u16, kind: u16, cookie: u64, offset: u64, length: u32) {
+        self.send(&request_bytes(flags, kind, cookie, offset, length));
+    }
+
+    /// An extended (32-byte) request header, whatever was negotiated.
+    pub fn request_ext(&mut self, flags: u16, kind: u16, cookie: u64, offset: u64, length: u64) {
+        self.send(&extended_request_bytes(flags, kind, cookie, offset, length));
     }
 
     /// A request header in the negotiated framing.
@@ -375,6 +387,17 @@ impl Raw {
         let (error, got, message) = self.status();
         assert_eq!(got, cookie, "cookie echoed");
         (error, message)
+    }
+
+    /// A WRITE that must succeed.
+    pub fn write_ok(&mut self, cookie: u64, offset: u64, data: &[u8]) {
+        let (error, message) = self.write(cookie, offset, data);
+        assert_eq!(error, 0, "WRITE of {} bytes at {offset} failed: {message}", data.len());
+    }
+
+    /// A READ that must succeed.
+    pub fn read_ok(&mut self, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
+        self.read(cookie, offset, length).unwrap_or_else(|e| panic!("READ of {length} bytes at {offset} failed: {e:?}"))
     }
 
     /// READ in simple or structured mode (data chunks and holes assembled).
@@ -471,4 +494,20 @@ impl Raw {
             }
         }
     }
+}
+
+/// Closes with SO_LINGER 0, so the server sees a reset rather than a FIN.
+pub fn reset(s: TcpStream) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt on a socket we own, with a correctly sized struct.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(s);
 }
