@@ -182,21 +182,10 @@ fn usage(text: impl Into<String>) -> UsageError {
     UsageError(text.into())
 }
 
-/// `4096`, `4k`, `4K`, `4KiB`, `1M`, `2g`, `1T` (binary multiples).
+/// `4096`, `4k`, `4K`, `4KiB`, `1M`, `2g`, `1T` (binary multiples): the
+/// server's own size syntax.
 pub fn parse_size(text: &str) -> Result<u64, String> {
-    let trimmed = text.trim();
-    let digits_end = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
-    let (digits, suffix) = trimmed.split_at(digits_end);
-    let number: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size (e.g. 4096, 4k, 1M, 2G)"))?;
-    let shift = match suffix.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => return Err(format!("{text:?}: unknown size suffix {suffix:?} (use K, M, G or T)")),
-    };
-    number.checked_mul(1u64 << shift).ok_or_else(|| format!("{text:?} is too large"))
+    ringnbd::cli::export_spec::parse_size(text).map_err(|e| e.to_string())
 }
 
 /// `10`, `2.5`, `500ms`, `3s`, `1m`.
