@@ -13,3 +13,4 @@ pub mod meta;
 pub mod net;
 pub mod proto;
 pub mod server;
+pub mod track;

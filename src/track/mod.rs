@@ -1,0 +1,383 @@
+//! Change tracking: which parts of an image changed since each checkpoint.
+//!
+//! Time is cut into eras. Every granule of the image records the era in
+//! which it last changed (`eras`); a checkpoint records the era that was
+//! current when it was created, and creating one starts the next era. So
+//! "changed since checkpoint C" is "granule era > C's era", and one pass over
+//! the eras answers it for every checkpoint at once (the `ringnbd:era`
+//! context hands the eras themselves to clients).
+//!
+//! Crash safety follows dm-era's rule: before a mutation's data is
+//! submitted, the granules it touches carry the current era durably (the
+//! engine marks them, then waits for one fdatasync of the state file that
+//! covers every mark of its ring turn). A crash at any instant therefore
+//! leaves every granule whose data may have changed since a checkpoint
+//! marked as changed; a write in flight may be over-reported, never missed.
+//!
+//! Checkpoints are created while every worker has the image's mutations
+//! frozen and drained (see `engine::worker::gates`), so each write is
+//! entirely before or entirely after one. The header (eras, checkpoints,
+//! the clean-shutdown record used to notice changes made while ringnbd was
+//! not running) is written to alternating slots of the state file
+//! (`state_file`), so updating it is atomic.
+
+pub mod eras;
+pub mod state_file;
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use thiserror::Error;
+
+use crate::proto::extent::Extent;
+
+use eras::EraMap;
+use state_file::{CHECKPOINTS_MAX, CheckpointRecord, ERAS_OFFSET, Header, NAME_BYTES_MAX, StateError};
+
+/// Default tracking granularity: 64 KiB (64 MiB of eras per TiB at most).
+pub const GRANULE_SHIFT_DEFAULT: u32 = 16;
+/// Checkpoint names: printable ASCII without spaces, at most this long.
+pub const CHECKPOINT_NAME_BYTES_MAX: usize = 128;
+const _: () = assert!(CHECKPOINT_NAME_BYTES_MAX <= NAME_BYTES_MAX);
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum TrackError {
+    #[error("state file {path}: {source}")]
+    State { path: PathBuf, source: StateError },
+    #[error("state file {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    /// A name that cannot be a checkpoint (or a context name).
+    #[error("bad checkpoint name {0:?}: use 1 to 128 printable ASCII characters without spaces")]
+    BadName(String),
+    #[error("checkpoint {0:?} already exists")]
+    Duplicate(String),
+    #[error("no checkpoint named {0:?}")]
+    Unknown(String),
+    #[error("at most {CHECKPOINTS_MAX} checkpoints per image; delete some first")]
+    TooMany,
+}
+
+/// A checkpoint as clients and the control socket see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub name: String,
+    /// Changes after the checkpoint have higher eras than this.
+    pub era: u32,
+    pub created_unix_ms: u64,
+    /// False when the image was changed outside ringnbd since: what changed
+    /// since the checkpoint is then unknown.
+    pub valid: bool,
+}
+
+impl From<&CheckpointRecord> for Checkpoint {
+    fn from(r: &CheckpointRecord) -> Self {
+        Checkpoint { name: r.name.clone(), era: r.era, created_unix_ms: r.created_unix_ms, valid: !r.invalid }
+    }
+}
+
+/// What start-up found, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenNote {
+    /// A new state file.
+    Created,
+    /// The previous run did not shut down cleanly: the marks still cover
+    /// every change it made, but changes made outside ringnbd after it
+    /// stopped cannot be detected.
+    Recovered,
+    /// The image changed size or modification time while ringnbd was not
+    /// running; these checkpoints are no longer trustworthy.
+    ModifiedOutside { invalidated: Vec<String> },
+}
+
+/// Size and modification time of an image, for the clean-shutdown record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageStat {
+    pub size: u64,
+    pub mtime: (i64, u32),
+}
+
+impl ImageStat {
+    pub fn of(file: &File, size: u64) -> io::Result<Self> {
+        let meta = file.metadata()?;
+        Ok(ImageStat { size, mtime: (meta.mtime(), meta.mtime_nsec() as u32) })
+    }
+}
+
+struct Persistent {
+    file: File,
+    path: PathBuf,
+}
+
+pub struct Tracker {
+    eras: EraMap,
+    /// The era marks go to now. Advances only in `create`.
+    current_era: AtomicU32,
+    persistent: Option<Persistent>,
+    header: Mutex<Header>,
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Checks a checkpoint name.
+pub fn valid_name(name: &str) -> bool {
+    (1..=CHECKPOINT_NAME_BYTES_MAX).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_graphic())
+}
+
+impl Tracker {
+    /// Tracking in memory only (memory exports): nothing survives the process.
+    pub fn in_memory(size: u64, granule_shift: u32) -> io::Result<Self> {
+        Ok(Self {
+            eras: EraMap::in_memory(size, granule_shift)?,
+            current_era: AtomicU32::new(1),
+            persistent: None,
+            header: Mutex::new(Header {
+                sequence: 0,
+                granule_shift,
+                clean_shutdown: false,
+                image_size: size,
+                image_mtime: (0, 0),
+                current_era: 1,
+                checkpoints: Vec::new(),
+            }),
+        })
+    }
+
+    /// Opens (or creates) the state file of an image, checks it against the
+    /// image, and records that the image is now in use (not cleanly shut
+    /// down) before returning, so a crash from here on is recognised.
+    pub fn open(path: &Path, image: ImageStat, granule_shift: u32) -> Result<(Self, Option<OpenNote>), TrackError> {
+        let io_error = |source| TrackError::Io { path: path.to_owned(), source };
+        let state_error = |source| TrackError::State { path: path.to_owned(), source };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(io_error)?;
+        let (mut header, note) = match state_file::load(&file).map_err(state_error)? {
+            None => {
+                let fresh = Header {
+                    sequence: 0,
+                    granule_shift,
+                    clean_shutdown: false,
+                    image_size: image.size,
+                    image_mtime: image.mtime,
+                    current_era: 1,
+                    checkpoints: Vec::new(),
+                };
+                (fresh, Some(OpenNote::Created))
+            }
+            Some(mut header) => {
+                let changed = header.image_size != image.size || (header.clean_shutdown && header.image_mtime != image.mtime);
+                let note = if changed {
+                    let mut invalidated = Vec::new();
+                    for c in header.checkpoints.iter_mut().filter(|c| !c.invalid) {
+                        c.invalid = true;
+                        invalidated.push(c.name.clone());
+                    }
+                    Some(OpenNote::ModifiedOutside { invalidated })
+                } else if !header.clean_shutdown {
+                    Some(OpenNote::Recovered)
+                } else {
+                    None
+                };
+                header.image_size = image.size;
+                (header, note)
+            }
+        };
+        let granule_shift = header.granule_shift;
+        let needed = ERAS_OFFSET + EraMap::bytes_for(image.size, granule_shift) as u64;
+        if file.metadata().map_err(io_error)?.len() < needed {
+            // Sparse: eras never written take no space.
+            file.set_len(needed).map_err(io_error)?;
+        }
+        header.clean_shutdown = false;
+        header.sequence += 1;
+        state_file::store(&file, &header).map_err(io_error)?;
+        let eras = EraMap::in_file(&file, ERAS_OFFSET, image.size, granule_shift).map_err(io_error)?;
+        let tracker = Self {
+            eras,
+            current_era: AtomicU32::new(header.current_era),
+            persistent: Some(Persistent { file, path: path.to_owned() }),
+            header: Mutex::new(header),
+        };
+        Ok((tracker, note))
+    }
+
+    pub fn current_era(&self) -> u32 {
+        self.current_era.load(Ordering::Acquire)
+    }
+
+    pub fn granule_bytes(&self) -> u64 {
+        self.eras.granule_bytes()
+    }
+
+    /// Marks `[offset, end)` as changing in the current era. True when the
+    /// marks must be made durable (by an fdatasync of [`Self::sync_fd`])
+    /// before the mutation's data is submitted.
+    pub fn mark(&self, offset: u64, end: u64) -> bool {
+        self.eras.mark(offset, end, self.current_era()) && self.persistent.is_some()
+    }
+
+    /// The descriptor whose fdatasync makes marks durable (None in memory).
+    pub fn sync_fd(&self) -> Option<RawFd> {
+        self.persistent.as_ref().map(|p| p.file.as_raw_fd())
+    }
+
+    pub fn state_path(&self) -> Option<&Path> {
+        self.persistent.as_ref().map(|p| p.path.as_path())
+    }
+
+    pub fn checkpoints(&self) -> Vec<Checkpoint> {
+        self.header.lock().expect("tracker lock").checkpoints.iter().map(Checkpoint::from).collect()
+    }
+
+    pub fn find(&self, name: &str) -> Option<Checkpoint> {
+        self.checkpoints().into_iter().find(|c| c.name == name)
+    }
+
+    /// Creates a checkpoint at the current era and starts the next one,
+    /// durably before returning. The caller has frozen and drained every
+    /// mutation of the image, so no mark races the era change.
+    pub fn create(&self, name: &str) -> Result<Checkpoint, TrackError> {
+        if !valid_name(name) {
+            return Err(TrackError::BadName(name.to_owned()));
+        }
+        let mut header = self.header.lock().expect("tracker lock");
+        if header.checkpoints.iter().any(|c| c.name == name) {
+            return Err(TrackError::Duplicate(name.to_owned()));
+        }
+        if header.checkpoints.len() >= CHECKPOINTS_MAX {
+            return Err(TrackError::TooMany);
+        }
+        let era = header.current_era;
+        let record = CheckpointRecord { name: name.to_owned(), era, created_unix_ms: now_unix_ms(), invalid: false };
+        let mut next = header.clone();
+        next.checkpoints.push(record.clone());
+        next.current_era = era.checked_add(1).expect("four billion checkpoints");
+        next.sequence += 1;
+        self.persist(&next)?;
+        *header = next;
+        self.current_era.store(era + 1, Ordering::Release);
+        Ok(Checkpoint::from(&record))
+    }
+
+    /// Forgets a checkpoint (eras are shared by all checkpoints, so nothing
+    /// else is freed: the record was all it owned).
+    pub fn delete(&self, name: &str) -> Result<(), TrackError> {
+        let mut header = self.header.lock().expect("tracker lock");
+        let Some(index) = header.checkpoints.iter().position(|c| c.name == name) else {
+            return Err(TrackError::Unknown(name.to_owned()));
+        };
+        let mut next = header.clone();
+        next.checkpoints.remove(index);
+        next.sequence += 1;
+        self.persist(&next)?;
+        *header = next;
+        Ok(())
+    }
+
+    /// Records a clean shutdown with the image's final size and
+    /// modification time (call after the image's last flush).
+    pub fn shut_down_cleanly(&self, image: ImageStat) -> Result<(), TrackError> {
+        let mut header = self.header.lock().expect("tracker lock");
+        let mut next = header.clone();
+        next.clean_shutdown = true;
+        next.image_size = image.size;
+        next.image_mtime = image.mtime;
+        next.sequence += 1;
+        self.persist(&next)?;
+        *header = next;
+        Ok(())
+    }
+
+    fn persist(&self, header: &Header) -> Result<(), TrackError> {
+        let Some(p) = &self.persistent else { return Ok(()) };
+        // The era array's pages go out with the header's fdatasync.
+        state_file::store(&p.file, header).map_err(|source| TrackError::Io { path: p.path.clone(), source })
+    }
+
+    /// `qemu:dirty-bitmap` extents: [`eras::STATE_DIRTY`] where changed
+    /// after the era `since`.
+    pub fn dirty_extents(&self, offset: u64, length: u64, since: u32, extents_max: usize, out: &mut Vec<Extent>) {
+        self.eras.dirty_extents(offset, length, since, extents_max, out);
+    }
+
+    /// `ringnbd:era` extents: the era of each range's last change.
+    pub fn era_extents(&self, offset: u64, length: u64, extents_max: usize, out: &mut Vec<Extent>) {
+        self.eras.era_extents(offset, length, extents_max, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G: u64 = 65536;
+
+    fn stat(size: u64, sec: i64) -> ImageStat {
+        ImageStat { size, mtime: (sec, 0) }
+    }
+
+    fn dirty(t: &Tracker, since: u32) -> Vec<Extent> {
+        let mut out = vec![];
+        t.dirty_extents(0, 8 * G, since, 100, &mut out);
+        out
+    }
+
+    #[test]
+    fn checkpoints_cut_eras_and_changes_after_them_are_dirty() {
+        let t = Tracker::in_memory(8 * G, 16).unwrap();
+        t.mark(0, 10);
+        let c1 = t.create("c1").unwrap();
+        assert_eq!((c1.era, t.current_era()), (1, 2));
+        assert_eq!(dirty(&t, c1.era), vec![Extent { length: 8 * G, status: 0 }], "the write before c1 is not after it");
+        t.mark(3 * G, 3 * G + 1);
+        assert_eq!(dirty(&t, c1.era)[1], Extent { length: G, status: eras::STATE_DIRTY });
+        assert!(matches!(t.create("c1"), Err(TrackError::Duplicate(_))));
+        assert!(matches!(t.create("has space"), Err(TrackError::BadName(_))));
+        t.delete("c1").unwrap();
+        assert!(matches!(t.delete("c1"), Err(TrackError::Unknown(_))));
+    }
+
+    #[test]
+    fn state_survives_restarts_and_outside_changes_invalidate() {
+        let dir = std::env::temp_dir().join(format!("ringnbd-track-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("disk.ringnbd");
+        let (t, note) = Tracker::open(&path, stat(8 * G, 100), 16).unwrap();
+        assert_eq!(note, Some(OpenNote::Created));
+        let c = t.create("base").unwrap();
+        t.mark(2 * G, 2 * G + 5);
+        drop(t); // a crash: no clean shutdown
+        let (t, note) = Tracker::open(&path, stat(8 * G, 100), 16).unwrap();
+        assert_eq!(note, Some(OpenNote::Recovered));
+        assert_eq!(t.find("base").unwrap(), c);
+        assert_eq!(dirty(&t, c.era)[1], Extent { length: G, status: eras::STATE_DIRTY }, "marks survive");
+        t.shut_down_cleanly(stat(8 * G, 200)).unwrap();
+        drop(t);
+        let (t, note) = Tracker::open(&path, stat(8 * G, 200), 16).unwrap();
+        assert_eq!(note, None, "clean, unchanged");
+        t.shut_down_cleanly(stat(8 * G, 200)).unwrap();
+        drop(t);
+        // Touched while we were away.
+        let (t, note) = Tracker::open(&path, stat(8 * G, 300), 16).unwrap();
+        assert_eq!(note, Some(OpenNote::ModifiedOutside { invalidated: vec!["base".into()] }));
+        assert!(!t.find("base").unwrap().valid);
+        let fresh = t.create("after").unwrap();
+        assert!(fresh.valid && fresh.era > c.era);
+        drop(t);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
