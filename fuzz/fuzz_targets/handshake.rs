@@ -12,7 +12,6 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use ringnbd::net::negotiate::{Observer, TimedStream, negotiate};
 use ringnbd::proto::handshake::{BlockSize, ExportInfo, HandshakeLimits};
-use ringnbd::proto::meta::ContextKind;
 use ringnbd::proto::wire::*;
 
 /// Reads come in pieces whose sizes the first bytes of the input choose.
@@ -60,7 +59,7 @@ fn exports() -> Vec<ExportInfo> {
         size: 1 << 30,
         flags: TF_HAS_FLAGS | flags,
         block_size: BlockSize { minimum: 1, preferred: 4096, maximum: 1 << 25 },
-        contexts: vec![ContextKind::BaseAllocation],
+        contexts: ["base:allocation", "qemu:dirty-bitmap:mon", "ringnbd:era"].map(String::from).to_vec(),
     };
     vec![export("disk", TF_SEND_FLUSH | TF_SEND_TRIM), export("ro", TF_READ_ONLY)]
 }

@@ -3,7 +3,6 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ringnbd::proto::meta::ContextKind;
 use ringnbd::proto::transmission::{
     Command, ReplyMode, RequestLimits, Verdict, decode_request, parse_status_payload, validate,
 };
@@ -50,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(within(offset, length) && length > 0 && limits.has_contexts && mode != ReplyMode::Simple);
         }
         Verdict::Run(Command::BlockStatus { offset, payload: bytes, .. }) => {
-            let selected = [(1, ContextKind::BaseAllocation), (7, ContextKind::BaseAllocation)];
+            let selected = [1u32, 7];
             let take = (bytes as usize).min(payload.len());
             if let Ok((length, mask)) = parse_status_payload(&payload[..take], offset, export_bytes, &selected) {
                 assert!(within(offset, length) && length > 0 && mask != 0 && mask < 4);

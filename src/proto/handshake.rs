@@ -11,7 +11,7 @@
 use thiserror::Error;
 
 use super::error::DecodeError;
-use super::meta::{self, ContextKind, QueryMode};
+use super::meta::{self, QueryMode};
 use super::transmission::ReplyMode;
 use super::wire::*;
 
@@ -32,7 +32,9 @@ pub struct ExportInfo {
     /// Transmission flags that do not depend on negotiation.
     pub flags: u16,
     pub block_size: BlockSize,
-    pub contexts: Vec<ContextKind>,
+    /// Names of the metadata contexts the export offers now, each one
+    /// selectable.
+    pub contexts: Vec<String>,
 }
 
 /// Every bound on a client's negotiation, in one place.
@@ -65,8 +67,9 @@ pub struct Negotiated {
     /// Transmission flags exactly as sent to the client.
     pub flags: u16,
     pub reply_mode: ReplyMode,
-    /// Selected contexts with the IDs the client was given.
-    pub contexts: Vec<(u32, ContextKind)>,
+    /// Selected contexts: the ID the client was given, and the position of
+    /// the context in the export's `ExportInfo::contexts`.
+    pub contexts: Vec<(u32, usize)>,
     /// The client asked for INFO_BLOCK_SIZE in GO and is bound by it.
     pub block_size_agreed: bool,
 }
@@ -148,8 +151,9 @@ pub struct Handshake<'a> {
     no_zeroes: bool,
     structured: bool,
     extended: bool,
-    /// The last SET_META_CONTEXT: (export index it named, contexts chosen).
-    meta: Option<(Option<usize>, Vec<ContextKind>)>,
+    /// The last successful SET_META_CONTEXT: the export it named and the
+    /// positions of the contexts it chose.
+    meta: Option<(usize, Vec<usize>)>,
     options_seen: u32,
     shutting_down: bool,
     /// Options refused since the driver last took them (for its log).
@@ -448,17 +452,24 @@ impl<'a> Handshake<'a> {
             let reason = format!("meta contexts of unknown export {:?}", request.export);
             return self.refuse(out, option, REP_ERR_UNKNOWN, "no such export", reason);
         };
-        let chosen = meta::match_queries(mode, &request.queries, &self.exports[export].contexts);
-        for (index, kind) in chosen.iter().enumerate() {
+        let names = &self.exports[export].contexts;
+        let chosen = meta::match_queries(mode, &request.queries, names);
+        if mode == QueryMode::Set && chosen.len() > meta::SELECTED_MAX {
+            let message = format!("at most {} contexts may be selected at once", meta::SELECTED_MAX);
+            let reason = format!("{message} ({} asked for)", chosen.len());
+            return self.refuse(out, option, REP_ERR_TOO_BIG, &message, reason);
+        }
+        for (position, &index) in chosen.iter().enumerate() {
             // LIST replies carry ID 0; SET IDs are 1-based positions.
-            let id = if mode == QueryMode::Set { index as u32 + 1 } else { 0 };
-            let mut payload = Vec::with_capacity(4 + kind.name().len());
+            let id = if mode == QueryMode::Set { position as u32 + 1 } else { 0 };
+            let name = &names[index];
+            let mut payload = Vec::with_capacity(4 + name.len());
             payload.put_u32(id);
-            payload.extend_from_slice(kind.name().as_bytes());
+            payload.extend_from_slice(name.as_bytes());
             option_reply(out, option, REP_META_CONTEXT, &payload);
         }
         if mode == QueryMode::Set {
-            self.meta = Some((Some(export), chosen));
+            self.meta = Some((export, chosen));
         }
         option_reply(out, option, REP_ACK, &[]);
     }
@@ -483,8 +494,8 @@ impl<'a> Handshake<'a> {
             (false, false) => ReplyMode::Simple,
         };
         let contexts = match &self.meta {
-            Some((Some(named), chosen)) if *named == export && reply_mode != ReplyMode::Simple => {
-                chosen.iter().enumerate().map(|(index, kind)| (index as u32 + 1, *kind)).collect()
+            Some((named, chosen)) if *named == export && reply_mode != ReplyMode::Simple => {
+                chosen.iter().enumerate().map(|(position, &index)| (position as u32 + 1, index)).collect()
             }
             _ => Vec::new(),
         };

@@ -15,7 +15,7 @@ fn export(name: &str, description: &str, size: u64, flags: u16, block_size: Bloc
         size,
         flags,
         block_size,
-        contexts: vec![ContextKind::BaseAllocation],
+        contexts: vec!["base:allocation".to_owned()],
     }
 }
 
@@ -566,7 +566,7 @@ fn set_meta_context_selects_base_allocation_for_the_same_export() {
         assert_ne!(*id, 0, "SET ids are nonzero");
         assert_eq!(name, "base:allocation");
         let (n, _) = c.go("disk", &[]);
-        assert_eq!(n.contexts, vec![(*id, ContextKind::BaseAllocation)]);
+        assert_eq!(n.contexts, vec![(*id, 0)]);
     }
 }
 
@@ -576,7 +576,7 @@ fn set_meta_context_via_default_name_binds_to_the_default_export() {
     let mut c = Client::fixed(&ex);
     c.cont(OPT_STRUCTURED_REPLY, &[]);
     let id = meta_contexts(&c.set_meta("", &["base:allocation"]))[0].0;
-    assert_eq!(c.go("disk", &[]).0.contexts, vec![(id, ContextKind::BaseAllocation)]);
+    assert_eq!(c.go("disk", &[]).0.contexts, vec![(id, 0)]);
 }
 
 #[test]
@@ -598,7 +598,7 @@ fn contexts_are_dropped_when_go_names_another_export() {
     let mut c = Client::fixed(&ex);
     c.cont(OPT_STRUCTURED_REPLY, &[]);
     let id = meta_contexts(&c.set_meta("other", &["base:allocation"]))[0].0;
-    assert_eq!(c.go("other", &[]).0.contexts, vec![(id, ContextKind::BaseAllocation)]);
+    assert_eq!(c.go("other", &[]).0.contexts, vec![(id, 0)]);
 }
 
 #[test]
@@ -626,7 +626,7 @@ fn each_set_replaces_the_selection() {
     c.cont(OPT_STRUCTURED_REPLY, &[]);
     c.set_meta("other", &["base:allocation"]);
     let id = meta_contexts(&c.set_meta("disk", &["base:allocation"]))[0].0;
-    assert_eq!(c.go("disk", &[]).0.contexts, vec![(id, ContextKind::BaseAllocation)]);
+    assert_eq!(c.go("disk", &[]).0.contexts, vec![(id, 0)]);
 }
 
 #[test]
@@ -658,7 +658,7 @@ fn list_meta_context_lists_with_id_zero_and_keeps_the_selection() {
     let rs = c.cont(OPT_LIST_META_CONTEXT, &meta_data("disk", &["x-foo:bar", "base:nope"]));
     assert_eq!(rs, vec![ack(OPT_LIST_META_CONTEXT)], "unknown queries are ignored");
     // LIST is stateless: the SET selection survives it.
-    assert_eq!(c.go("disk", &[]).0.contexts, vec![(id, ContextKind::BaseAllocation)]);
+    assert_eq!(c.go("disk", &[]).0.contexts, vec![(id, 0)]);
 }
 
 #[test]
@@ -734,7 +734,7 @@ fn export_name_empty_selects_default_and_carries_negotiated_state() {
     assert_eq!(n.reply_mode, ReplyMode::Structured);
     assert_ne!(n.flags & TF_SEND_DF, 0);
     assert_eq!(be16(&c.out[8..10]), n.flags);
-    assert_eq!(n.contexts, vec![(id, ContextKind::BaseAllocation)]);
+    assert_eq!(n.contexts, vec![(id, 0)]);
 }
 
 #[test]
@@ -896,4 +896,40 @@ fn shutting_down_refuses_every_option_but_abort() {
     c.hs.set_shutting_down();
     assert_eq!(c.opt(OPT_ABORT, &[]), Ok(Progress::Aborted));
     assert_eq!(replies(&c.out), vec![ack(OPT_ABORT)]);
+}
+
+#[test]
+fn dynamic_context_names_list_by_prefix_and_select_by_name() {
+    let mut ex = exports();
+    ex[0].contexts =
+        ["base:allocation", "qemu:dirty-bitmap:mon", "qemu:dirty-bitmap:tue", "ringnbd:era"].map(String::from).to_vec();
+    let mut c = Client::fixed(&ex);
+    c.cont(OPT_STRUCTURED_REPLY, &[]);
+    let rs = c.cont(OPT_LIST_META_CONTEXT, &meta_data("disk", &["qemu:dirty-bitmap:"]));
+    let names: Vec<String> = meta_contexts(&rs).into_iter().map(|(_, n)| n).collect();
+    assert_eq!(names, ["qemu:dirty-bitmap:mon", "qemu:dirty-bitmap:tue"]);
+    let rs = c.set_meta("disk", &["ringnbd:era", "qemu:dirty-bitmap:tue", "base:allocation"]);
+    let selected = meta_contexts(&rs);
+    assert_eq!(
+        selected.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>(),
+        ["ringnbd:era", "qemu:dirty-bitmap:tue", "base:allocation"]
+    );
+    let ids: Vec<u32> = selected.iter().map(|(id, _)| *id).collect();
+    assert_eq!(c.go("disk", &[]).0.contexts, vec![(ids[0], 3), (ids[1], 2), (ids[2], 0)]);
+}
+
+#[test]
+fn selecting_more_contexts_than_a_request_mask_holds_is_too_big() {
+    let mut ex = exports();
+    ex[0].contexts = (0..70).map(|i| format!("qemu:dirty-bitmap:c{i}")).collect();
+    let names: Vec<String> = ex[0].contexts.clone();
+    let queries: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut c = Client::fixed(&ex);
+    c.cont(OPT_STRUCTURED_REPLY, &[]);
+    let rs = c.set_meta("disk", &queries);
+    assert_eq!(rs.len(), 1);
+    assert_eq!(rs[0].1, REP_ERR_TOO_BIG);
+    assert_eq!(meta_contexts(&c.set_meta("disk", &queries[..64])).len(), 64, "64 fit");
+    let rs = c.cont(OPT_LIST_META_CONTEXT, &meta_data("disk", &[]));
+    assert_eq!(meta_contexts(&rs).len(), 70, "LIST has no such cap");
 }

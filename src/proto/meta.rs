@@ -1,35 +1,23 @@
 //! Metadata-context negotiation: parsing LIST/SET_META_CONTEXT data and
-//! matching queries against the contexts an export offers.
+//! matching queries against the context names an export offers.
+//!
+//! Names are dynamic (one `qemu:dirty-bitmap:NAME` per checkpoint, for
+//! instance), so this module only knows them as strings; what answers each
+//! one is the server's business (`meta::context`).
 //!
 //! Query grammar (see doc/contexts.md): every query is `namespace:rest`.
-//! A query with an empty `rest` is a wildcard that LIST expands to every
-//! context of the namespace and SET ignores. Unknown namespaces and leaves are
-//! silently ignored, as the spec requires.
+//! On LIST, a query ending in `:` is a wildcard for every name it prefixes
+//! (`qemu:`, `qemu:dirty-bitmap:`, `base:`), and an empty query list lists
+//! everything. On SET only exact names select; wildcards select nothing.
+//! Unknown namespaces and leaves are silently ignored, as the spec requires.
 
 use super::error::DecodeError;
 use super::wire::{Reader, STRING_BYTES_MAX};
 
-/// A context this server knows how to answer BLOCK_STATUS for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ContextKind {
-    /// `base:allocation`: HOLE (bit 0) and ZERO (bit 1).
-    BaseAllocation,
-}
-
-impl ContextKind {
-    pub const ALL: [ContextKind; 1] = [ContextKind::BaseAllocation];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            ContextKind::BaseAllocation => "base:allocation",
-        }
-    }
-
-    fn namespace(self) -> &'static str {
-        let name = self.name();
-        &name[..name.find(':').expect("context names carry a namespace")]
-    }
-}
+/// Contexts one connection may select at once. BLOCK_STATUS answers one
+/// chunk per selected context, and requests carry their choice as a 64-bit
+/// mask; a SET choosing more is refused with ERR_TOO_BIG.
+pub const SELECTED_MAX: usize = 64;
 
 /// Which option the queries came from; they differ on wildcards and on an
 /// empty query list.
@@ -77,37 +65,34 @@ pub fn parse_meta_request(data: &[u8]) -> Result<MetaRequest<'_>, DecodeError> {
     Ok(MetaRequest { export, queries })
 }
 
-/// The contexts selected (SET) or listed (LIST) by `queries`, in first-match
-/// order without duplicates.
-pub fn match_queries(mode: QueryMode, queries: &[&str], available: &[ContextKind]) -> Vec<ContextKind> {
-    let mut chosen: Vec<ContextKind> = Vec::new();
+/// Positions in `available` of the contexts selected (SET) or listed (LIST)
+/// by `queries`, in first-match order without duplicates.
+pub fn match_queries<S: AsRef<str>>(mode: QueryMode, queries: &[&str], available: &[S]) -> Vec<usize> {
+    let mut chosen: Vec<usize> = Vec::new();
     if queries.is_empty() {
         if mode == QueryMode::List {
-            chosen.extend_from_slice(available);
+            chosen.extend(0..available.len());
         }
         return chosen;
     }
     for query in queries {
-        for &kind in available {
-            if query_selects(mode, query, kind) && !chosen.contains(&kind) {
-                chosen.push(kind);
+        for (index, name) in available.iter().enumerate() {
+            if query_selects(mode, query, name.as_ref()) && !chosen.contains(&index) {
+                chosen.push(index);
             }
         }
     }
     chosen
 }
 
-fn query_selects(mode: QueryMode, query: &str, kind: ContextKind) -> bool {
-    let Some((namespace, leaf)) = query.split_once(':') else {
-        return false;
-    };
-    if namespace != kind.namespace() {
+fn query_selects(mode: QueryMode, query: &str, name: &str) -> bool {
+    if !query.contains(':') {
         return false;
     }
-    if leaf.is_empty() {
-        return mode == QueryMode::List;
+    if query.ends_with(':') {
+        return mode == QueryMode::List && name.starts_with(query);
     }
-    query == kind.name()
+    query == name
 }
 
 #[cfg(test)]
@@ -127,7 +112,13 @@ mod tests {
         v
     }
 
-    const ALL: &[ContextKind] = &ContextKind::ALL;
+    const ALL: &[&str] = &[
+        "base:allocation",
+        "qemu:dirty-bitmap:mon",
+        "qemu:dirty-bitmap:tue",
+        "ringnbd:era",
+        "ringnbd:checkpoint:1:mon",
+    ];
 
     #[test]
     fn parses_export_and_queries() {
@@ -165,20 +156,24 @@ mod tests {
 
     #[test]
     fn empty_query_list_lists_all_and_selects_nothing() {
-        assert_eq!(match_queries(QueryMode::List, &[], ALL), vec![ContextKind::BaseAllocation]);
+        assert_eq!(match_queries(QueryMode::List, &[], ALL), vec![0, 1, 2, 3, 4]);
         assert!(match_queries(QueryMode::Set, &[], ALL).is_empty());
     }
 
     #[test]
-    fn namespace_wildcard_lists_but_does_not_select() {
-        assert_eq!(match_queries(QueryMode::List, &["base:"], ALL), vec![ContextKind::BaseAllocation]);
-        assert!(match_queries(QueryMode::Set, &["base:"], ALL).is_empty());
+    fn trailing_colon_wildcards_list_their_prefix_but_select_nothing() {
+        assert_eq!(match_queries(QueryMode::List, &["base:"], ALL), vec![0]);
+        assert_eq!(match_queries(QueryMode::List, &["qemu:"], ALL), vec![1, 2]);
+        assert_eq!(match_queries(QueryMode::List, &["qemu:dirty-bitmap:"], ALL), vec![1, 2]);
+        assert_eq!(match_queries(QueryMode::List, &["ringnbd:checkpoint:", "ringnbd:"], ALL), vec![4, 3]);
+        assert!(match_queries(QueryMode::Set, &["base:", "qemu:", "qemu:dirty-bitmap:"], ALL).is_empty());
     }
 
     #[test]
     fn exact_names_select_and_unknowns_are_ignored() {
-        let q = ["x-foo:bar", "base:nope", "nocolon", "base:allocation", "base:allocation"];
-        assert_eq!(match_queries(QueryMode::Set, &q, ALL), vec![ContextKind::BaseAllocation]);
-        assert!(match_queries(QueryMode::Set, &["qemu:dirty-bitmap:x"], ALL).is_empty());
+        let q = ["x-foo:bar", "base:nope", "nocolon", "qemu:dirty-bitmap:tue", "base:allocation", "base:allocation"];
+        assert_eq!(match_queries(QueryMode::Set, &q, ALL), vec![2, 0]);
+        assert!(match_queries(QueryMode::Set, &["qemu:dirty-bitmap:wed", "qemu:dirty-bitmap:mo"], ALL).is_empty());
+        assert_eq!(match_queries(QueryMode::List, &["qemu:dirty-bitmap:mon"], ALL), vec![1]);
     }
 }

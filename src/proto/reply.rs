@@ -61,6 +61,15 @@ pub fn chunk_header(out: &mut [u8], to: ReplyTo, flags: u16, kind: u16, payload_
     c.len
 }
 
+/// Sets the DONE flag of the chunk whose header starts `chunk`: replies
+/// assembled from parts that finish in any order (one block-status chunk
+/// per context) learn which chunk is last only after writing it.
+pub fn set_done(chunk: &mut [u8]) {
+    // Both chunk headers put the 16-bit flags right after the 32-bit magic.
+    let flags = u16::from_be_bytes([chunk[4], chunk[5]]) | REPLY_FLAG_DONE;
+    chunk[4..6].copy_from_slice(&flags.to_be_bytes());
+}
+
 /// Success without data: a simple reply where allowed, else NONE+DONE.
 pub fn success(out: &mut [u8], to: ReplyTo, is_read: bool) -> usize {
     match to.mode {

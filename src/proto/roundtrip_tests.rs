@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use super::client::codec::{self, ChunkKind, Framing, ReplyHeader};
 use super::client::handshake::{ClientHandshake, HandshakeConfig, Progress as ClientProgress};
 use super::handshake::{BlockSize, ExportInfo, Handshake, HandshakeLimits, Progress, Want};
-use super::meta::{ContextKind, parse_meta_request};
+use super::meta::parse_meta_request;
 use super::reply::{self, ReplyTo};
 use super::transmission::{ReplyMode, decode_request};
 use super::wire::*;
@@ -172,7 +172,7 @@ proptest! {
             size,
             flags: TF_HAS_FLAGS | TF_SEND_FLUSH,
             block_size: BlockSize { minimum: 1, preferred: 4096, maximum: 1 << 25 },
-            contexts: vec![ContextKind::BaseAllocation],
+            contexts: vec!["base:allocation".to_owned()],
         }];
         let base_allocation = base_allocation && framing_max != Framing::Simple;
         let export = if known { "disk" } else { "nope" }.to_owned();

@@ -9,7 +9,6 @@
 use thiserror::Error;
 
 use super::error::{Failure, NbdError};
-use super::meta::ContextKind;
 use super::wire::*;
 
 /// Reply framing fixed by negotiation.
@@ -246,7 +245,7 @@ pub fn validate(h: &RequestHeader, limits: &RequestLimits) -> Result<Verdict, Fr
 
 /// Contexts one BLOCK_STATUS payload may name (and the width of the mask
 /// [`parse_status_payload`] returns).
-pub const STATUS_PAYLOAD_CONTEXTS_MAX: usize = 32;
+pub const STATUS_PAYLOAD_CONTEXTS_MAX: usize = super::meta::SELECTED_MAX;
 
 /// Effect length u64, then at least one u32 context ID.
 fn status_with_payload(h: &RequestHeader, payload: u64) -> Result<Verdict, FramingError> {
@@ -259,24 +258,24 @@ fn status_with_payload(h: &RequestHeader, payload: u64) -> Result<Verdict, Frami
     Ok(Verdict::Run(Command::BlockStatus { offset: h.offset, length: 0, req_one, payload: payload as u32 }))
 }
 
-/// Decodes a BLOCK_STATUS payload against the connection's selected
-/// context IDs. Returns the effect length and a mask of positions in
+/// Decodes a BLOCK_STATUS payload against the IDs of the connection's
+/// selected contexts. Returns the effect length and a mask of positions in
 /// `selected`. Unknown or repeated IDs, a zero length or a range past the
 /// end are EINVAL (the payload has been consumed either way).
 pub fn parse_status_payload(
     bytes: &[u8],
     offset: u64,
     export_bytes: u64,
-    selected: &[(u32, ContextKind)],
-) -> Result<(u64, u32), Failure> {
+    selected: &[u32],
+) -> Result<(u64, u64), Failure> {
     let malformed = NbdError::Inval.because("malformed block status payload");
     let mut r = Reader::new(bytes);
     let length = r.u64("effect length").map_err(|_| malformed)?;
-    let mut mask = 0u32;
+    let mut mask = 0u64;
     while r.remaining() > 0 {
         let id = r.u32("context id").map_err(|_| malformed)?;
         let unknown = NbdError::Inval.because("block status payload names an unselected context");
-        let position = selected.iter().position(|&(s, _)| s == id).ok_or(unknown)?;
+        let position = selected.iter().position(|&s| s == id).ok_or(unknown)?;
         if position >= STATUS_PAYLOAD_CONTEXTS_MAX || mask & (1 << position) != 0 {
             return Err(NbdError::Inval.because("block status payload repeats a context"));
         }

@@ -1,5 +1,4 @@
 use super::*;
-use crate::proto::meta::ContextKind;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -545,7 +544,7 @@ fn block_status_payload_is_accepted_only_when_negotiated_and_well_formed() {
         check(CMD_BLOCK_STATUS, CMD_FLAG_PAYLOAD_LEN | CMD_FLAG_REQ_ONE, 4096, 12, &x),
         Verdict::Run(Command::BlockStatus { offset: 4096, length: 0, req_one: true, payload: 12 })
     );
-    for bad in [8u64, 10, 13, 8 + 4 * 33] {
+    for bad in [8u64, 10, 13, 8 + 4 * 65] {
         assert_eq!(check(CMD_BLOCK_STATUS, CMD_FLAG_PAYLOAD_LEN, 0, bad, &x), reject(NbdError::Inval, bad), "{bad}");
     }
 }
@@ -559,8 +558,8 @@ fn status_payload_names_selected_contexts_once_each() {
         }
         v
     };
-    let selected = [(7u32, ContextKind::BaseAllocation), (9, ContextKind::BaseAllocation)];
-    let status = |bytes: &[u8], offset, size, selected: &[(u32, ContextKind)]| {
+    let selected = [7u32, 9];
+    let status = |bytes: &[u8], offset, size, selected: &[u32]| {
         parse_status_payload(bytes, offset, size, selected).map_err(|f| f.code)
     };
     assert_eq!(status(&payload(4096, &[9]), 0, MIB, &selected), Ok((4096, 0b10)));
@@ -571,4 +570,6 @@ fn status_payload_names_selected_contexts_once_each() {
     assert_eq!(status(&payload(MIB, &[7]), 1, MIB, &selected), Err(NbdError::Inval));
     assert_eq!(status(&payload(u64::MAX, &[7]), 1, MIB, &selected), Err(NbdError::Inval));
     assert_eq!(status(&[0; 7], 0, MIB, &selected), Err(NbdError::Inval));
+    let many: Vec<u32> = (1..=64).collect();
+    assert_eq!(status(&payload(512, &[64, 1]), 0, MIB, &many), Ok((512, 1 << 63 | 1)), "all 64 mask bits");
 }
