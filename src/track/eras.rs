@@ -6,19 +6,28 @@
 //! highest era of each block of [`SUMMARY_GRANULES`] granules, so scans for
 //! changes since a checkpoint skip unchanged blocks without touching them.
 //!
-//! Marking is the hot path: a load per granule, and a store (plus a summary
-//! `fetch_max`) only when the granule's era is older than the current one,
-//! which happens once per granule per era. Workers mark concurrently; they
-//! can only race to store the same value, because eras advance only while
-//! every worker has its mutations of the image frozen (see `track::Tracker`).
+//! Marking is the hot path. For a persistent map, an in-memory bit per
+//! granule says "this granule's mark for the current era is durable": a
+//! mutation whose granules all have it goes straight to its data write (one
+//! load per granule). Otherwise the granule gets the current era (a store,
+//! and a summary `fetch_max`, once per granule per era) and the mutation
+//! waits for an fdatasync of the state file before its data is submitted;
+//! the engine then sets the bits (`set_durable`). A granule another worker
+//! marked but has not made durable yet lacks the bit too, so that worker's
+//! mutations wait for a sync of their own: no mutation's data ever goes out
+//! before the mark that covers it is on disk. Workers can only race to store
+//! the same value, because eras advance only while every worker has its
+//! mutations of the image frozen (see `track::Tracker`).
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::proto::extent::{Extent, push_capped};
+
+use super::since::SinceIndex;
 
 /// Granules per summary entry (64 MiB at the default granularity).
 pub const SUMMARY_GRANULES: usize = 1024;
@@ -34,6 +43,11 @@ pub struct EraMap {
     /// Bytes in the image; the last granule may be short.
     size_bytes: u64,
     summary: Box<[AtomicU32]>,
+    /// Persistent maps: bit per granule, set once the granule's mark for
+    /// the current era is durable. None for maps nothing is synced for.
+    durable: Option<Box<[AtomicU64]>>,
+    /// Per-checkpoint "changed since" bitmaps for fast dirty maps.
+    since: SinceIndex,
 }
 
 // SAFETY: the mapping is only accessed through atomics, and it is unmapped
@@ -58,17 +72,19 @@ impl EraMap {
     }
 
     /// Eras stored in `file` from byte `offset` (page-aligned; the file is
-    /// already long enough).
-    pub fn in_file(file: &File, offset: u64, size_bytes: u64, granule_shift: u32) -> io::Result<Self> {
-        Self::map(Some(file), offset, size_bytes, granule_shift)
+    /// already long enough). `writable`: marks go to the file (MAP_SHARED);
+    /// else the file is only read (a private mapping nothing is written to).
+    pub fn in_file(file: &File, offset: u64, size_bytes: u64, granule_shift: u32, writable: bool) -> io::Result<Self> {
+        Self::map(Some((file, writable)), offset, size_bytes, granule_shift)
     }
 
-    fn map(file: Option<&File>, offset: u64, size_bytes: u64, granule_shift: u32) -> io::Result<Self> {
+    fn map(file: Option<(&File, bool)>, offset: u64, size_bytes: u64, granule_shift: u32) -> io::Result<Self> {
         assert!(offset.is_multiple_of(4096), "mappings start on a page");
         let granules = size_bytes.div_ceil(1 << granule_shift) as usize;
         let mapped_bytes = Self::bytes_for(size_bytes, granule_shift);
         let (flags, fd) = match file {
-            Some(f) => (libc::MAP_SHARED, f.as_raw_fd()),
+            Some((f, true)) => (libc::MAP_SHARED, f.as_raw_fd()),
+            Some((f, false)) => (libc::MAP_PRIVATE, f.as_raw_fd()),
             None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
         };
         // SAFETY: a fresh mapping of `mapped_bytes`; for a file, its length
@@ -88,7 +104,10 @@ impl EraMap {
         }
         let base = NonNull::new(addr.cast::<AtomicU32>()).expect("mmap never returns null on success");
         let summary = (0..granules.div_ceil(SUMMARY_GRANULES).max(1)).map(|_| AtomicU32::new(0)).collect();
-        let map = Self { base, mapped_bytes, granules, granule_shift, size_bytes, summary };
+        let durable =
+            matches!(file, Some((_, true))).then(|| (0..granules.div_ceil(64)).map(|_| AtomicU64::new(0)).collect());
+        let since = SinceIndex::default();
+        let map = Self { base, mapped_bytes, granules, granule_shift, size_bytes, summary, durable, since };
         map.rebuild_summary();
         Ok(map)
     }
@@ -113,23 +132,50 @@ impl EraMap {
     /// The granules `[offset, end)` touches.
     fn granules_of(&self, offset: u64, end: u64) -> std::ops::Range<usize> {
         let first = (offset >> self.granule_shift) as usize;
-        let last = (end.min(self.size_bytes).max(offset + 1).div_ceil(1 << self.granule_shift) as usize).min(self.granules);
+        let last =
+            (end.min(self.size_bytes).max(offset + 1).div_ceil(1 << self.granule_shift) as usize).min(self.granules);
         first.min(last)..last
     }
 
-    /// Records that `[offset, end)` changes in `era`. True if any granule's
-    /// era moved (so the change must be made durable before the data write).
+    /// Records that `[offset, end)` changes in `era` (the current one). True
+    /// when some granule's mark is not durable yet: the mutation must wait
+    /// for an fdatasync of the state file, then call [`Self::set_durable`].
     pub fn mark(&self, offset: u64, end: u64, era: u32) -> bool {
-        let mut moved = false;
+        let mut pending = false;
         let entries = self.entries();
         for granule in self.granules_of(offset, end) {
-            if entries[granule].load(Ordering::Relaxed) != era {
+            if let Some(durable) = &self.durable {
+                // Acquire: pairs with set_durable's release, after the sync.
+                if durable[granule / 64].load(Ordering::Acquire) & (1 << (granule % 64)) != 0 {
+                    continue;
+                }
+                pending = true;
+            }
+            let old = entries[granule].load(Ordering::Relaxed);
+            if old != era {
                 entries[granule].store(era, Ordering::Relaxed);
                 self.summary[granule / SUMMARY_GRANULES].fetch_max(era, Ordering::Relaxed);
-                moved = true;
+                self.since.marked(granule, old);
             }
         }
-        moved
+        pending
+    }
+
+    /// The marks of `[offset, end)` are on disk (an fdatasync that started
+    /// after they were stored has completed).
+    pub fn set_durable(&self, offset: u64, end: u64) {
+        let Some(durable) = &self.durable else { return };
+        for granule in self.granules_of(offset, end) {
+            durable[granule / 64].fetch_or(1 << (granule % 64), Ordering::Release);
+        }
+    }
+
+    /// A new era begins: no granule has its mark for it yet. Called while
+    /// no mutation of the image is in flight.
+    pub fn clear_durable(&self) {
+        if let Some(durable) = &self.durable {
+            durable.iter().for_each(|word| word.store(0, Ordering::Relaxed));
+        }
     }
 
     /// The era in which the granule at `offset` last changed.
@@ -139,9 +185,57 @@ impl EraMap {
 
     /// Appends extents of `[offset, offset + length)` with status
     /// [`STATE_DIRTY`] where a granule changed after `since` (its era is
-    /// higher), coalesced, at most `extents_max` of them.
-    pub fn dirty_extents(&self, offset: u64, length: u64, since: u32, extents_max: usize, out: &mut Vec<Extent>) {
-        self.extents(offset, length, extents_max, out, |era| if era > since { STATE_DIRTY } else { 0 }, since);
+    /// higher), coalesced, at most `extents_max` of them. With `indexed`,
+    /// from the checkpoint's bitmap (built on first use, see `since`);
+    /// else by looking at the eras.
+    pub fn dirty_extents(
+        &self,
+        offset: u64,
+        length: u64,
+        since: u32,
+        extents_max: usize,
+        out: &mut Vec<Extent>,
+        indexed: bool,
+    ) {
+        if !indexed {
+            let status = |era| if era > since { STATE_DIRTY } else { 0 };
+            return self.extents(offset, length, extents_max, out, status, since);
+        }
+        let bitmap = match self.since.get(since) {
+            Some(bitmap) => bitmap,
+            None => self.since.get_or_build(since, self.granules, |bitmap| {
+                for (granule, era) in self.entries().iter().enumerate() {
+                    if era.load(Ordering::Relaxed) > since {
+                        bitmap.set(granule);
+                    }
+                }
+            }),
+        };
+        let end = (offset + length).min(self.size_bytes);
+        let granules = self.granules_of(offset, end);
+        let mut at = offset;
+        bitmap.runs(granules.start, granules.end, |next, dirty| {
+            let stop = ((next as u64) << self.granule_shift).min(end);
+            let status = if dirty { STATE_DIRTY } else { 0 };
+            let pushed = push_capped(out, Extent { length: stop - at, status }, extents_max);
+            at = stop;
+            pushed
+        });
+    }
+
+    /// A bitmap is kept for checkpoint era `since`.
+    pub fn has_index(&self, since: u32) -> bool {
+        self.since.get(since).is_some()
+    }
+
+    /// A checkpoint was deleted: its bitmap goes.
+    pub fn forget_since(&self, since: u32) {
+        self.since.forget(since);
+    }
+
+    /// Memory the "changed since" bitmaps take.
+    pub fn index_bytes(&self) -> usize {
+        self.since.bytes()
     }
 
     /// Appends extents of `[offset, offset + length)` whose status is the
@@ -168,13 +262,12 @@ impl EraMap {
         while at < end {
             let granule = (at >> self.granule_shift) as usize;
             let block = granule / SUMMARY_GRANULES;
-            let (era, until) = if skip_at_or_below != u32::MAX
-                && self.summary[block].load(Ordering::Relaxed) <= skip_at_or_below
-            {
-                (0, ((block + 1) * SUMMARY_GRANULES) as u64 * self.granule_bytes())
-            } else {
-                (entries[granule].load(Ordering::Relaxed), (granule as u64 + 1) * self.granule_bytes())
-            };
+            let (era, until) =
+                if skip_at_or_below != u32::MAX && self.summary[block].load(Ordering::Relaxed) <= skip_at_or_below {
+                    (0, ((block + 1) * SUMMARY_GRANULES) as u64 * self.granule_bytes())
+                } else {
+                    (entries[granule].load(Ordering::Relaxed), (granule as u64 + 1) * self.granule_bytes())
+                };
             let stop = until.min(end);
             if !push_capped(out, Extent { length: stop - at, status: status(era) }, extents_max) {
                 return;
@@ -198,13 +291,31 @@ mod tests {
     const G: u64 = 65536;
 
     #[test]
-    fn marks_move_eras_once_and_report_it() {
+    fn memory_marks_store_eras_and_never_wait() {
         let map = EraMap::in_memory(10 * G + 100, 16).unwrap();
+        assert!(!map.mark(100, 200, 3), "nothing to make durable in memory");
+        map.mark(G - 1, G + 1, 3);
+        map.mark(10 * G + 50, 10 * G + 60, 4);
+        assert_eq!((map.era_at(0), map.era_at(G), map.era_at(2 * G), map.era_at(10 * G)), (3, 3, 0, 4));
+    }
+
+    #[test]
+    fn persistent_marks_wait_until_made_durable_in_each_era() {
+        let path = std::env::temp_dir().join(format!("ringnbd-eras-durable-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
+        file.set_len(EraMap::bytes_for(10 * G, 16) as u64).unwrap();
+        let map = EraMap::in_file(&file, 0, 10 * G, 16, true).unwrap();
         assert!(map.mark(100, 200, 3));
-        assert!(!map.mark(0, 10, 3), "same granule, same era: nothing to commit");
-        assert!(map.mark(G - 1, G + 1, 3), "the second granule moves");
-        assert_eq!((map.era_at(0), map.era_at(G), map.era_at(2 * G)), (3, 3, 0));
-        assert!(map.mark(10 * G + 50, 10 * G + 60, 4), "the short last granule");
+        assert!(map.mark(0, 10, 3), "marked by someone else but not durable: wait too");
+        map.set_durable(0, 10);
+        assert!(!map.mark(0, 4096, 3), "durable: straight to the data write");
+        assert!(map.mark(G - 1, G + 1, 3), "the second granule is not durable");
+        map.set_durable(G - 1, G + 1);
+        assert!(!map.mark(0, 2 * G, 3));
+        map.clear_durable();
+        assert!(map.mark(0, 1, 4), "a new era needs new marks");
+        assert_eq!(map.era_at(0), 4);
+        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
@@ -213,12 +324,23 @@ mod tests {
         map.mark(G, 3 * G, 2);
         map.mark(5 * G, 5 * G + 1, 5);
         let mut out = vec![];
-        map.dirty_extents(0, 8 * G, 1, 100, &mut out);
         let dirty = |length, status| Extent { length, status };
-        assert_eq!(out, vec![dirty(G, 0), dirty(2 * G, 1), dirty(2 * G, 0), dirty(G, 1), dirty(2 * G, 0)]);
+        for indexed in [false, true] {
+            out.clear();
+            map.dirty_extents(0, 8 * G, 1, 100, &mut out, indexed);
+            assert_eq!(out, vec![dirty(G, 0), dirty(2 * G, 1), dirty(2 * G, 0), dirty(G, 1), dirty(2 * G, 0)]);
+            out.clear();
+            map.dirty_extents(0, 8 * G, 2, 100, &mut out, indexed);
+            assert_eq!(out, vec![dirty(5 * G, 0), dirty(G, 1), dirty(2 * G, 0)], "only era 5 is after era 2");
+            out.clear();
+            map.dirty_extents(G / 2, 5 * G, 1, 2, &mut out, indexed);
+            assert_eq!(out, vec![dirty(G / 2, 0), dirty(2 * G, 1)], "capped, from mid-granule");
+        }
+        // Bitmaps follow later marks.
+        map.mark(7 * G, 7 * G + 1, 6);
         out.clear();
-        map.dirty_extents(0, 8 * G, 2, 100, &mut out);
-        assert_eq!(out, vec![dirty(5 * G, 0), dirty(G, 1), dirty(2 * G, 0)], "only era 5 is after era 2");
+        map.dirty_extents(6 * G, 2 * G, 2, 100, &mut out, true);
+        assert_eq!(out, vec![dirty(G, 0), dirty(G, 1)]);
         out.clear();
         map.era_extents(G / 2, 3 * G, 2, &mut out);
         assert_eq!(out, vec![dirty(G / 2, 0), dirty(2 * G, 2)], "capped, starting mid-granule");
@@ -230,7 +352,7 @@ mod tests {
         let map = EraMap::in_memory(size, 16).unwrap();
         map.mark(SUMMARY_GRANULES as u64 * G + 7, SUMMARY_GRANULES as u64 * G + 8, 9);
         let mut out = vec![];
-        map.dirty_extents(0, size, 0, 100, &mut out);
+        map.dirty_extents(0, size, 0, 100, &mut out, false);
         assert_eq!(out.len(), 3);
         assert_eq!(out[0], Extent { length: SUMMARY_GRANULES as u64 * G, status: 0 });
         assert_eq!(out[1], Extent { length: G, status: STATE_DIRTY });
@@ -241,13 +363,13 @@ mod tests {
         let path = std::env::temp_dir().join(format!("ringnbd-eras-{}", std::process::id()));
         let file = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
         file.set_len(4096 + EraMap::bytes_for(100 * G, 16) as u64).unwrap();
-        let map = EraMap::in_file(&file, 4096, 100 * G, 16).unwrap();
+        let map = EraMap::in_file(&file, 4096, 100 * G, 16, true).unwrap();
         map.mark(50 * G, 51 * G, 7);
         drop(map);
-        let again = EraMap::in_file(&file, 4096, 100 * G, 16).unwrap();
+        let again = EraMap::in_file(&file, 4096, 100 * G, 16, false).unwrap();
         assert_eq!(again.era_at(50 * G), 7);
         let mut out = vec![];
-        again.dirty_extents(0, 100 * G, 6, 10, &mut out);
+        again.dirty_extents(0, 100 * G, 6, 10, &mut out, true);
         assert_eq!(out[1], Extent { length: G, status: STATE_DIRTY }, "summary rebuilt from the file");
         std::fs::remove_file(path).unwrap();
     }

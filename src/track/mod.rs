@@ -22,6 +22,7 @@
 //! (`state_file`), so updating it is atomic.
 
 pub mod eras;
+pub mod since;
 pub mod state_file;
 
 use std::fs::{File, OpenOptions};
@@ -61,6 +62,12 @@ pub enum TrackError {
     Unknown(String),
     #[error("at most {CHECKPOINTS_MAX} checkpoints per image; delete some first")]
     TooMany,
+    /// A read-only export needs the state a read-write run left.
+    #[error("no tracking state at {0} to serve read-only (serve the image read-write with tracking first)")]
+    Missing(PathBuf),
+    /// Checkpoints cannot be made or removed on a read-only tracker.
+    #[error("the export is served read-only: its checkpoints cannot change")]
+    ReadOnly,
 }
 
 /// A checkpoint as clients and the control socket see it.
@@ -103,9 +110,8 @@ pub struct ImageStat {
 }
 
 impl ImageStat {
-    pub fn of(file: &File, size: u64) -> io::Result<Self> {
-        let meta = file.metadata()?;
-        Ok(ImageStat { size, mtime: (meta.mtime(), meta.mtime_nsec() as u32) })
+    pub fn of(meta: &std::fs::Metadata, size: u64) -> Self {
+        ImageStat { size, mtime: (meta.mtime(), meta.mtime_nsec() as u32) }
     }
 }
 
@@ -118,7 +124,9 @@ pub struct Tracker {
     eras: EraMap,
     /// The era marks go to now. Advances only in `create`.
     current_era: AtomicU32,
+    /// The state file marks go to (None: in memory, or served read-only).
     persistent: Option<Persistent>,
+    state_path: Option<PathBuf>,
     header: Mutex<Header>,
 }
 
@@ -138,6 +146,7 @@ impl Tracker {
             eras: EraMap::in_memory(size, granule_shift)?,
             current_era: AtomicU32::new(1),
             persistent: None,
+            state_path: None,
             header: Mutex::new(Header {
                 sequence: 0,
                 granule_shift,
@@ -150,22 +159,33 @@ impl Tracker {
         })
     }
 
-    /// Opens (or creates) the state file of an image, checks it against the
-    /// image, and records that the image is now in use (not cleanly shut
-    /// down) before returning, so a crash from here on is recognised.
-    pub fn open(path: &Path, image: ImageStat, granule_shift: u32) -> Result<(Self, Option<OpenNote>), TrackError> {
+    /// Opens (or, when `writable`, creates) the state file of an image and
+    /// checks it against the image. A writable tracker records that the
+    /// image is in use (not cleanly shut down) before returning, so a crash
+    /// from here on is recognised. A read-only one never writes the file:
+    /// it serves the checkpoints it found (an export served read-only).
+    pub fn open(
+        path: &Path,
+        image: ImageStat,
+        granule_shift: u32,
+        writable: bool,
+    ) -> Result<(Self, Option<OpenNote>), TrackError> {
         let io_error = |source| TrackError::Io { path: path.to_owned(), source };
         let state_error = |source| TrackError::State { path: path.to_owned(), source };
         let file = OpenOptions::new()
             .read(true)
-            .write(true)
-            .create(true)
+            .write(writable)
+            .create(writable)
             .truncate(false)
             .mode(0o600)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
-            .map_err(io_error)?;
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound if !writable => TrackError::Missing(path.to_owned()),
+                _ => io_error(e),
+            })?;
         let (mut header, note) = match state_file::load(&file).map_err(state_error)? {
+            None if !writable => return Err(TrackError::Missing(path.to_owned())),
             None => {
                 let fresh = Header {
                     sequence: 0,
@@ -179,7 +199,8 @@ impl Tracker {
                 (fresh, Some(OpenNote::Created))
             }
             Some(mut header) => {
-                let changed = header.image_size != image.size || (header.clean_shutdown && header.image_mtime != image.mtime);
+                let changed =
+                    header.image_size != image.size || (header.clean_shutdown && header.image_mtime != image.mtime);
                 let note = if changed {
                     let mut invalidated = Vec::new();
                     for c in header.checkpoints.iter_mut().filter(|c| !c.invalid) {
@@ -192,24 +213,34 @@ impl Tracker {
                 } else {
                     None
                 };
-                header.image_size = image.size;
                 (header, note)
             }
         };
         let granule_shift = header.granule_shift;
         let needed = ERAS_OFFSET + EraMap::bytes_for(image.size, granule_shift) as u64;
-        if file.metadata().map_err(io_error)?.len() < needed {
-            // Sparse: eras never written take no space.
-            file.set_len(needed).map_err(io_error)?;
-        }
-        header.clean_shutdown = false;
-        header.sequence += 1;
-        state_file::store(&file, &header).map_err(io_error)?;
-        let eras = EraMap::in_file(&file, ERAS_OFFSET, image.size, granule_shift).map_err(io_error)?;
+        let long_enough = file.metadata().map_err(io_error)?.len() >= needed;
+        let eras = if writable {
+            if !long_enough {
+                // Sparse: eras never written take no space.
+                file.set_len(needed).map_err(io_error)?;
+            }
+            header.image_size = image.size;
+            header.clean_shutdown = false;
+            header.sequence += 1;
+            state_file::store(&file, &header).map_err(io_error)?;
+            EraMap::in_file(&file, ERAS_OFFSET, image.size, granule_shift, true).map_err(io_error)?
+        } else if long_enough {
+            EraMap::in_file(&file, ERAS_OFFSET, image.size, granule_shift, false).map_err(io_error)?
+        } else {
+            // The image grew: every checkpoint was invalidated above, and
+            // the eras cannot be read past the file's end.
+            EraMap::in_memory(image.size, granule_shift).map_err(io_error)?
+        };
         let tracker = Self {
             eras,
             current_era: AtomicU32::new(header.current_era),
-            persistent: Some(Persistent { file, path: path.to_owned() }),
+            persistent: writable.then(|| Persistent { file, path: path.to_owned() }),
+            state_path: Some(path.to_owned()),
             header: Mutex::new(header),
         };
         Ok((tracker, note))
@@ -224,10 +255,16 @@ impl Tracker {
     }
 
     /// Marks `[offset, end)` as changing in the current era. True when the
-    /// marks must be made durable (by an fdatasync of [`Self::sync_fd`])
-    /// before the mutation's data is submitted.
+    /// marks must be made durable (an fdatasync of [`Self::sync_fd`] started
+    /// after this call) before the mutation's data is submitted; then call
+    /// [`Self::made_durable`].
     pub fn mark(&self, offset: u64, end: u64) -> bool {
-        self.eras.mark(offset, end, self.current_era()) && self.persistent.is_some()
+        self.eras.mark(offset, end, self.current_era())
+    }
+
+    /// A sync that started after `mark(offset, end)` completed.
+    pub fn made_durable(&self, offset: u64, end: u64) {
+        self.eras.set_durable(offset, end);
     }
 
     /// The descriptor whose fdatasync makes marks durable (None in memory).
@@ -236,7 +273,12 @@ impl Tracker {
     }
 
     pub fn state_path(&self) -> Option<&Path> {
-        self.persistent.as_ref().map(|p| p.path.as_path())
+        self.state_path.as_deref()
+    }
+
+    /// Checkpoints can be created and deleted (not served read-only).
+    pub fn is_writable(&self) -> bool {
+        self.persistent.is_some() || self.state_path.is_none()
     }
 
     pub fn checkpoints(&self) -> Vec<Checkpoint> {
@@ -251,46 +293,70 @@ impl Tracker {
     /// durably before returning. The caller has frozen and drained every
     /// mutation of the image, so no mark races the era change.
     pub fn create(&self, name: &str) -> Result<Checkpoint, TrackError> {
+        self.check_create(name)?;
+        let mut header = self.header.lock().expect("tracker lock");
+        if header.checkpoints.iter().any(|c| c.name == name) {
+            return Err(TrackError::Duplicate(name.to_owned()));
+        }
+        let era = header.current_era;
+        let record = CheckpointRecord { name: name.to_owned(), era, created_unix_ms: now_unix_ms(), invalid: false };
+        let mut next = header.clone();
+        next.checkpoints.push(record.clone());
+        next.current_era = era.checked_add(1).ok_or(TrackError::TooMany)?;
+        next.sequence += 1;
+        self.persist(&next)?;
+        *header = next;
+        // Nothing marks while the image is frozen, so no mark can land in
+        // the old era after the bits are cleared.
+        self.eras.clear_durable();
+        self.current_era.store(era + 1, Ordering::Release);
+        Ok(Checkpoint::from(&record))
+    }
+
+    /// Whether `create(name)` would be refused now (checked before the
+    /// image is frozen, so a bad request never stalls writes).
+    pub fn check_create(&self, name: &str) -> Result<(), TrackError> {
+        if !self.is_writable() {
+            return Err(TrackError::ReadOnly);
+        }
         if !valid_name(name) {
             return Err(TrackError::BadName(name.to_owned()));
         }
-        let mut header = self.header.lock().expect("tracker lock");
+        let header = self.header.lock().expect("tracker lock");
         if header.checkpoints.iter().any(|c| c.name == name) {
             return Err(TrackError::Duplicate(name.to_owned()));
         }
         if header.checkpoints.len() >= CHECKPOINTS_MAX {
             return Err(TrackError::TooMany);
         }
-        let era = header.current_era;
-        let record = CheckpointRecord { name: name.to_owned(), era, created_unix_ms: now_unix_ms(), invalid: false };
-        let mut next = header.clone();
-        next.checkpoints.push(record.clone());
-        next.current_era = era.checked_add(1).expect("four billion checkpoints");
-        next.sequence += 1;
-        self.persist(&next)?;
-        *header = next;
-        self.current_era.store(era + 1, Ordering::Release);
-        Ok(Checkpoint::from(&record))
+        Ok(())
     }
 
     /// Forgets a checkpoint (eras are shared by all checkpoints, so nothing
     /// else is freed: the record was all it owned).
     pub fn delete(&self, name: &str) -> Result<(), TrackError> {
+        if !self.is_writable() {
+            return Err(TrackError::ReadOnly);
+        }
         let mut header = self.header.lock().expect("tracker lock");
         let Some(index) = header.checkpoints.iter().position(|c| c.name == name) else {
             return Err(TrackError::Unknown(name.to_owned()));
         };
         let mut next = header.clone();
-        next.checkpoints.remove(index);
+        let removed = next.checkpoints.remove(index);
         next.sequence += 1;
         self.persist(&next)?;
         *header = next;
+        self.eras.forget_since(removed.era);
         Ok(())
     }
 
     /// Records a clean shutdown with the image's final size and
     /// modification time (call after the image's last flush).
     pub fn shut_down_cleanly(&self, image: ImageStat) -> Result<(), TrackError> {
+        if self.persistent.is_none() {
+            return Ok(());
+        }
         let mut header = self.header.lock().expect("tracker lock");
         let mut next = header.clone();
         next.clean_shutdown = true;
@@ -302,6 +368,25 @@ impl Tracker {
         Ok(())
     }
 
+    /// The state file could not be synced: marks may be lost, so no
+    /// checkpoint can vouch for what changed since it. Marks every
+    /// checkpoint invalid (persisted if the file still takes writes) and
+    /// returns the names that were valid.
+    pub fn invalidate_all(&self) -> Vec<String> {
+        let mut header = self.header.lock().expect("tracker lock");
+        let mut next = header.clone();
+        let mut invalidated = Vec::new();
+        for c in next.checkpoints.iter_mut().filter(|c| !c.invalid) {
+            c.invalid = true;
+            invalidated.push(c.name.clone());
+        }
+        next.sequence += 1;
+        // Invalid in memory whatever happens to the write.
+        let _ = self.persist(&next);
+        *header = next;
+        invalidated
+    }
+
     fn persist(&self, header: &Header) -> Result<(), TrackError> {
         let Some(p) = &self.persistent else { return Ok(()) };
         // The era array's pages go out with the header's fdatasync.
@@ -311,7 +396,20 @@ impl Tracker {
     /// `qemu:dirty-bitmap` extents: [`eras::STATE_DIRTY`] where changed
     /// after the era `since`.
     pub fn dirty_extents(&self, offset: u64, length: u64, since: u32, extents_max: usize, out: &mut Vec<Extent>) {
-        self.eras.dirty_extents(offset, length, since, extents_max, out);
+        // Bitmaps are kept for live checkpoints only: a connection still
+        // mapping a deleted one is answered from the eras.
+        let live = || self.header.lock().expect("tracker lock").checkpoints.iter().any(|c| c.era == since);
+        let indexed = self.eras.has_index(since) || live();
+        self.eras.dirty_extents(offset, length, since, extents_max, out, indexed);
+        // A delete that raced this map may have left a bitmap behind.
+        if indexed && !live() {
+            self.eras.forget_since(since);
+        }
+    }
+
+    /// Memory the "changed since" bitmaps of mapped checkpoints take.
+    pub fn index_bytes(&self) -> usize {
+        self.eras.index_bytes()
     }
 
     /// `ringnbd:era` extents: the era of each range's last change.
@@ -356,23 +454,23 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ringnbd-track-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("disk.ringnbd");
-        let (t, note) = Tracker::open(&path, stat(8 * G, 100), 16).unwrap();
+        let (t, note) = Tracker::open(&path, stat(8 * G, 100), 16, true).unwrap();
         assert_eq!(note, Some(OpenNote::Created));
         let c = t.create("base").unwrap();
         t.mark(2 * G, 2 * G + 5);
         drop(t); // a crash: no clean shutdown
-        let (t, note) = Tracker::open(&path, stat(8 * G, 100), 16).unwrap();
+        let (t, note) = Tracker::open(&path, stat(8 * G, 100), 16, true).unwrap();
         assert_eq!(note, Some(OpenNote::Recovered));
         assert_eq!(t.find("base").unwrap(), c);
         assert_eq!(dirty(&t, c.era)[1], Extent { length: G, status: eras::STATE_DIRTY }, "marks survive");
         t.shut_down_cleanly(stat(8 * G, 200)).unwrap();
         drop(t);
-        let (t, note) = Tracker::open(&path, stat(8 * G, 200), 16).unwrap();
+        let (t, note) = Tracker::open(&path, stat(8 * G, 200), 16, true).unwrap();
         assert_eq!(note, None, "clean, unchanged");
         t.shut_down_cleanly(stat(8 * G, 200)).unwrap();
         drop(t);
         // Touched while we were away.
-        let (t, note) = Tracker::open(&path, stat(8 * G, 300), 16).unwrap();
+        let (t, note) = Tracker::open(&path, stat(8 * G, 300), 16, true).unwrap();
         assert_eq!(note, Some(OpenNote::ModifiedOutside { invalidated: vec!["base".into()] }));
         assert!(!t.find("base").unwrap().valid);
         let fresh = t.create("after").unwrap();
