@@ -32,8 +32,10 @@ pub struct FileBackend {
     /// Offset and length alignment O_DIRECT needs (1 when buffered).
     pub alignment: u32,
     pub is_block_device: bool,
-    /// fallocate(PUNCH_HOLE) works, so trim and zeroing are metadata-only.
+    /// fallocate(PUNCH_HOLE) works, so trim and zeroing are metadata-only
+    /// (known once `probe_hole_punching` ran).
     pub can_punch_hole: bool,
+    read_only: bool,
     /// Allocation granularity of the filesystem (st_blksize, at least 512).
     pub block_bytes: u64,
     /// The file lives in memory (tmpfs/ramfs): reads and writes are copies
@@ -75,7 +77,6 @@ impl FileBackend {
             true => open_direct(path, read_only, &buffered, size)?,
             false => (buffered.try_clone().map_err(open_error)?, false, 1),
         };
-        let can_punch_hole = !read_only && probe_punch_hole(&buffered, size, is_block_device);
         use std::os::unix::fs::MetadataExt;
         let identity = match is_block_device {
             true => FileIdentity::BlockDevice { rdev: metadata.rdev() },
@@ -90,7 +91,9 @@ impl FileBackend {
             direct_io,
             alignment,
             is_block_device,
-            can_punch_hole,
+            // Probed by `probe_hole_punching`: the probe touches the file.
+            can_punch_hole: false,
+            read_only,
             inline_io,
             block_bytes: metadata.blksize().max(512).next_power_of_two(),
         })
@@ -126,9 +129,48 @@ impl FileBackend {
         })
     }
 
+    /// Finds out whether trim and zeroing can punch holes. The probe (a
+    /// punch past the end of the file) changes nothing but the file's
+    /// modification time, so it runs only once the image is ours: after
+    /// its lock is taken and change tracking has compared that time with
+    /// its record.
+    pub fn probe_hole_punching(&mut self) {
+        self.can_punch_hole = !self.read_only && probe_punch_hole(&self.buffered, self.size, self.is_block_device);
+    }
+
     /// Blocking fdatasync, used only at shutdown.
     pub fn sync(&self) -> io::Result<()> {
         self.direct.sync_data()
+    }
+
+    /// The file's metadata now (its modification time, for the clean
+    /// shutdown record of change tracking).
+    pub fn metadata(&self) -> io::Result<std::fs::Metadata> {
+        self.buffered.metadata()
+    }
+
+    /// Takes an open-file-description lock on the whole file: exclusive
+    /// for a writer, shared for a reader. It lives as long as the backend's
+    /// descriptors and conflicts with the same lock taken by any other
+    /// process (another ringnbd, or qemu's image locking), which gets
+    /// `WouldBlock`.
+    pub fn lock(&self, exclusive: bool) -> io::Result<()> {
+        // SAFETY: flock is plain data; all-zero is a valid value to fill in.
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = if exclusive { libc::F_WRLCK } else { libc::F_RDLCK } as libc::c_short;
+        lock.l_whence = libc::SEEK_SET as libc::c_short;
+        lock.l_start = 0;
+        lock.l_len = 0; // to the end, however far it grows
+        // SAFETY: fcntl(F_OFD_SETLK) reads one flock from a live local.
+        let rc = unsafe { libc::fcntl(self.buffered.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let error = io::Error::last_os_error();
+        match error.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EACCES) => Err(io::ErrorKind::WouldBlock.into()),
+            _ => Err(error),
+        }
     }
 }
 
@@ -260,7 +302,9 @@ mod tests {
     #[test]
     fn opens_direct_on_tmp_and_reports_alignment() {
         let path = temp_file("direct", 1 << 20);
-        let b = FileBackend::open(&path, false, true).unwrap();
+        let mut b = FileBackend::open(&path, false, true).unwrap();
+        assert!(!b.can_punch_hole, "not probed yet");
+        b.probe_hole_punching();
         assert_eq!(b.size, 1 << 20);
         assert!(b.alignment.is_power_of_two());
         if b.direct_io {
@@ -273,7 +317,8 @@ mod tests {
     #[test]
     fn buffered_mode_has_no_alignment_and_read_only_cannot_punch() {
         let path = temp_file("buffered", 12345);
-        let b = FileBackend::open(&path, true, false).unwrap();
+        let mut b = FileBackend::open(&path, true, false).unwrap();
+        b.probe_hole_punching();
         assert_eq!((b.size, b.direct_io, b.alignment, b.can_punch_hole), (12345, false, 1, false));
         std::fs::remove_file(path).unwrap();
     }

@@ -3,8 +3,10 @@
 //! of one file share one image, so what one of them writes is what every
 //! other one reports.
 
+pub mod catalog;
 pub mod flags;
 pub mod image;
+pub mod tracking;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,9 +15,10 @@ use thiserror::Error;
 
 use crate::backend::{Backend, BackendError, FileBackend, FileIdentity, MemoryBackend};
 use crate::proto::handshake::ExportInfo;
-use crate::proto::meta::ContextKind;
 
+pub use catalog::Catalog;
 pub use image::Image;
+pub use tracking::TrackOptions;
 
 /// What to export and under which name, before it is opened (from the
 /// command line today; `cli::export_spec` parses it).
@@ -39,6 +42,15 @@ pub enum ExportError {
     DuplicateName(String),
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// Change tracking could not start (the message names the file).
+    #[error("change tracking: {0}")]
+    Tracking(String),
+    /// Another process holds the image's lock.
+    #[error("{0}: in use by another process (a second ringnbd, or qemu, holds its lock)")]
+    InUse(std::path::PathBuf),
+    /// `--checkpoint` for an export without tracking, or a bad name.
+    #[error("--checkpoint {0}")]
+    Checkpoint(String),
 }
 
 /// Options shared by every export.
@@ -54,6 +66,10 @@ pub struct ExportOptions {
     pub extent_cache_entries: usize,
     /// Advertise the O_DIRECT alignment as the minimum block size.
     pub strict_alignment: bool,
+    pub tracking: TrackOptions,
+    /// `--checkpoint [EXPORT=]NAME` values: checkpoints to create at start
+    /// (where absent) on EXPORT, or on every tracked export.
+    pub checkpoints: Vec<String>,
 }
 
 pub struct Export {
@@ -80,7 +96,8 @@ impl Export {
             size: backend.size(),
             flags: flags::transmission_flags(backend, options.read_only),
             block_size: flags::block_size(backend, options.payload_bytes_max, options.strict_alignment),
-            contexts: ContextKind::ALL.to_vec(),
+            // Filled in per handshake by the catalog: they change.
+            contexts: Vec::new(),
         };
         Self { info, image, read_only: options.read_only }
     }
@@ -91,15 +108,30 @@ impl Export {
 pub fn open_all(specs: &[ExportSpec], options: &ExportOptions) -> Result<Vec<Export>, ExportError> {
     let mut exports: Vec<Export> = Vec::with_capacity(specs.len());
     let mut images: HashMap<FileIdentity, Arc<Image>> = HashMap::new();
+    let mut next_id = 0;
+    let mut new_image = |mut backend: Backend, cache_entries: usize| -> Result<Arc<Image>, ExportError> {
+        let track = tracking::open(&backend, &options.tracking, options.read_only)?;
+        if let Backend::File(file) = &mut backend {
+            file.probe_hole_punching();
+        }
+        next_id += 1;
+        Ok(Arc::new(Image::new(next_id - 1, backend, cache_entries, track)))
+    };
     for (index, spec) in specs.iter().enumerate() {
         let image = match &spec.source {
             Source::File(path) => {
                 let file = FileBackend::open(path, options.read_only, options.direct_io)?;
-                let identity = file.identity;
-                let opened = || Arc::new(Image::new(Backend::File(file), options.extent_cache_entries));
-                Arc::clone(images.entry(identity).or_insert_with(opened))
+                match images.get(&file.identity) {
+                    Some(image) => Arc::clone(image),
+                    None => {
+                        let identity = file.identity;
+                        let image = new_image(Backend::File(file), options.extent_cache_entries)?;
+                        images.insert(identity, Arc::clone(&image));
+                        image
+                    }
+                }
             }
-            Source::Memory(size) => Arc::new(Image::new(Backend::Memory(MemoryBackend::new(*size)), 0)),
+            Source::Memory(size) => new_image(Backend::Memory(MemoryBackend::new(*size)), 0)?,
         };
         let export = Export::new(spec, index, image, options);
         if exports.iter().any(|e| e.info.name == export.info.name) {
@@ -108,7 +140,44 @@ pub fn open_all(specs: &[ExportSpec], options: &ExportOptions) -> Result<Vec<Exp
         exports.push(export);
     }
     apply_descriptions(&mut exports, &options.descriptions);
+    create_start_checkpoints(&exports, &options.checkpoints)?;
     Ok(exports)
+}
+
+/// `--checkpoint [EXPORT=]NAME`: created where absent, before any client
+/// can write, so scripts get a fixed starting point without the control
+/// socket. One that exists is kept (an invalid one is reported, not
+/// replaced: deleting it is the owner's decision).
+fn create_start_checkpoints(exports: &[Export], wanted: &[String]) -> Result<(), ExportError> {
+    for value in wanted {
+        let named = value.split_once('=').filter(|(export, _)| exports.iter().any(|e| e.info.name == *export));
+        let (targets, name): (Vec<&Export>, &str) = match named {
+            Some((export, name)) => (exports.iter().filter(|e| e.info.name == export).collect(), name),
+            None => (exports.iter().filter(|e| e.image.track.is_some()).collect(), value.as_str()),
+        };
+        if targets.is_empty() {
+            return Err(ExportError::Checkpoint(format!("{value}: no export is tracked (add --track)")));
+        }
+        for export in targets {
+            let Some(tracker) = &export.image.track else {
+                return Err(ExportError::Checkpoint(format!(
+                    "{value}: export {:?} is not tracked (add --track)",
+                    export.info.name
+                )));
+            };
+            match tracker.find(name) {
+                Some(c) if !c.valid => eprintln!(
+                    "ringnbd: export {:?}: checkpoint {name:?} is invalid and kept as it is; delete it to start over",
+                    export.info.name
+                ),
+                Some(_) => {}
+                None => {
+                    tracker.create(name).map_err(|e| ExportError::Checkpoint(format!("{value}: {e}")))?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Gives each export the description meant for it (see
@@ -129,7 +198,7 @@ fn apply_descriptions(exports: &mut [Export], descriptions: &[String]) {
     }
 }
 
-/// The distinct images behind `exports`, each once.
+/// The distinct images behind `exports`, each once, in `Image::id` order.
 pub fn images(exports: &[Arc<Export>]) -> Vec<Arc<Image>> {
     let mut seen: Vec<Arc<Image>> = Vec::new();
     for export in exports {
@@ -137,6 +206,7 @@ pub fn images(exports: &[Arc<Export>]) -> Vec<Arc<Image>> {
             seen.push(Arc::clone(&export.image));
         }
     }
+    seen.sort_by_key(|image| image.id);
     seen
 }
 
@@ -154,6 +224,8 @@ mod tests {
             payload_bytes_max: 1 << 25,
             extent_cache_entries: 0,
             strict_alignment: false,
+            tracking: TrackOptions::default(),
+            checkpoints: Vec::new(),
         };
         let e = open_all(&["memory:1M".parse().unwrap()], &options).unwrap().remove(0);
         assert_ne!(e.info.flags & TF_READ_ONLY, 0);
@@ -171,6 +243,8 @@ mod tests {
             payload_bytes_max: 1 << 25,
             extent_cache_entries: 0,
             strict_alignment: false,
+            tracking: TrackOptions::default(),
+            checkpoints: Vec::new(),
         };
         let specs = vec!["a=memory:1M".parse().unwrap(), "a=memory:2M".parse().unwrap()];
         assert!(matches!(open_all(&specs, &options), Err(ExportError::DuplicateName(_))));
@@ -185,6 +259,8 @@ mod tests {
             payload_bytes_max: 1 << 25,
             extent_cache_entries: 0,
             strict_alignment: false,
+            tracking: TrackOptions::default(),
+            checkpoints: Vec::new(),
         };
         let specs: Vec<ExportSpec> = vec!["a=memory:1M".parse().unwrap(), "b=memory:1M".parse().unwrap()];
         let texts = |d: &[&str]| -> Vec<String> {
@@ -214,6 +290,8 @@ mod sharing_tests {
             payload_bytes_max: 1 << 25,
             extent_cache_entries: 1000,
             strict_alignment: false,
+            tracking: TrackOptions::default(),
+            checkpoints: Vec::new(),
         };
         let specs: Vec<ExportSpec> = [format!("a={}", path.display()), format!("b={}/link.img", dir.display())]
             .iter()

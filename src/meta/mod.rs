@@ -1,9 +1,15 @@
 //! Metadata contexts: where BLOCK_STATUS answers come from.
 //!
-//! `allocation` scans files (SEEK_DATA/SEEK_HOLE + FIEMAP), `extent_cache`
-//! keeps per-file results coherent with the server's own writes. The
-//! extent vocabulary they share with the backends is `proto::extent`; the
-//! helper threads that run scans for the workers are `engine::lookup`.
+//! `context` is the seam: a [`context::ContextSource`] per context name,
+//! which the engine asks without knowing what it is. `base_allocation`
+//! answers `base:allocation` from memory page maps, the extent cache, or
+//! file scans (`allocation`: SEEK_DATA/SEEK_HOLE + FIEMAP) kept coherent
+//! with the server's own writes by `extent_cache`. `changes` answers the
+//! change-tracking contexts from `track`. Which names an export offers is
+//! `export::catalog`.
 
 pub mod allocation;
+pub mod base_allocation;
+pub mod changes;
+pub mod context;
 pub mod extent_cache;
