@@ -10,7 +10,10 @@
 //! - `short-read=START-END`, `short-write=START-END`: the first transfer of
 //!   such a request moves half the bytes it asked for (the server must carry
 //!   on from there);
-//! - `panic-read=OFFSET`: a READ at exactly OFFSET panics its worker.
+//! - `panic-read=OFFSET`: a READ at exactly OFFSET panics its worker;
+//! - `eio-state-sync=START-END`: the change-tracking state sync that would
+//!   make the marks of a mutation overlapping `[START, END)` durable fails
+//!   with EIO (as a failing state disk would).
 //!
 //! Without the variable every hook is one load of an empty cell.
 
@@ -25,6 +28,7 @@ enum Kind {
     ShortRead,
     ShortWrite,
     PanicRead,
+    EioStateSync,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +72,7 @@ fn parse(text: &str) -> Result<FaultPlan, String> {
             "short-read" => Kind::ShortRead,
             "short-write" => Kind::ShortWrite,
             "panic-read" => Kind::PanicRead,
+            "eio-state-sync" => Kind::EioStateSync,
             _ => return Err(bad()),
         };
         let (start, end) = match (kind, range.split_once('-')) {
@@ -117,6 +122,11 @@ pub fn fails(direction: Direction, offset: u64, length: u64) -> bool {
     transfer_result(direction, offset, length, false, 0) < 0
 }
 
+/// Whether the state sync covering a mutation of `[offset, end)` fails.
+pub fn state_sync_fails(offset: u64, end: u64) -> bool {
+    matching(Kind::EioStateSync, offset, end.saturating_sub(offset))
+}
+
 /// Panics (the test's way to crash a worker) for a READ at a chosen offset.
 pub fn before_read(offset: u64) {
     if matching(Kind::PanicRead, offset, 1) {
@@ -130,8 +140,8 @@ mod tests {
 
     #[test]
     fn rules_parse_and_bad_ones_are_named() {
-        let plan = parse("eio-read=0-4096, short-write=10-20,panic-read=7").unwrap();
-        assert_eq!(plan.rules.len(), 3);
+        let plan = parse("eio-read=0-4096, short-write=10-20,panic-read=7,eio-state-sync=0-1").unwrap();
+        assert_eq!(plan.rules.len(), 4);
         assert_eq!(plan.rules[2], Rule { kind: Kind::PanicRead, start: 7, end: 8 });
         for bad in ["eio-read", "eio-read=5-5", "nope=1-2", "panic-read=1-2", "short-read=x-3"] {
             assert!(parse(bad).unwrap_err().contains(bad), "{bad}");

@@ -1,91 +1,77 @@
-//! BLOCK_STATUS on the worker: gather `base:allocation` extents without
-//! blocking, then encode one chunk per selected context straight into the
-//! request's buffer, the last one flagged DONE.
-//!
-//! Memory exports answer from their page map and block devices as all data,
-//! both inline. File exports answer from the extent cache when it covers the
-//! request (or reaches the descriptor cap); otherwise the request parks and
-//! its worker's lookup helper scans the rest (see `engine::lookup`).
+//! BLOCK_STATUS on the worker: each selected context's source gathers its
+//! extents without blocking (or hands a scan to the worker's lookup
+//! helper), and each answer is encoded as its own chunk, sized by its own
+//! descriptor count, straight into the request's buffer as it arrives. The
+//! chunk written last is flagged DONE once every part is in.
 
-use crate::backend::Backend;
-use crate::meta::extent_cache::ExtentCache;
-use crate::proto::extent::{DATA, Extent};
-use crate::proto::meta::ContextKind;
+use crate::meta::context::SelectedContext;
+use crate::proto::extent::Extent;
 use crate::proto::reply::{self, ReplyTo};
 use crate::proto::transmission::ReplyMode;
 
 /// Room for one chunk header with its context ID and count.
 const CHUNK_HEADER_BYTES_MAX: usize = 40;
 
-pub struct Query {
-    pub offset: u64,
-    pub length: u64,
-    /// 1 for REQ_ONE, else the configured cap.
-    pub extents_max: usize,
+/// The selected contexts of `mask` (bit i = `contexts[i]`).
+pub fn selected(contexts: &[SelectedContext], mask: u64) -> impl Iterator<Item = (usize, &SelectedContext)> {
+    contexts.iter().enumerate().filter(move |(index, _)| mask & (1 << index) != 0)
 }
 
-pub enum Gathered {
-    /// `out` holds the answer.
-    Ready,
-    /// `out` holds the cached prefix `[offset, from)`; scan the rest.
-    Scan { from: u64 },
+/// Buffer bytes that always hold the reply: per selected context, a chunk
+/// header and as many descriptors as its source can need for `length`.
+pub fn reply_bytes_max(mode: ReplyMode, contexts: &[SelectedContext], mask: u64, length: u64, cap: usize) -> usize {
+    selected(contexts, mask)
+        .map(|(_, c)| CHUNK_HEADER_BYTES_MAX + c.source.extents_bound(length, cap) * reply::descriptor_bytes(mode))
+        .sum()
 }
 
-pub fn gather(backend: &Backend, cache: Option<&ExtentCache>, query: &Query, out: &mut Vec<Extent>) -> Gathered {
-    out.clear();
-    let end = query.offset + query.length;
-    match (backend, cache) {
-        (Backend::Memory(memory), _) => memory.extents(query.offset, query.length, query.extents_max, out),
-        (Backend::File(file), _) if file.is_block_device => out.push(Extent { length: query.length, status: DATA }),
-        (Backend::File(_), None) => return Gathered::Scan { from: query.offset },
-        (Backend::File(_), Some(cache)) => {
-            let at = cache.lookup(query.offset, end, query.extents_max, out);
-            if at < end && out.len() < query.extents_max {
-                return Gathered::Scan { from: at };
-            }
-        }
-    }
-    Gathered::Ready
-}
-
-/// Descriptors a reply can need for a request of `length` bytes on `backend`.
-pub fn extents_bound(backend: &Backend, length: u64, extents_max: usize) -> usize {
-    let granule = match backend {
-        Backend::Memory(_) => crate::backend::memory::PAGE_BYTES as u64,
-        // Filesystem blocks are at least 512 bytes.
-        Backend::File(_) => 512,
-    };
-    // The partial blocks at both ends may each add one.
-    ((length / granule + 2).min(extents_max as u64)) as usize
-}
-
-/// Buffer bytes that always hold a reply of `contexts` chunks.
-pub fn reply_bytes_max(mode: ReplyMode, contexts: usize, extents: usize) -> usize {
-    contexts * (CHUNK_HEADER_BYTES_MAX + extents * reply::descriptor_bytes(mode))
-}
-
-/// Encodes one chunk per context selected in `mask` (bit i = `contexts[i]`).
+/// Encodes one context's chunk (not yet DONE) at the start of `out`.
 /// Returns the bytes used.
-pub fn encode(contexts: &[(u32, ContextKind)], mask: u32, allocation: &[Extent], to: ReplyTo, out: &mut [u8]) -> usize {
-    debug_assert!(!allocation.is_empty() && allocation.iter().all(|e| e.length > 0));
-    let last = (0..contexts.len()).rev().find(|i| mask & (1 << i) != 0).expect("at least one context selected");
-    let mut used = 0;
-    for (index, &(id, kind)) in contexts.iter().enumerate() {
-        if mask & (1 << index) == 0 {
-            continue;
-        }
-        let extents = match kind {
-            ContextKind::BaseAllocation => allocation,
-        };
-        used += reply::block_status(&mut out[used..], to, id, extents.len() as u32, index == last);
-        for extent in extents {
-            used += reply::descriptor(&mut out[used..], to.mode, extent.length, extent.status);
-        }
+pub fn encode_chunk(out: &mut [u8], to: ReplyTo, id: u32, extents: &[Extent]) -> usize {
+    debug_assert!(!extents.is_empty() && extents.iter().all(|e| e.length > 0));
+    let mut used = reply::block_status(out, to, id, extents.len() as u32, false);
+    for extent in extents {
+        used += reply::descriptor(&mut out[used..], to.mode, extent.length, extent.status);
     }
     used
 }
 
 /// The mask selecting every context of the connection.
-pub fn all_contexts(count: usize) -> u32 {
-    if count >= 32 { u32::MAX } else { (1u32 << count) - 1 }
+pub fn all_contexts(count: usize) -> u64 {
+    if count >= 64 { u64::MAX } else { (1u64 << count) - 1 }
+}
+
+/// Where a BLOCK_STATUS reply stands while its parts come in.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes of the buffer written so far.
+    pub used: usize,
+    /// Where the chunk written last starts (it gets the DONE flag).
+    pub last_chunk: usize,
+    /// Scans still out with the lookup helper.
+    pub scans_pending: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_cover_up_to_64_contexts() {
+        assert_eq!(all_contexts(1), 1);
+        assert_eq!(all_contexts(3), 0b111);
+        assert_eq!(all_contexts(64), u64::MAX);
+    }
+
+    #[test]
+    fn the_last_chunk_is_flagged_done_afterwards() {
+        let to = ReplyTo { mode: ReplyMode::Structured, cookie: 7, offset: 0 };
+        let mut out = [0u8; 128];
+        let first = encode_chunk(&mut out, to, 1, &[Extent { length: 512, status: 3 }]);
+        let second = encode_chunk(&mut out[first..], to, 2, &[Extent { length: 512, status: 0 }]);
+        assert_eq!(out[4..6], [0, 0]);
+        reply::set_done(&mut out[first..first + second]);
+        assert_eq!(out[first + 4..first + 6], crate::proto::wire::REPLY_FLAG_DONE.to_be_bytes());
+        assert_eq!(out[4..6], [0, 0], "only the last");
+    }
 }

@@ -15,7 +15,7 @@ use std::time::Instant;
 use slab::Slab;
 
 use crate::export::Export;
-use crate::proto::meta::ContextKind;
+use crate::meta::context::SelectedContext;
 use crate::proto::transmission::{ReplyMode, RequestLimits};
 
 use super::buffers::Refusal;
@@ -124,7 +124,9 @@ pub struct Conn {
     /// Position of `export` in the server's export list.
     pub export_index: usize,
     pub limits: RequestLimits,
-    pub contexts: Vec<(u32, ContextKind)>,
+    pub contexts: Vec<SelectedContext>,
+    /// The IDs of `contexts`, in order (for BLOCK_STATUS payloads).
+    pub context_ids: Vec<u32>,
     receive: ReceiveBuffer,
     /// Invariant: `0 <= parsed <= filled <= RECV_BUFFER_BYTES`.
     parsed: usize,
@@ -166,7 +168,7 @@ impl Conn {
         export: Arc<Export>,
         export_index: usize,
         limits: RequestLimits,
-        contexts: Vec<(u32, ContextKind)>,
+        contexts: Vec<SelectedContext>,
         queue_capacity: usize,
         now: Instant,
     ) -> Self {
@@ -179,6 +181,7 @@ impl Conn {
             export,
             export_index,
             limits,
+            context_ids: contexts.iter().map(|c| c.id).collect(),
             contexts,
             receive: ReceiveBuffer::new(),
             parsed: 0,

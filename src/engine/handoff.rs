@@ -1,15 +1,64 @@
-//! What the engine takes in: a negotiated connection, handed from a
-//! handshake thread (`net`) to the worker that will serve it.
+//! What the engine takes in: what is on offer to negotiate, and negotiated
+//! connections, handed from a handshake thread (`net`) to the worker that
+//! will serve them, along with the control plane's requests to workers.
 
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
-use crate::proto::handshake::Negotiated;
+use crossbeam_channel::Sender;
+
+use crate::meta::context::{ContextSource, SelectedContext};
+use crate::proto::handshake::{ExportInfo, Negotiated};
+
+/// The exports as one handshake sees them: their negotiation facts and,
+/// per export, the source answering each context it lists (parallel to
+/// `exports[e].contexts`). Contexts come and go (checkpoints), so a
+/// handshake takes the offer current when it starts and keeps it.
+pub struct Offer {
+    pub exports: Vec<ExportInfo>,
+    pub sources: Vec<Vec<Arc<dyn ContextSource>>>,
+}
+
+impl Offer {
+    /// The contexts a negotiation selected, with their sources.
+    pub fn selected(&self, negotiated: &Negotiated) -> Vec<SelectedContext> {
+        let sources = &self.sources[negotiated.export];
+        negotiated
+            .contexts
+            .iter()
+            .map(|&(id, index)| SelectedContext { id, source: Arc::clone(&sources[index]) })
+            .collect()
+    }
+}
+
+/// Where handshakes get the current offer (`export::Catalog`).
+pub trait Offers: Send + Sync {
+    fn current(&self) -> Arc<Offer>;
+}
 
 /// A negotiated connection on its way to a worker.
 pub struct NewConnection {
     pub socket: OwnedFd,
     pub negotiated: Negotiated,
+    pub contexts: Vec<SelectedContext>,
     pub peer: String,
     /// The core the socket's packets arrive on (SO_INCOMING_CPU), if known.
     pub incoming_cpu: Option<usize>,
+}
+
+/// What a worker receives on its channel (each send is followed by a write
+/// to its wake eventfd).
+pub enum WorkerMessage {
+    Connection(NewConnection),
+    /// Hold back new mutations of image `image` and, once the worker has
+    /// none of them in flight, send on `drained` (checkpoint creation: each
+    /// mutation is then entirely before or entirely after the checkpoint).
+    Freeze {
+        image: usize,
+        drained: Sender<()>,
+    },
+    /// Let held-back mutations of `image` go.
+    Thaw {
+        image: usize,
+    },
 }

@@ -10,6 +10,7 @@ use crate::proto::reply::{REPLY_HEADER_BYTES_MAX, ReplyTo};
 use crate::proto::transmission::Command;
 use crate::proto::wire::EXTENDED_HEADER_BYTES;
 
+use super::block_status::Progress;
 use super::buffers::Buffer;
 use super::sparse_read::CHUNKS_MAX;
 
@@ -49,12 +50,15 @@ pub struct Request {
     /// The file backend's state for this request (its buffer's place in the
     /// file, the operation it is on, block locks held).
     pub task: FileTask,
-    /// BLOCK_STATUS waiting for its lookup helper's scan.
-    pub in_lookup: bool,
+    /// BLOCK_STATUS: how far its reply has come (scans out, bytes written).
+    pub status: Progress,
+    /// A mutation of a tracked image counted in its worker's gate (from
+    /// its start to its reply; see `worker::tracking`).
+    pub gated: bool,
     /// Payload bytes received so far (WRITE only).
     pub payload_received: usize,
     /// BLOCK_STATUS: which of the connection's contexts to answer for.
-    pub status_mask: u32,
+    pub status_mask: u64,
     pub error: Option<Failure>,
     /// Reply bytes that do not live in `buffer` (headers, errors).
     inline: [u8; REPLY_INLINE_BYTES],
@@ -71,9 +75,10 @@ impl Request {
             command,
             buffer: None,
             task: FileTask::default(),
-            in_lookup: false,
+            status: Progress::default(),
+            gated: false,
             payload_received: 0,
-            status_mask: u32::MAX,
+            status_mask: u64::MAX,
             error: None,
             inline: [0; REPLY_INLINE_BYTES],
             inline_len: 0,

@@ -27,6 +27,10 @@ pub enum Token {
     Send { conn: u32 },
     /// Backend I/O of one request.
     Request { request: u32 },
+    /// The fdatasync of an image's change-tracking state file that makes
+    /// the marks of waiting mutations durable; `sequence` (wrapping) tells
+    /// a worker's syncs of one image apart.
+    Commit { image: u16, sequence: u16 },
     /// The worker's eventfd read: new connections or shutdown.
     Wake,
     /// A timeout used to retry deferred work.
@@ -42,6 +46,7 @@ pub enum Token {
 const KIND_RECV: u64 = 1;
 const KIND_SEND: u64 = 2;
 const KIND_REQUEST: u64 = 3;
+const KIND_COMMIT: u64 = 4;
 
 impl Token {
     pub fn encode(self) -> u64 {
@@ -50,6 +55,7 @@ impl Token {
             Token::Recv { conn } => pack(KIND_RECV, conn),
             Token::Send { conn } => pack(KIND_SEND, conn),
             Token::Request { request } => pack(KIND_REQUEST, request),
+            Token::Commit { image, sequence } => pack(KIND_COMMIT, u32::from(image) << 16 | u32::from(sequence)),
             Token::Wake => WAKE,
             Token::Tick => TICK,
             Token::Cancel => CANCEL,
@@ -76,6 +82,7 @@ impl Token {
             KIND_RECV => Token::Recv { conn: slot },
             KIND_SEND => Token::Send { conn: slot },
             KIND_REQUEST => Token::Request { request: slot },
+            KIND_COMMIT => Token::Commit { image: (slot >> 16) as u16, sequence: slot as u16 },
             kind => panic!("unknown user_data kind {kind} in {user_data:#x}"),
         }
     }
@@ -88,7 +95,13 @@ mod tests {
     #[test]
     fn round_trips_every_kind_including_extreme_slots() {
         for slot in [0, 1, 12345, u32::MAX] {
-            for token in [Token::Recv { conn: slot }, Token::Send { conn: slot }, Token::Request { request: slot }] {
+            let tokens = [
+                Token::Recv { conn: slot },
+                Token::Send { conn: slot },
+                Token::Request { request: slot },
+                Token::Commit { image: (slot >> 16) as u16, sequence: slot as u16 },
+            ];
+            for token in tokens {
                 assert_eq!(Token::decode(token.encode()), token);
                 assert!(token.encode() < SENTINEL_MIN);
             }

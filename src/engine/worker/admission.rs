@@ -234,6 +234,7 @@ impl Worker {
         };
         let mask = block_status::all_contexts(conn.contexts.len());
         let mut req = self.prepare(id, to, command, mask)?;
+        req.status_mask = mask;
         let conn = &mut self.conns[id as usize];
         conn.consume(header_bytes);
         if let Command::Write { length, .. } = command {
@@ -267,7 +268,7 @@ impl Worker {
         let conn = &mut self.conns[id as usize];
         let header_bytes = conn.mode().request_header_bytes();
         let bytes = &conn.unparsed()[header_bytes..header_bytes + payload];
-        match transmission::parse_status_payload(bytes, offset, conn.limits.export_bytes, &conn.contexts) {
+        match transmission::parse_status_payload(bytes, offset, conn.limits.export_bytes, &conn.context_ids) {
             Ok((length, mask)) => {
                 let command = Command::BlockStatus { offset, length, req_one, payload: 0 };
                 let mut req = self.prepare(id, to, command, mask)?;
@@ -288,10 +289,9 @@ impl Worker {
     }
 
     /// Allocates what a command needs, within the connection's share.
-    fn prepare(&mut self, id: u32, to: ReplyTo, command: Command, status_mask: u32) -> Result<Request, Refusal> {
+    fn prepare(&mut self, id: u32, to: ReplyTo, command: Command, status_mask: u64) -> Result<Request, Refusal> {
         let conn = &self.conns[id as usize];
-        let backend = &conn.export.image.backend;
-        let alignment = backend.alignment();
+        let alignment = conn.export.image.backend.alignment();
         let mut req = Request::new(id, to, command);
         let bytes = match command {
             Command::Read { offset, length, .. } | Command::Write { offset, length, .. } => {
@@ -303,8 +303,7 @@ impl Worker {
             }
             Command::BlockStatus { length, req_one, .. } => {
                 let cap = if req_one { 1 } else { self.config.extents_max };
-                let extents = block_status::extents_bound(backend, length, cap);
-                block_status::reply_bytes_max(to.mode, status_mask.count_ones() as usize, extents)
+                block_status::reply_bytes_max(to.mode, &conn.contexts, status_mask, length, cap)
             }
             _ => 0,
         };

@@ -1,15 +1,17 @@
 //! Running admitted requests: memory requests inline, file requests as ring
-//! steps, BLOCK_STATUS from the extent cache or the lookup helper.
+//! steps, BLOCK_STATUS from each selected context's source (inline, or
+//! through the lookup helper when a source needs a blocking scan).
 
 use crate::backend::Backend;
 use crate::backend::file_io::FileIo;
 use crate::backend::io::Next;
 use crate::faults;
+use crate::meta::context::{Gathered, Query};
 use crate::proto::Failure;
-use crate::proto::extent::Extent;
+use crate::proto::reply;
 use crate::proto::transmission::Command;
 
-use super::super::block_status::{self, Gathered, Query};
+use super::super::block_status;
 use super::super::lookup::{LookupDone, LookupJob};
 use super::super::ops;
 use super::super::user_data::Token;
@@ -32,6 +34,13 @@ impl Worker {
             Command::Read { offset, .. } => faults::before_read(offset),
             _ => {}
         }
+        if self.pass_tracking(request) {
+            self.run_request(request);
+        }
+    }
+
+    /// Runs a request past its tracking gate against its backend.
+    pub(super) fn run_request(&mut self, request: u32) {
         let req = &mut self.requests[request as usize];
         if let Backend::Memory(memory) = &self.conns[req.conn as usize].export.image.backend {
             let command = req.command;
@@ -41,62 +50,73 @@ impl Worker {
         self.file_step(request, FileCall::Start);
     }
 
+    /// Asks every selected context's source; answers that need a scan go
+    /// to the lookup helper, the rest are encoded at once.
     fn start_block_status(&mut self, request: u32) {
         let Worker { requests, conns, extents, lookups, config, spare_extents, .. } = self;
         let req = &mut requests[request as usize];
         let Command::BlockStatus { offset, length, req_one, .. } = req.command else { unreachable!("checked") };
         let conn = &conns[req.conn as usize];
-        let image = &conn.export.image;
         let query = Query { offset, length, extents_max: if req_one { 1 } else { config.extents_max } };
-        match block_status::gather(&image.backend, image.extent_cache.as_ref(), &query, extents) {
-            Gathered::Ready => {
-                let extents = std::mem::take(&mut self.extents);
-                self.answer_block_status(request, &extents);
-                self.extents = extents;
+        let buffer = req.buffer.as_mut().expect("block status owns a buffer").as_mut_slice();
+        for (index, context) in block_status::selected(&conn.contexts, req.status_mask) {
+            extents.clear();
+            match context.source.gather(&query, extents) {
+                Gathered::Ready => {
+                    let at = req.status.used;
+                    req.status.used += block_status::encode_chunk(&mut buffer[at..], req.to, context.id, extents);
+                    req.status.last_chunk = at;
+                }
+                Gathered::Scan { from } => {
+                    // A vector back from an earlier job: no allocation per
+                    // scan once the worker has a few.
+                    let mut job_extents = spare_extents.pop().unwrap_or_default();
+                    job_extents.clear();
+                    job_extents.extend_from_slice(extents);
+                    let source = std::sync::Arc::clone(&context.source);
+                    let job = LookupJob { request, context: index, source, query, from, extents: job_extents };
+                    req.status.scans_pending += 1;
+                    lookups.jobs.send(job).expect("lookup helper outlives its worker");
+                }
             }
-            Gathered::Scan { from } => {
-                req.in_lookup = true;
-                // A vector back from an earlier job: no allocation per miss
-                // once the worker has a few.
-                let mut job_extents = spare_extents.pop().unwrap_or_default();
-                job_extents.clear();
-                job_extents.extend_from_slice(extents);
-                let job = LookupJob {
-                    request,
-                    export: conn.export_index,
-                    offset,
-                    from,
-                    end: offset + length,
-                    extents_max: query.extents_max,
-                    extents: job_extents,
-                };
-                lookups.jobs.send(job).expect("lookup helper outlives its worker");
-            }
+        }
+        if req.status.scans_pending == 0 {
+            self.complete_block_status(request);
         }
     }
 
     pub(super) fn on_lookup(&mut self, done: LookupDone) {
+        let req = &mut self.requests[done.request as usize];
+        req.status.scans_pending -= 1;
         match done.result {
-            Ok(()) => self.answer_block_status(done.request, &done.extents),
-            Err(errno) => {
-                let req = &mut self.requests[done.request as usize];
-                req.in_lookup = false;
-                req.error = Some(Failure::from_errno(errno));
-                self.finish(done.request, false);
+            Ok(()) if req.error.is_none() => {
+                let id = self.conns[req.conn as usize].contexts[done.context].id;
+                let buffer = req.buffer.as_mut().expect("block status owns a buffer").as_mut_slice();
+                let at = req.status.used;
+                req.status.used += block_status::encode_chunk(&mut buffer[at..], req.to, id, &done.extents);
+                req.status.last_chunk = at;
             }
+            Ok(()) => {}
+            Err(errno) => req.error = Some(Failure::from_errno(errno)),
         }
         if self.spare_extents.len() < SPARE_EXTENT_VECTORS_MAX {
             self.spare_extents.push(done.extents);
         }
+        if self.requests[done.request as usize].status.scans_pending == 0 {
+            self.complete_block_status(done.request);
+        }
     }
 
-    fn answer_block_status(&mut self, request: u32, extents: &[Extent]) {
+    /// Every part is in: flag the last chunk DONE and reply (an error
+    /// replaces the chunks).
+    fn complete_block_status(&mut self, request: u32) {
         let req = &mut self.requests[request as usize];
-        let conn = &self.conns[req.conn as usize];
-        let buffer = req.buffer.as_mut().expect("block status owns a buffer");
-        let used = block_status::encode(&conn.contexts, req.status_mask, extents, req.to, buffer.as_mut_slice());
-        req.reply_buffer(0, used);
-        req.in_lookup = false;
+        if req.error.is_none() {
+            let progress = req.status;
+            let buffer = req.buffer.as_mut().expect("block status owns a buffer").as_mut_slice();
+            reply::set_done(&mut buffer[progress.last_chunk..progress.used]);
+            req.reply_buffer(0, progress.used);
+        }
         self.finish(request, false);
     }
 

@@ -13,18 +13,21 @@ use io_uring::opcode;
 use crate::proto::transmission::RequestLimits;
 
 use super::super::conn::{CloseReason, Closing, Conn};
-use super::super::handoff::NewConnection;
+use super::super::handoff::{NewConnection, WorkerMessage};
 use super::super::user_data::Token;
 use super::Worker;
 
 impl Worker {
     pub(super) fn on_wake(&mut self) {
-        while let Ok(new) = self.incoming.try_recv() {
-            if self.draining {
-                self.load.fetch_sub(1, Ordering::Relaxed);
-                continue; // dropping the socket closes it
+        while let Ok(message) = self.incoming.try_recv() {
+            match message {
+                WorkerMessage::Connection(_) if self.draining => {
+                    self.load.fetch_sub(1, Ordering::Relaxed);
+                    // dropping the socket closes it
+                }
+                WorkerMessage::Connection(new) => self.adopt(new),
+                control => self.on_control(control),
             }
-            self.adopt(new);
         }
         while let Ok(done) = self.lookups.done.try_recv() {
             self.on_lookup(done);
@@ -45,7 +48,7 @@ impl Worker {
             reply_mode: n.reply_mode,
             alignment_bytes: if n.block_size_agreed { export.info.block_size.minimum } else { 1 },
             payload_bytes_max: self.config.payload_bytes_max,
-            has_contexts: !n.contexts.is_empty(),
+            has_contexts: !new.contexts.is_empty(),
         };
         if self.config.verbose {
             eprintln!(
@@ -59,7 +62,7 @@ impl Worker {
             export,
             n.export,
             limits,
-            n.contexts,
+            new.contexts,
             self.config.inflight_per_conn_max,
             self.now,
         );
@@ -74,6 +77,9 @@ impl Worker {
     /// write is not lost; the drain deadline bounds how long that may take.
     fn begin_drain(&mut self) {
         self.draining = true;
+        // Held mutations run now: shutdown waits for them like for any
+        // other, and a checkpoint being cut gives up (see `on_control`).
+        self.thaw_all();
         let deadline = opcode::Timeout::new(&*self.drain_deadline).build().user_data(Token::DrainDeadline.encode());
         self.push(deadline);
         let ids: Vec<usize> = self.conns.iter().map(|(id, _)| id).collect();

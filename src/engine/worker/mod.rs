@@ -10,13 +10,17 @@
 //!   the housekeeping timer (stall timeout, idle buffers);
 //! - `admission`: receiving and parsing requests, and deciding whether a
 //!   connection may take a slot and buffer now (its share) or must wait;
-//! - `execute`: running requests against the backends;
+//! - `execute`: running requests against the backends and the context
+//!   sources;
+//! - `tracking`: checkpoint gates and the group commit of change-tracking
+//!   marks before mutations reach their data;
 //! - `replies`: encoding replies, the per-connection send queue, freeing.
 
 mod admission;
 mod execute;
 mod lifecycle;
 mod replies;
+mod tracking;
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -29,13 +33,13 @@ use io_uring::{opcode, types};
 use slab::Slab;
 
 use super::lookup::LookupService;
-use crate::export::Export;
+use crate::export::{Export, Image};
 use crate::proto::extent::Extent;
 
 use super::EngineError;
 use super::buffers::{Budget, BufferPool};
 use super::conn::Conn;
-use super::handoff::NewConnection;
+use super::handoff::WorkerMessage;
 use super::request::Request;
 use super::ring::{Completion, REAP_BATCH_MAX, Ring};
 use super::user_data::Token;
@@ -82,11 +86,18 @@ pub struct Worker {
     pool: BufferPool,
     zeroes: ZeroRegion,
     exports: Arc<[Arc<Export>]>,
+    /// The distinct images behind the exports, by `Image::id`.
+    images: Vec<Arc<Image>>,
+    /// Per image: the checkpoint gate and the state-file commit.
+    gates: Vec<tracking::Gate>,
+    commits: Vec<tracking::Commit>,
+    /// Some mutation waits for a commit not yet submitted.
+    commit_wanted: bool,
     conns: Slab<Box<Conn>>,
     /// Fixed capacity (`requests_max`); see `WorkerConfig::requests_max`.
     requests: Slab<Request>,
     config: WorkerConfig,
-    incoming: Receiver<NewConnection>,
+    incoming: Receiver<WorkerMessage>,
     wake_fd: Arc<OwnedFd>,
     /// Target of the eventfd read; boxed so its address is stable while the
     /// read is in flight.
@@ -124,7 +135,7 @@ pub struct WorkerParts {
     pub index: usize,
     pub config: WorkerConfig,
     pub exports: Arc<[Arc<Export>]>,
-    pub incoming: Receiver<NewConnection>,
+    pub incoming: Receiver<WorkerMessage>,
     pub wake_fd: Arc<OwnedFd>,
     pub load: Arc<AtomicUsize>,
     pub shutdown: Arc<AtomicBool>,
@@ -148,8 +159,11 @@ impl Worker {
         }
         let pool = BufferPool::new(parts.budget, slots);
         let zeroes = ZeroRegion::new().map_err(EngineError::Buffers)?;
-        let lookups = LookupService::spawn(parts.index, Arc::clone(&parts.exports), Arc::clone(&parts.wake_fd))
-            .map_err(EngineError::Helper)?;
+        let lookups = LookupService::spawn(parts.index, Arc::clone(&parts.wake_fd)).map_err(EngineError::Helper)?;
+        let images = crate::export::images(&parts.exports);
+        debug_assert!(images.iter().enumerate().all(|(i, image)| image.id == i), "image ids are positions");
+        // Commit tokens carry the image id in 16 bits.
+        assert!(images.len() <= usize::from(u16::MAX), "at most 65535 images");
         let housekeeping = HOUSEKEEPING_PERIOD.min(config.stall_timeout / 2).max(Duration::from_millis(10));
         Ok(Self {
             ring,
@@ -158,6 +172,10 @@ impl Worker {
             pool,
             zeroes,
             exports: parts.exports,
+            gates: images.iter().map(|_| tracking::Gate::default()).collect(),
+            commits: images.iter().map(|_| tracking::Commit::default()).collect(),
+            commit_wanted: false,
+            images,
             conns: Slab::with_capacity(64),
             requests: Slab::with_capacity(config.requests_max),
             incoming: parts.incoming,
@@ -197,6 +215,7 @@ impl Worker {
             self.batch = batch;
             self.retry_deferred();
             self.retry_stalled();
+            self.submit_commits();
         }
         Ok(())
     }
@@ -214,6 +233,7 @@ impl Worker {
             Token::Recv { conn } => self.on_recv(conn, c.result),
             Token::Send { conn } => self.on_send(conn, c.result),
             Token::Request { request } => self.on_io(request, c.result),
+            Token::Commit { image, sequence } => self.on_commit(usize::from(image), sequence, c.result),
             Token::Wake => self.on_wake(),
             Token::Tick => {
                 self.tick_armed = false;

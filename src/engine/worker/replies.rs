@@ -17,10 +17,10 @@ use super::Worker;
 impl Worker {
     /// Encodes the reply and queues it on its connection.
     pub(super) fn finish(&mut self, request: u32, is_read: bool) {
-        let Worker { requests, conns, now, .. } = self;
+        let Worker { requests, conns, .. } = self;
         let req = &mut requests[request as usize];
-        let conn = &mut conns[req.conn as usize];
-        debug_assert!(!req.task.is_waiting() && !req.in_lookup);
+        let conn = &conns[req.conn as usize];
+        debug_assert!(!req.task.is_waiting() && req.status.scans_pending == 0);
         debug_assert!(!req.task.holds_locks(), "block locks are released before the reply");
         let to = req.to;
         match (req.error, req.command) {
@@ -34,13 +34,18 @@ impl Worker {
         }
         write_path::complete(&conn.export.image, &req.command, req.error.is_none());
         let id = req.conn;
+        if std::mem::take(&mut req.gated) {
+            let image = conn.export.image.id;
+            self.leave_gate(image);
+        }
+        let (conn, now) = (&mut self.conns[id as usize], self.now);
         if conn.closing == Closing::Hard {
             self.free_request(request);
             return self.release_if_idle(id);
         }
         if conn.send_queue.is_empty() && !conn.send_in_flight {
             // From here on the connection waits on its client to read.
-            conn.last_progress = *now;
+            conn.last_progress = now;
         }
         conn.send_queue.push_back(request);
         self.flush_send(id);
