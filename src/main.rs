@@ -1,6 +1,6 @@
 use clap::Parser;
 
-use ringnbd::cli::Cli;
+use ringnbd::cli::{Cli, Command, ctl};
 use ringnbd::export::open_all;
 use ringnbd::faults;
 use ringnbd::server::serve;
@@ -22,6 +22,9 @@ fn abort_on_panic() {
 fn main() -> std::process::ExitCode {
     abort_on_panic();
     let cli = Cli::parse();
+    if let Some(Command::Ctl(args)) = &cli.command {
+        return ctl::run(args);
+    }
     if let Err(message) = cli.validate() {
         eprintln!("ringnbd: {message}");
         return std::process::ExitCode::from(2);

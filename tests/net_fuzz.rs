@@ -266,8 +266,21 @@ fn thread_names(pid: u32) -> Vec<String> {
 }
 
 /// The server's own threads (io_uring's kernel workers excluded).
+/// The server's own threads, less the handshake threads it keeps for the
+/// next clients (at most 4, see `net::accept`): io_uring's kernel workers
+/// are counted apart.
 fn own_threads(pid: u32) -> Vec<String> {
-    thread_names(pid).into_iter().filter(|n| !n.starts_with("iou-")).collect()
+    const KEPT_HANDSHAKE_THREADS_MAX: usize = 4;
+    let mut kept = 0;
+    thread_names(pid)
+        .into_iter()
+        .filter(|n| !n.starts_with("iou-"))
+        .filter(|n| {
+            let is_kept = n.starts_with("ringnbd-handsha") && kept < KEPT_HANDSHAKE_THREADS_MAX;
+            kept += is_kept as usize;
+            !is_kept
+        })
+        .collect()
 }
 
 /// What each open descriptor refers to (sockets by inode, files by path),

@@ -1,21 +1,26 @@
-//! Command line, nbdkit-style: `ringnbd [OPTIONS] [EXPORT]...`.
+//! Command line, nbdkit-style: `ringnbd [OPTIONS] [EXPORT]...` serves;
+//! `ringnbd ctl ...` talks to a running server's control socket.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 use crate::engine::worker::WorkerConfig;
+pub mod ctl;
 pub mod export_spec;
 
-use crate::export::{ExportOptions, ExportSpec};
+use crate::export::{ExportOptions, ExportSpec, TrackOptions};
 use crate::server::ServerConfig;
 use export_spec::parse_size;
 
 /// Serve files, block devices or sparse memory over NBD, on io_uring.
 #[derive(Debug, Parser)]
-#[command(name = "ringnbd", version, about)]
+#[command(name = "ringnbd", version, about, args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Exports: `[NAME=]PATH` or `[NAME=]memory:SIZE`. The first is also the
     /// default export (empty name). Default: `memory:1G`.
     #[arg(value_name = "EXPORT")]
@@ -129,9 +134,52 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
     pub max_extents: u32,
 
+    /// Track changes of file exports for incremental backup: per image a
+    /// crash-safe state file (beside it as IMAGE.ringnbd, or in
+    /// --state-dir), checkpoints, and the qemu:dirty-bitmap:NAME and
+    /// ringnbd:era contexts (doc/tracking.md). Memory exports always track,
+    /// in memory.
+    #[arg(long)]
+    pub track: bool,
+
+    /// Directory for change-tracking state files (implies --track).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Tracking granularity for new state files: a power of two from 4K to
+    /// 64M (existing state keeps its own). Smaller reports changes more
+    /// precisely; each granule costs 4 bytes.
+    #[arg(long, value_name = "BYTES", default_value = "64K", value_parser = parse_granularity)]
+    pub track_granularity: u32,
+
+    /// Create checkpoint NAME at start where it does not exist yet, on
+    /// export EXPORT or on every tracked export (repeatable).
+    #[arg(long, value_name = "[EXPORT=]NAME")]
+    pub checkpoint: Vec<String>,
+
+    /// Serve the control socket (line-delimited JSON, doc/control.md) at
+    /// PATH, mode 0600; `ringnbd ctl --control PATH` talks to it.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
     /// Log connections and protocol errors to stderr.
     #[arg(short, long)]
     pub verbose: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Talk to a running server's control socket.
+    Ctl(ctl::CtlArgs),
+}
+
+/// `--track-granularity`: log2 of a power of two between 4 KiB and 64 MiB.
+fn parse_granularity(text: &str) -> Result<u32, String> {
+    let bytes = parse_size(text).map_err(|e| e.to_string())?;
+    if !bytes.is_power_of_two() || !(4096..=64 << 20).contains(&bytes) {
+        return Err("must be a power of two between 4K and 64M".into());
+    }
+    Ok(bytes.trailing_zeros())
 }
 
 fn parse_payload(text: &str) -> Result<u32, String> {
@@ -226,6 +274,12 @@ impl Cli {
             payload_bytes_max: self.max_payload,
             extent_cache_entries: if self.extent_cache { self.extent_cache_entries } else { 0 },
             strict_alignment: self.strict_alignment,
+            tracking: TrackOptions {
+                files: self.track || self.state_dir.is_some(),
+                state_dir: self.state_dir.clone(),
+                granule_shift: self.track_granularity,
+            },
+            checkpoints: self.checkpoint.clone(),
         }
     }
 
@@ -273,6 +327,7 @@ impl Cli {
             handshake_timeout: Duration::from_secs_f64(self.handshake_timeout.max(0.001)),
             handshakes_max: 1024,
             buffer_bytes: self.buffers.unwrap_or_else(default_buffer_bytes),
+            control: self.control.clone(),
             worker: WorkerConfig {
                 ring_entries: self.ring_entries,
                 inflight_per_conn_max: usize::from(self.inflight),
@@ -361,6 +416,32 @@ mod tests {
         assert!(small.validate().unwrap_err().contains("--buffers"), "32M cannot hold a 32M request");
         assert!(Cli::parse_from(["ringnbd", "--buffers", "64M"]).validate().is_ok());
         assert!(Cli::parse_from(["ringnbd", "--stall-timeout", "0"]).validate().is_err());
+    }
+
+    #[test]
+    fn tracking_options_and_the_ctl_subcommand_parse() {
+        let cli = Cli::parse_from([
+            "ringnbd",
+            "--state-dir",
+            "/s",
+            "--track-granularity",
+            "1M",
+            "--checkpoint",
+            "d=c1",
+            "d=/x",
+        ]);
+        let options = cli.export_options();
+        assert!(options.tracking.files, "--state-dir implies --track");
+        assert_eq!(options.tracking.granule_shift, 20);
+        assert_eq!(options.checkpoints, vec!["d=c1"]);
+        assert_eq!(Cli::parse_from(["ringnbd"]).export_options().tracking.granule_shift, 16);
+        assert!(Cli::try_parse_from(["ringnbd", "--track-granularity", "3000"]).is_err());
+        assert!(Cli::try_parse_from(["ringnbd", "--track-granularity", "1K"]).is_err());
+        let ctl = Cli::parse_from(["ringnbd", "ctl", "--control", "/c", "checkpoint", "create", "disk", "mon"]);
+        let Some(Command::Ctl(args)) = ctl.command else { panic!("ctl parsed as {:?}", ctl.command) };
+        assert_eq!(args.control.as_deref(), Some(std::path::Path::new("/c")));
+        assert!(matches!(args.action, ctl::CtlAction::Checkpoint(ctl::CheckpointAction::Create { .. })));
+        assert!(Cli::try_parse_from(["ringnbd", "ctl", "checkpoint", "create", "disk"]).is_err(), "NAME is required");
     }
 
     #[test]

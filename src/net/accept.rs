@@ -1,9 +1,16 @@
 //! The accept thread and the handshake threads.
 //!
 //! The accept thread polls every listener plus a stop eventfd. Each
-//! accepted socket gets a short-lived handshake thread (admitted by
-//! `admission`) that negotiates with blocking I/O under the handshake
-//! deadline and then hands the socket to a worker.
+//! accepted socket (admitted by `admission`) goes to a handshake thread
+//! that negotiates with blocking I/O under the handshake deadline and then
+//! hands the socket to a worker.
+//!
+//! Handshake threads are kept for a while after their handshake, waiting
+//! for the next socket: starting a thread costs more server CPU than a
+//! whole short connection (nbdinfo, a backup tool's probe, one map of a
+//! dirty context), so a steady stream of them reuses a few threads, and a
+//! burst starts as many as it needs, which then wind down to
+//! [`IDLE_THREADS_MAX`].
 
 use std::io;
 use std::net::{SocketAddr, TcpStream};
@@ -13,12 +20,13 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use crate::engine::handoff::NewConnection;
-use crate::proto::handshake::{ExportInfo, HandshakeLimits};
+use crate::engine::handoff::{NewConnection, Offers};
+use crate::proto::handshake::{HandshakeLimits, Negotiated};
 
 use super::admission::{Handshakes, Ticket};
 use super::listener::Listener;
 use super::negotiate::{NegotiateError, Observer, TimedStream, negotiate};
+use crate::meta::context::SelectedContext;
 use crate::proto::handshake::Refusal;
 use crate::proto::wire::option_name;
 
@@ -28,7 +36,8 @@ pub trait Dispatch: Send + Sync {
 }
 
 pub struct AcceptConfig {
-    pub exports: Arc<[ExportInfo]>,
+    /// What each handshake negotiates over (taken when it starts).
+    pub offers: Arc<dyn Offers>,
     pub limits: HandshakeLimits,
     pub handshake_timeout: Duration,
     /// Concurrent handshakes; beyond it the oldest idle one is shed (see
@@ -38,6 +47,14 @@ pub struct AcceptConfig {
     /// Set when the server stops: handshakes in progress get ERR_SHUTDOWN.
     pub shutdown: Arc<AtomicBool>,
 }
+
+/// Handshake threads kept waiting for a socket once theirs is done.
+const IDLE_THREADS_MAX: usize = 4;
+/// A kept thread with no socket for this long exits.
+const IDLE_THREAD_KEEP: Duration = Duration::from_secs(30);
+
+/// A socket on its way to a handshake thread.
+type Job = (Socket, Ticket);
 
 /// How long the accept loop pauses after hitting the descriptor limit, so
 /// shed handshakes can close theirs.
@@ -55,6 +72,76 @@ struct Acceptor {
     reserve_fd: Option<std::fs::File>,
     refused_since_log: u64,
     last_log: Option<Instant>,
+    kept: Arc<KeptThreads>,
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.kept.close();
+    }
+}
+
+/// Handshake threads waiting for a socket. A socket is given only to a
+/// thread already waiting, so it never queues behind another's handshake.
+/// (A mutex and condvar rather than a channel: waiting threads sleep in the
+/// kernel at once instead of spinning and yielding first, which on a small
+/// machine takes the CPU from the very connection being served.)
+#[derive(Default)]
+struct KeptThreads {
+    state: std::sync::Mutex<KeptState>,
+    wake: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct KeptState {
+    waiting: usize,
+    /// Given but not yet taken; never more than `waiting`.
+    jobs: std::collections::VecDeque<Job>,
+    closed: bool,
+}
+
+impl KeptThreads {
+    /// Hands `job` to a waiting thread, or gives it back.
+    fn give(&self, job: Job) -> Result<(), Job> {
+        let mut state = self.state.lock().expect("handshake pool lock");
+        if state.waiting <= state.jobs.len() {
+            return Err(job);
+        }
+        state.jobs.push_back(job);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// The next socket for a thread whose handshake is done, or None when
+    /// it should exit: enough threads are kept already, none came within
+    /// [`IDLE_THREAD_KEEP`], or the accept loop is gone.
+    fn take(&self) -> Option<Job> {
+        let mut state = self.state.lock().expect("handshake pool lock");
+        if state.waiting >= IDLE_THREADS_MAX || state.closed {
+            return None;
+        }
+        state.waiting += 1;
+        let deadline = Instant::now() + IDLE_THREAD_KEEP;
+        let job = loop {
+            // Jobs are checked first, so one given just before a timeout
+            // or close is still taken.
+            if let Some(job) = state.jobs.pop_front() {
+                break Some(job);
+            }
+            let now = Instant::now();
+            if state.closed || now >= deadline {
+                break None;
+            }
+            state = self.wake.wait_timeout(state, deadline - now).expect("handshake pool lock").0;
+        };
+        state.waiting -= 1;
+        job
+    }
+
+    fn close(&self) {
+        self.state.lock().expect("handshake pool lock").closed = true;
+        self.wake.notify_all();
+    }
 }
 
 /// Runs until `stop_fd` (an eventfd) becomes readable.
@@ -64,6 +151,7 @@ pub fn accept_loop(listeners: &[Listener], stop_fd: RawFd, config: Arc<AcceptCon
         reserve_fd: std::fs::File::open("/dev/null").ok(),
         refused_since_log: 0,
         last_log: None,
+        kept: Arc::default(),
     };
     let mut fds: Vec<libc::pollfd> = listeners
         .iter()
@@ -115,11 +203,12 @@ impl Acceptor {
             }
             return; // dropping closes it
         };
-        let (config, dispatch) = (Arc::clone(config), Arc::clone(dispatch));
+        let Err(job) = self.kept.give((socket, ticket)) else { return };
+        let (config, dispatch, kept) = (Arc::clone(config), Arc::clone(dispatch), Arc::clone(&self.kept));
         let spawned = std::thread::Builder::new()
             .name("ringnbd-handshake".into())
             .stack_size(256 * 1024)
-            .spawn(move || handshake(socket, ticket, &config, &*dispatch));
+            .spawn(move || handshake_thread(job, &kept, &config, &*dispatch));
         if let Err(e) = spawned {
             eprintln!("ringnbd: cannot start handshake thread: {e}");
         }
@@ -187,6 +276,15 @@ impl Socket {
     }
 }
 
+/// Runs `first`, then later sockets while it is one of the kept threads.
+fn handshake_thread(first: Job, kept: &KeptThreads, config: &AcceptConfig, dispatch: &dyn Dispatch) {
+    let mut job = Some(first);
+    while let Some((socket, ticket)) = job {
+        handshake(socket, ticket, config, dispatch);
+        job = kept.take();
+    }
+}
+
 fn handshake(socket: Socket, ticket: Ticket, config: &AcceptConfig, dispatch: &dyn Dispatch) {
     let peer = socket.peer();
     let (result, fd): (Result<_, NegotiateError>, OwnedFd) = match socket {
@@ -200,9 +298,9 @@ fn handshake(socket: Socket, ticket: Ticket, config: &AcceptConfig, dispatch: &d
     // `admission`): from here nobody else may shut it down.
     drop(ticket);
     match result {
-        Ok(Some(negotiated)) => {
+        Ok(Some((negotiated, contexts))) => {
             let incoming_cpu = incoming_cpu(&fd);
-            dispatch.dispatch(NewConnection { socket: fd, negotiated, peer, incoming_cpu })
+            dispatch.dispatch(NewConnection { socket: fd, negotiated, contexts, peer, incoming_cpu })
         }
         Ok(None) => {}
         Err(e) if config.verbose => eprintln!("ringnbd: handshake with {peer}: {e}"),
@@ -233,7 +331,7 @@ fn run<S: TimedStream>(
     config: &AcceptConfig,
     ticket: &Ticket,
     peer: &str,
-) -> Result<Option<crate::proto::handshake::Negotiated>, NegotiateError> {
+) -> Result<Option<(Negotiated, Vec<SelectedContext>)>, NegotiateError> {
     let progressed = || ticket.progressed();
     let refused = |r: &Refusal| {
         if config.verbose {
@@ -241,5 +339,11 @@ fn run<S: TimedStream>(
         }
     };
     let observer = Observer { progressed: &progressed, refused: &refused };
-    negotiate(stream, &config.exports, config.limits, config.handshake_timeout, &config.shutdown, &observer)
+    let offer = config.offers.current();
+    let negotiated =
+        negotiate(stream, &offer.exports, config.limits, config.handshake_timeout, &config.shutdown, &observer)?;
+    Ok(negotiated.map(|n| {
+        let contexts = offer.selected(&n);
+        (n, contexts)
+    }))
 }

@@ -124,6 +124,14 @@ impl Listener {
         }
     }
 
+    /// Accepts on a Unix listener (None for TCP).
+    pub fn accept_unix(&self) -> Option<io::Result<UnixStream>> {
+        match self {
+            Listener::Unix(l, _, _) => Some(l.accept().map(|(stream, _)| stream)),
+            Listener::Tcp(_) => None,
+        }
+    }
+
     pub fn fd(&self) -> RawFd {
         match self {
             Listener::Tcp(l) => l.as_raw_fd(),
