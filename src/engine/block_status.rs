@@ -29,11 +29,8 @@ pub fn reply_bytes_max(mode: ReplyMode, contexts: &[SelectedContext], mask: u64,
 /// Returns the bytes used.
 pub fn encode_chunk(out: &mut [u8], to: ReplyTo, id: u32, extents: &[Extent]) -> usize {
     debug_assert!(!extents.is_empty() && extents.iter().all(|e| e.length > 0));
-    let mut used = reply::block_status(out, to, id, extents.len() as u32, false);
-    for extent in extents {
-        used += reply::descriptor(&mut out[used..], to.mode, extent.length, extent.status);
-    }
-    used
+    let used = reply::block_status(out, to, id, extents.len() as u32, false);
+    used + reply::descriptors(&mut out[used..], to.mode, extents)
 }
 
 /// The mask selecting every context of the connection.

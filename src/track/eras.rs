@@ -214,13 +214,28 @@ impl EraMap {
         let end = (offset + length).min(self.size_bytes);
         let granules = self.granules_of(offset, end);
         let mut at = offset;
-        bitmap.runs(granules.start, granules.end, |next, dirty| {
+        let mut runs = bitmap.runs(granules.start, granules.end);
+        let extent = |next: usize, dirty: bool, at: u64| {
             let stop = ((next as u64) << self.granule_shift).min(end);
-            let status = if dirty { STATE_DIRTY } else { 0 };
-            let pushed = push_capped(out, Extent { length: stop - at, status }, extents_max);
+            (Extent { length: stop - at, status: if dirty { STATE_DIRTY } else { 0 } }, stop)
+        };
+        // Only the first run can merge (with what `out` held) ...
+        let Some((next, dirty)) = runs.next() else { return };
+        let (first, stop) = extent(next, dirty, at);
+        if !push_capped(out, first, extents_max) {
+            return;
+        }
+        at = stop;
+        // ... the rest alternate, so they are pushed without reading back
+        // the extent just written (which held the loop up).
+        for (next, dirty) in runs {
+            if out.len() >= extents_max {
+                return;
+            }
+            let (e, stop) = extent(next, dirty, at);
+            out.push(e);
             at = stop;
-            pushed
-        });
+        }
     }
 
     /// A bitmap is kept for checkpoint era `since`.

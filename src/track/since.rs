@@ -41,47 +41,77 @@ impl SinceBitmap {
         self.words[granule / 64].load(Ordering::Relaxed) & (1 << (granule % 64)) != 0
     }
 
-    /// Walks the runs of equal bits in `[from, to)` in order: `emit(end,
-    /// bit)` for each run, `end` being the granule after it, until `emit`
-    /// returns false.
+    /// The runs of equal bits in `[from, to)`, in order, each as `(end,
+    /// bit)` with `end` the granule after it.
     ///
-    /// Runs are found from the word's transition bits (where a granule
-    /// differs from the one before it), so the loop branches once per word
+    /// Runs are found from each word's transition bits (where a granule
+    /// differs from the one before it), so the walk branches once per word
     /// and once per run end, not once per granule: scattered changes make
     /// run ends unpredictable, and a map costs little more than a pass over
     /// the words.
-    pub fn runs(&self, from: usize, to: usize, mut emit: impl FnMut(usize, bool) -> bool) {
-        if from >= to {
-            return;
+    pub fn runs(&self, from: usize, to: usize) -> Runs<'_> {
+        let mut runs =
+            Runs { words: &self.words, word: from / 64, to, transitions: 0, carry: 0, bit: false, done: from >= to };
+        if !runs.done {
+            runs.bit = self.get(from);
+            runs.load();
+            // The run in progress starts at `from`; only later ends count.
+            runs.transitions &= u64::MAX.checked_shl((from % 64 + 1) as u32).unwrap_or(0);
         }
-        let mut bit = self.get(from);
-        let last_word = (to - 1) / 64;
-        let mut carry = 0u64;
-        for w in from / 64..=last_word {
-            let word = self.words[w].load(Ordering::Relaxed);
-            let mut transitions = word ^ ((word << 1) | carry);
-            carry = word >> 63;
-            if w == from / 64 {
-                // The run in progress starts at `from`; only later ends count.
-                transitions &= u64::MAX.checked_shl((from % 64 + 1) as u32).unwrap_or(0);
-            }
-            if w == last_word && !to.is_multiple_of(64) {
-                transitions &= (1u64 << (to % 64)) - 1;
-            }
-            while transitions != 0 {
-                let end = w * 64 + transitions.trailing_zeros() as usize;
-                if !emit(end, bit) {
-                    return;
-                }
-                bit = !bit;
-                transitions &= transitions - 1;
-            }
-        }
-        emit(to, bit);
+        runs
     }
 
     pub fn bytes(&self) -> usize {
         self.words.len() * 8
+    }
+}
+
+/// See [`SinceBitmap::runs`].
+pub struct Runs<'a> {
+    words: &'a [AtomicU64],
+    /// The word `transitions` came from.
+    word: usize,
+    to: usize,
+    /// Run ends still to report in `word`.
+    transitions: u64,
+    /// The last bit of the word before `word`.
+    carry: u64,
+    /// The bit of the run in progress.
+    bit: bool,
+    done: bool,
+}
+
+impl Runs<'_> {
+    fn load(&mut self) {
+        let word = self.words[self.word].load(Ordering::Relaxed);
+        self.transitions = word ^ ((word << 1) | self.carry);
+        self.carry = word >> 63;
+        if self.word == (self.to - 1) / 64 && !self.to.is_multiple_of(64) {
+            self.transitions &= (1u64 << (self.to % 64)) - 1;
+        }
+    }
+}
+
+impl Iterator for Runs<'_> {
+    type Item = (usize, bool);
+
+    fn next(&mut self) -> Option<(usize, bool)> {
+        if self.done {
+            return None;
+        }
+        while self.transitions == 0 {
+            if self.word == (self.to - 1) / 64 {
+                self.done = true;
+                return Some((self.to, self.bit));
+            }
+            self.word += 1;
+            self.load();
+        }
+        let end = self.word * 64 + self.transitions.trailing_zeros() as usize;
+        self.transitions &= self.transitions - 1;
+        let bit = self.bit;
+        self.bit = !bit;
+        Some((end, bit))
     }
 }
 
@@ -157,21 +187,10 @@ mod tests {
                     expected.push((g + 1, b.get(g)));
                 }
             }
-            let mut got = Vec::new();
-            b.runs(from, to, |end, bit| {
-                got.push((end, bit));
-                true
-            });
+            let got: Vec<_> = b.runs(from, to).collect();
             assert_eq!(got, expected, "granules {granules} range {from}..{to}");
         }
-        let b = SinceBitmap::new(1, 200);
-        b.set(70);
-        let mut got = Vec::new();
-        b.runs(0, 200, |end, bit| {
-            got.push((end, bit));
-            got.len() < 2
-        });
-        assert_eq!(got, [(70, false), (71, true)], "stops when told");
+        assert_eq!(SinceBitmap::new(1, 200).runs(5, 5).count(), 0, "empty range");
     }
 
     #[test]
