@@ -160,3 +160,39 @@ fn a_worker_panic_ends_the_process_loudly() {
     assert!(text.contains("fatal") && text.contains("panicked"), "stderr: {text}");
     assert!(c.closed_within(Duration::from_secs(2)).is_some(), "client connection closed");
 }
+
+/// The handshake threads alive in the server, by thread ID.
+fn handshake_threads(pid: u32) -> Vec<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("ringnbd-handsha")))
+        .filter_map(|t| t.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Short connections one after another reuse a kept handshake thread
+/// instead of starting one each (a thread start cost more CPU than a whole
+/// short connection), and no more than four are kept.
+#[test]
+fn short_connections_reuse_kept_handshake_threads() {
+    let server = Server::start(&["memory:16M"]);
+    let mut seen = std::collections::BTreeSet::new();
+    for round in 0..30 {
+        let mut c = Raw::open(&server.addr(), "");
+        assert_eq!(c.read(1, 0, 512).unwrap(), vec![0; 512]);
+        c.disconnect();
+        // The thread that negotiated is kept, waiting for the next client.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let alive = loop {
+            let alive = handshake_threads(server.pid());
+            if !alive.is_empty() || Instant::now() > deadline {
+                break alive;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(!alive.is_empty() && alive.len() <= 4, "round {round}: handshake threads {alive:?}");
+        seen.extend(alive);
+    }
+    assert!(seen.len() <= 4, "30 sequential connections went through {} handshake threads", seen.len());
+}
