@@ -43,12 +43,16 @@ impl Dispatch for Workers {
     /// VM, QD1 4k reads took 61 µs at p50 with the worker on the other core
     /// and 21 µs on the same one. Balance still comes first.
     fn dispatch(&self, connection: NewConnection) {
-        let Some(least) = self.targets.iter().map(|t| t.load.load(Ordering::Relaxed)).min() else { return };
-        let mut idle = self.targets.iter().filter(|t| t.load.load(Ordering::Relaxed) == least);
-        let here = |t: &&WorkerTarget| t.cpu.is_some() && t.cpu == connection.incoming_cpu;
-        let local =
-            self.targets.iter().filter(|_| self.local).find(|t| here(t) && t.load.load(Ordering::Relaxed) == least);
-        let Some(target) = local.or_else(|| idle.next()) else { return };
+        // One reading of the loads: they change under us (other handshakes
+        // dispatch, workers close connections), and choosing by a second
+        // reading could find no worker at the minimum of the first and drop
+        // a connection that had just negotiated.
+        let loads: Vec<usize> = self.targets.iter().map(|t| t.load.load(Ordering::Relaxed)).collect();
+        let Some(&least) = loads.iter().min() else { return };
+        let here = |t: &WorkerTarget| t.cpu.is_some() && t.cpu == connection.incoming_cpu;
+        let at_least = || self.targets.iter().zip(&loads).filter(|&(_, &load)| load == least).map(|(t, _)| t);
+        let local = at_least().filter(|_| self.local).find(|t| here(t));
+        let target = local.or_else(|| at_least().next()).expect("some worker has the least load");
         target.load.fetch_add(1, Ordering::Relaxed);
         if target.sender.send(WorkerMessage::Connection(connection)).is_ok() {
             signal(&target.wake);
