@@ -264,7 +264,14 @@ impl BufferPool {
         if !newcomer && headroom < bytes + self.budget.reserve_bytes {
             return Err(Refusal::Pressure);
         }
-        let buffer = if bytes > CHUNK_BYTES { self.alloc_large(bytes) } else { self.alloc_units(units as u32, ring) };
+        let mut buffer =
+            if bytes > CHUNK_BYTES { self.alloc_large(bytes) } else { self.alloc_units(units as u32, ring) };
+        if buffer.is_none() && self.release_idle(ring) {
+            // Idle caches held the budget (cached mappings of the wrong
+            // size, empty chunks): they must never keep a request waiting,
+            // or connections stall on memory nobody uses.
+            buffer = if bytes > CHUNK_BYTES { self.alloc_large(bytes) } else { self.alloc_units(units as u32, ring) };
+        }
         let buffer = buffer.ok_or(Refusal::Pressure)?;
         self.free_bytes -= buffer.len;
         Ok(buffer)
@@ -379,6 +386,23 @@ impl BufferPool {
         self.budget.refund(large.bytes);
     }
 
+    /// Unmaps every cached large mapping and every chunk with nothing in
+    /// use, returning their bytes to the budget. True if anything went.
+    fn release_idle(&mut self, ring: &dyn Registrar) -> bool {
+        let mut released = false;
+        while let Some(large) = self.large.pop() {
+            self.release_large(large);
+            released = true;
+        }
+        for entry in &mut self.chunks {
+            if entry.as_ref().is_some_and(|chunk| chunk.used == 0) {
+                release_chunk(entry.take().expect("checked"), ring, &self.budget, &mut self.free_bytes);
+                released = true;
+            }
+        }
+        released
+    }
+
     /// Called about once a second: unmaps chunks and cached mappings that
     /// have not been used for `IDLE_TICKS_MAX` ticks. Returns whether the
     /// pool still holds memory (and so wants more ticks).
@@ -392,13 +416,7 @@ impl BufferPool {
             }
             chunk.idle_ticks += 1;
             if chunk.idle_ticks >= IDLE_TICKS_MAX {
-                let chunk = entry.take().expect("checked");
-                if let Some(slot) = chunk.slot {
-                    ring.unregister(slot);
-                }
-                unmap(chunk.base, CHUNK_BYTES);
-                self.free_bytes -= CHUNK_BYTES;
-                self.budget.refund(CHUNK_BYTES);
+                release_chunk(entry.take().expect("checked"), ring, &self.budget, &mut self.free_bytes);
             }
         }
         let mut index = 0;
@@ -419,6 +437,16 @@ impl BufferPool {
         let chunks = self.chunks.iter().flatten().count() * CHUNK_BYTES;
         chunks + self.large.iter().map(|l| l.bytes).sum::<usize>()
     }
+}
+
+/// Unregisters and unmaps an unused chunk and returns it to the budget.
+fn release_chunk(chunk: Chunk, ring: &dyn Registrar, budget: &Budget, free_bytes: &mut usize) {
+    if let Some(slot) = chunk.slot {
+        ring.unregister(slot);
+    }
+    unmap(chunk.base, CHUNK_BYTES);
+    *free_bytes -= CHUNK_BYTES;
+    budget.refund(CHUNK_BYTES);
 }
 
 impl Drop for BufferPool {
@@ -503,6 +531,25 @@ mod tests {
         while pool.housekeeping(&ring) {}
         assert_eq!(budget.used_bytes(), 0);
         assert!(ring.registered.borrow().is_empty(), "unregistered before unmapping");
+    }
+
+    /// Cached mappings too small for a request, and empty chunks, once
+    /// held the budget a request needed: the connection stalled on memory
+    /// nobody used, for as long as retries kept the cache fresh.
+    #[test]
+    fn idle_caches_never_keep_a_request_waiting() {
+        let (mut pool, budget) = pool(64 << 20);
+        let ring = Recorder::default();
+        let small = pool.alloc(4096, 0, &ring).unwrap();
+        let first = pool.alloc(26 << 20, 0, &ring).unwrap();
+        let second = pool.alloc(26 << 20, 0, &ring).unwrap();
+        pool.free(small);
+        pool.free(first);
+        pool.free(second);
+        assert!(budget.used_bytes() > (52 << 20), "all of it cached");
+        let big = pool.alloc(30 << 20, 0, &ring).expect("the caches make way");
+        assert_eq!(budget.used_bytes(), 30 << 20, "the cached mappings and the empty chunk went back");
+        pool.free(big);
     }
 
     #[test]
