@@ -396,13 +396,20 @@ impl Tracker {
     /// `qemu:dirty-bitmap` extents: [`eras::STATE_DIRTY`] where changed
     /// after the era `since`.
     pub fn dirty_extents(&self, offset: u64, length: u64, since: u32, extents_max: usize, out: &mut Vec<Extent>) {
-        // Bitmaps are kept for live checkpoints only: a connection still
+        // The common case, a checkpoint mapped before: its bitmap, no lock.
+        if self.eras.has_index(since) {
+            return self.eras.dirty_extents(offset, length, since, extents_max, out, true);
+        }
+        // Bitmaps are built for live checkpoints only: a connection still
         // mapping a deleted one is answered from the eras.
         let live = || self.header.lock().expect("tracker lock").checkpoints.iter().any(|c| c.era == since);
-        let indexed = self.eras.has_index(since) || live();
-        self.eras.dirty_extents(offset, length, since, extents_max, out, indexed);
-        // A delete that raced this map may have left a bitmap behind.
-        if indexed && !live() {
+        if !live() {
+            return self.eras.dirty_extents(offset, length, since, extents_max, out, false);
+        }
+        self.eras.dirty_extents(offset, length, since, extents_max, out, true);
+        // A delete that raced this first map may have forgotten the bitmap
+        // before it existed.
+        if !live() {
             self.eras.forget_since(since);
         }
     }
