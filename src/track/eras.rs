@@ -248,11 +248,6 @@ impl EraMap {
         self.since.forget(since);
     }
 
-    /// Memory the "changed since" bitmaps take.
-    pub fn index_bytes(&self) -> usize {
-        self.since.bytes()
-    }
-
     /// Appends extents of `[offset, offset + length)` whose status is the
     /// era of their last change, coalesced, at most `extents_max`.
     pub fn era_extents(&self, offset: u64, length: u64, extents_max: usize, out: &mut Vec<Extent>) {

@@ -414,11 +414,6 @@ impl Tracker {
         }
     }
 
-    /// Memory the "changed since" bitmaps of mapped checkpoints take.
-    pub fn index_bytes(&self) -> usize {
-        self.eras.index_bytes()
-    }
-
     /// `ringnbd:era` extents: the era of each range's last change.
     pub fn era_extents(&self, offset: u64, length: u64, extents_max: usize, out: &mut Vec<Extent>) {
         self.eras.era_extents(offset, length, extents_max, out);

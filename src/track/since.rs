@@ -61,7 +61,8 @@ impl SinceBitmap {
         runs
     }
 
-    pub fn bytes(&self) -> usize {
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
         self.words.len() * 8
     }
 }
@@ -155,7 +156,8 @@ impl SinceIndex {
     }
 
     /// Memory the bitmaps take.
-    pub fn bytes(&self) -> usize {
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
         self.bitmaps.read().expect("since index lock").iter().map(|b| b.bytes()).sum()
     }
 }
