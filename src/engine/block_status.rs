@@ -4,7 +4,7 @@
 //! descriptor count, straight into the request's buffer as it arrives. The
 //! chunk written last is flagged DONE once every part is in.
 
-use crate::meta::context::SelectedContext;
+use crate::meta::context::{Query, SelectedContext};
 use crate::proto::extent::Extent;
 use crate::proto::reply::{self, ReplyTo};
 use crate::proto::transmission::ReplyMode;
@@ -31,6 +31,19 @@ pub fn encode_chunk(out: &mut [u8], to: ReplyTo, id: u32, extents: &[Extent]) ->
     debug_assert!(!extents.is_empty() && extents.iter().all(|e| e.length > 0));
     let used = reply::block_status(out, to, id, extents.len() as u32, false);
     used + reply::descriptors(&mut out[used..], to.mode, extents)
+}
+
+/// Encodes one context's chunk (not yet DONE) at the start of `out` with
+/// the source's own encoder, if it has one for this query. Returns the
+/// bytes used.
+pub fn encode_direct(out: &mut [u8], to: ReplyTo, context: &SelectedContext, query: &Query) -> Option<usize> {
+    // The header's size does not depend on the count: write it with none,
+    // let the source fill in the descriptors after it, then write it again.
+    let header = reply::block_status(out, to, context.id, 0, false);
+    let encoded = context.source.encode(query, to.mode, &mut out[header..])?;
+    debug_assert!(encoded.count > 0, "an answer holds at least one descriptor");
+    reply::block_status(out, to, context.id, encoded.count, false);
+    Some(header + encoded.bytes)
 }
 
 /// The mask selecting every context of the connection.

@@ -14,6 +14,8 @@
 use std::sync::Arc;
 
 use crate::proto::extent::Extent;
+use crate::proto::reply::{Compact, Encoded, Wide};
+use crate::proto::transmission::ReplyMode;
 use crate::track::{Checkpoint, Tracker};
 
 use super::context::{ContextSource, Gathered, Query, granular_bound};
@@ -44,6 +46,14 @@ impl ContextSource for DirtySince {
     fn gather(&self, query: &Query, out: &mut Vec<Extent>) -> Gathered {
         self.tracker.dirty_extents(query.offset, query.length, self.since, query.extents_max, out);
         Gathered::Ready
+    }
+
+    fn encode(&self, query: &Query, mode: ReplyMode, out: &mut [u8]) -> Option<Encoded> {
+        let (offset, length, since, max) = (query.offset, query.length, self.since, query.extents_max);
+        match mode {
+            ReplyMode::Extended => self.tracker.encode_dirty::<Wide>(offset, length, since, max, out),
+            _ => self.tracker.encode_dirty::<Compact>(offset, length, since, max, out),
+        }
     }
 }
 

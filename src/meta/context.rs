@@ -6,12 +6,15 @@
 //! asks the source to [`gather`](ContextSource::gather) the extents without
 //! blocking, and when a source needs a blocking scan (a file's allocation
 //! that is not cached) it runs [`scan`](ContextSource::scan) on the worker's
-//! helper thread. Adding a context (allocation depth of layers, a snapshot's
+//! helper thread. A source may instead [`encode`](ContextSource::encode)
+//! its descriptors straight into the reply. Adding a context (allocation depth of layers, a snapshot's
 //! changes) means writing a source and listing it in `export::catalog`.
 
 use std::sync::Arc;
 
 use crate::proto::extent::Extent;
+use crate::proto::reply::Encoded;
+use crate::proto::transmission::ReplyMode;
 
 /// One BLOCK_STATUS question, as every context of a request sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +59,16 @@ pub trait ContextSource: Send + Sync {
     fn scan(&self, query: &Query, from: u64, out: &mut Vec<Extent>) -> Result<(), i32> {
         let _ = (query, from, out);
         Err(libc::EINVAL)
+    }
+
+    /// Writes the answer straight into `out` as descriptors of `mode`,
+    /// skipping the extent list, when the source can (without blocking);
+    /// None sends the engine to [`Self::gather`]. A source whose records
+    /// are already run-shaped (bitmaps) answers large maps at a fraction of
+    /// the cost this way. `out` holds [`Self::extents_bound`] descriptors.
+    fn encode(&self, query: &Query, mode: ReplyMode, out: &mut [u8]) -> Option<Encoded> {
+        let _ = (query, mode, out);
+        None
     }
 
     /// After an answer that stopped short of `end` at `from` (the client

@@ -138,40 +138,75 @@ pub fn block_status(out: &mut [u8], to: ReplyTo, context_id: u32, count: u32, do
 
 /// Bytes one descriptor takes in this mode.
 pub fn descriptor_bytes(mode: ReplyMode) -> usize {
-    if mode == ReplyMode::Extended { 16 } else { 8 }
+    if mode == ReplyMode::Extended { Wide::BYTES } else { Compact::BYTES }
+}
+
+/// How one block-status descriptor is laid out. Encoders that write
+/// descriptors in a tight loop are generic over it, so the mode is decided
+/// once per chunk rather than once per descriptor.
+pub trait DescriptorFormat {
+    const BYTES: usize;
+    /// Writes one descriptor at the start of `slot` (at least `BYTES` long).
+    fn put(slot: &mut [u8], length: u64, status: u32);
+}
+
+/// `NBD_REPLY_TYPE_BLOCK_STATUS`: 32-bit length and status. The caller
+/// keeps lengths within 32 bits (compact requests cannot ask for more).
+pub struct Compact;
+
+impl DescriptorFormat for Compact {
+    const BYTES: usize = 8;
+    #[inline(always)]
+    fn put(slot: &mut [u8], length: u64, status: u32) {
+        debug_assert!(length <= u64::from(u32::MAX));
+        // One 8-byte store: big-endian length, then big-endian status.
+        let word = (u64::from(length as u32) << 32) | u64::from(status);
+        slot[..8].copy_from_slice(&word.to_be_bytes());
+    }
+}
+
+/// `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`: 64-bit length and status.
+pub struct Wide;
+
+impl DescriptorFormat for Wide {
+    const BYTES: usize = 16;
+    #[inline(always)]
+    fn put(slot: &mut [u8], length: u64, status: u32) {
+        slot[..8].copy_from_slice(&length.to_be_bytes());
+        slot[8..16].copy_from_slice(&u64::from(status).to_be_bytes());
+    }
+}
+
+/// What an encoder that writes descriptors straight from its own records
+/// produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Encoded {
+    pub count: u32,
+    pub bytes: usize,
 }
 
 /// One block-status descriptor. Compact descriptors carry 32-bit lengths, so
 /// callers clamp `length` before encoding.
 pub fn descriptor(out: &mut [u8], mode: ReplyMode, length: u64, status: u32) -> usize {
-    let mut c = Cursor { out, len: 0 };
     if mode == ReplyMode::Extended {
-        c.u64(length).u64(u64::from(status));
+        Wide::put(out, length, status);
+        Wide::BYTES
     } else {
-        debug_assert!(length <= u64::from(u32::MAX));
-        c.u32(length as u32).u32(status);
+        Compact::put(out, length, status);
+        Compact::BYTES
     }
-    c.len
 }
 
-/// Descriptors for `extents`, back to back: what [`descriptor`] writes for
-/// each, with the mode decided once (a dirty map can be 100,000 of them).
+/// Encodes `extents` as descriptors; returns the bytes written.
 pub fn descriptors(out: &mut [u8], mode: ReplyMode, extents: &[crate::proto::extent::Extent]) -> usize {
-    let size = descriptor_bytes(mode);
-    let out = &mut out[..extents.len() * size];
-    if mode == ReplyMode::Extended {
-        for (slot, e) in out.chunks_exact_mut(16).zip(extents) {
-            slot[..8].copy_from_slice(&e.length.to_be_bytes());
-            slot[8..].copy_from_slice(&u64::from(e.status).to_be_bytes());
+    fn all<F: DescriptorFormat>(out: &mut [u8], extents: &[crate::proto::extent::Extent]) -> usize {
+        let out = &mut out[..extents.len() * F::BYTES];
+        for (slot, e) in out.chunks_exact_mut(F::BYTES).zip(extents) {
+            F::put(slot, e.length, e.status);
         }
-    } else {
-        for (slot, e) in out.chunks_exact_mut(8).zip(extents) {
-            debug_assert!(e.length <= u64::from(u32::MAX));
-            slot[..4].copy_from_slice(&(e.length as u32).to_be_bytes());
-            slot[4..].copy_from_slice(&e.status.to_be_bytes());
-        }
+        out.len()
     }
-    out.len()
+    if mode == ReplyMode::Extended { all::<Wide>(out, extents) } else { all::<Compact>(out, extents) }
 }
 
 fn truncate(s: &str, max: usize) -> &str {

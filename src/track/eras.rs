@@ -26,6 +26,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::proto::extent::{Extent, push_capped};
+use crate::proto::reply::{DescriptorFormat, Encoded};
 
 use super::since::SinceIndex;
 
@@ -236,6 +237,23 @@ impl EraMap {
             out.push(e);
             at = stop;
         }
+    }
+
+    /// The answer [`Self::dirty_extents`] gives from the checkpoint's
+    /// bitmap, written straight as descriptors in format `F` (see
+    /// [`SinceBitmap::encode`](super::since::SinceBitmap::encode)). None
+    /// when no bitmap is kept for `since` yet.
+    pub fn encode_dirty<F: DescriptorFormat>(
+        &self,
+        offset: u64,
+        length: u64,
+        since: u32,
+        extents_max: usize,
+        out: &mut [u8],
+    ) -> Option<Encoded> {
+        let bitmap = self.since.get(since)?;
+        let end = (offset + length).min(self.size_bytes);
+        Some(bitmap.encode::<F>(offset, end, self.granule_shift, STATE_DIRTY, extents_max, out))
     }
 
     /// A bitmap is kept for checkpoint era `since`.

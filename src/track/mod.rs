@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use thiserror::Error;
 
 use crate::proto::extent::Extent;
+use crate::proto::reply::{DescriptorFormat, Encoded};
 
 use eras::EraMap;
 use state_file::{CHECKPOINTS_MAX, CheckpointRecord, ERAS_OFFSET, Header, NAME_BYTES_MAX, StateError};
@@ -412,6 +413,20 @@ impl Tracker {
         if !live() {
             self.eras.forget_since(since);
         }
+    }
+
+    /// [`Self::dirty_extents`] written straight as descriptors, once the
+    /// checkpoint's bitmap exists (the first map builds it through
+    /// `dirty_extents`); None until then.
+    pub fn encode_dirty<F: DescriptorFormat>(
+        &self,
+        offset: u64,
+        length: u64,
+        since: u32,
+        extents_max: usize,
+        out: &mut [u8],
+    ) -> Option<Encoded> {
+        self.eras.encode_dirty::<F>(offset, length, since, extents_max, out)
     }
 
     /// `ringnbd:era` extents: the era of each range's last change.

@@ -22,6 +22,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::proto::reply::{DescriptorFormat, Encoded};
+
 pub struct SinceBitmap {
     /// Bits are set for granules whose era is above this.
     pub since: u32,
@@ -59,6 +61,64 @@ impl SinceBitmap {
             runs.transitions &= u64::MAX.checked_shl((from % 64 + 1) as u32).unwrap_or(0);
         }
         runs
+    }
+
+    /// Writes the bytes `[offset, end)` straight as block-status
+    /// descriptors in format `F`: one per run of equal bits of the granules
+    /// (`1 << granule_shift` bytes each) it touches, status `set_status`
+    /// where the bits are set and 0 elsewhere, at most `extents_max` of
+    /// them and no more than `out` holds. The answer is the one
+    /// [`Self::runs`] gives, without the list of extents in between: a map
+    /// of scattered changes is one descriptor per run end, so building and
+    /// re-reading a list was most of its cost.
+    pub fn encode<F: DescriptorFormat>(
+        &self,
+        offset: u64,
+        end: u64,
+        granule_shift: u32,
+        set_status: u32,
+        extents_max: usize,
+        out: &mut [u8],
+    ) -> Encoded {
+        let max = extents_max.min(out.len() / F::BYTES);
+        if offset >= end || max == 0 {
+            return Encoded { count: 0, bytes: 0 };
+        }
+        let from = (offset >> granule_shift) as usize;
+        let to = ((end - 1) >> granule_shift) as usize + 1;
+        let last_word = (to - 1) / 64;
+        let mut index = from / 64;
+        let mut word = self.words[index].load(Ordering::Relaxed);
+        let mut bit = (word >> (from % 64)) & 1;
+        // Transitions at or before `from` belong to the run in progress.
+        let mut transitions = (word ^ (word << 1)) & !(2u64 << (from % 64)).wrapping_sub(1);
+        let (mut at, mut count, mut used) = (offset, 0usize, 0usize);
+        loop {
+            if index == last_word && !to.is_multiple_of(64) {
+                transitions &= (1u64 << (to % 64)) - 1;
+            }
+            while transitions != 0 {
+                let stop = ((index * 64 + transitions.trailing_zeros() as usize) as u64) << granule_shift;
+                F::put(&mut out[used..], stop - at, bit as u32 * set_status);
+                used += F::BYTES;
+                count += 1;
+                if count == max {
+                    return Encoded { count: count as u32, bytes: used };
+                }
+                at = stop;
+                bit ^= 1;
+                transitions &= transitions - 1;
+            }
+            if index == last_word {
+                break;
+            }
+            index += 1;
+            let carry = word >> 63;
+            word = self.words[index].load(Ordering::Relaxed);
+            transitions = word ^ ((word << 1) | carry);
+        }
+        F::put(&mut out[used..], end - at, bit as u32 * set_status);
+        Encoded { count: count as u32 + 1, bytes: used + F::BYTES }
     }
 
     #[cfg(test)]
@@ -193,6 +253,56 @@ mod tests {
             assert_eq!(got, expected, "granules {granules} range {from}..{to}");
         }
         assert_eq!(SinceBitmap::new(1, 200).runs(5, 5).count(), 0, "empty range");
+    }
+
+    #[test]
+    fn encoded_descriptors_match_the_runs() {
+        use crate::proto::extent::Extent;
+        use crate::proto::reply::{self, Compact, Wide};
+        use crate::proto::transmission::ReplyMode;
+        let shift = 9;
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for round in 0..300 {
+            let granules = 1 + round * 11 % 700;
+            let b = SinceBitmap::new(1, granules);
+            for g in 0..granules {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                if seed.is_multiple_of(1 + round as u64 % 6) {
+                    b.set(g);
+                }
+            }
+            // Byte ranges that start and end mid-granule, and image ends
+            // that cut the last granule short.
+            let size = ((granules as u64) << shift) - (round as u64 % 3) * 100;
+            let offset = (seed % size).min(size - 1);
+            let end = (offset + 1 + (seed >> 20) % size).min(size);
+            let cap = [1, 2, 7, 1000][round % 4];
+            let mut expected = Vec::new();
+            let mut at = offset;
+            for (next, dirty) in b.runs((offset >> shift) as usize, ((end - 1) >> shift) as usize + 1) {
+                if expected.len() == cap {
+                    break;
+                }
+                let stop = ((next as u64) << shift).min(end);
+                expected.push(Extent { length: stop - at, status: dirty as u32 * 5 });
+                at = stop;
+            }
+            for mode in [ReplyMode::Structured, ReplyMode::Extended] {
+                let mut want = vec![0u8; 16 * expected.len()];
+                let want_bytes = reply::descriptors(&mut want, mode, &expected);
+                let mut got = vec![0xAAu8; 16 * (granules + 2)];
+                let encoded = match mode {
+                    ReplyMode::Extended => b.encode::<Wide>(offset, end, shift, 5, cap, &mut got),
+                    _ => b.encode::<Compact>(offset, end, shift, 5, cap, &mut got),
+                };
+                assert_eq!(encoded, Encoded { count: expected.len() as u32, bytes: want_bytes }, "round {round}");
+                assert_eq!(got[..want_bytes], want[..want_bytes], "round {round} {mode:?}");
+            }
+        }
+        let b = SinceBitmap::new(1, 10);
+        assert_eq!(b.encode::<Compact>(0, 4096, 9, 1, 10, &mut [0u8; 7]).count, 0, "no room for one");
     }
 
     #[test]

@@ -60,6 +60,12 @@ impl Worker {
         let query = Query { offset, length, extents_max: if req_one { 1 } else { config.extents_max } };
         let buffer = req.buffer.as_mut().expect("block status owns a buffer").as_mut_slice();
         for (index, context) in block_status::selected(&conn.contexts, req.status_mask) {
+            let at = req.status.used;
+            if let Some(used) = block_status::encode_direct(&mut buffer[at..], req.to, context, &query) {
+                req.status.used += used;
+                req.status.last_chunk = at;
+                continue;
+            }
             extents.clear();
             match context.source.gather(&query, extents) {
                 Gathered::Ready => {
