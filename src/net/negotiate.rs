@@ -45,6 +45,38 @@ impl TimedStream for std::os::unix::net::UnixStream {
     }
 }
 
+/// How far past the deadline one blocking call may end. Socket timeouts
+/// are relative to each call, so keeping them exact means two setsockopt
+/// calls before every read and write (a fifth of a short connection's
+/// system calls); instead they are re-armed with the time left only when
+/// this much has passed since the last arming.
+const DEADLINE_SLACK: Duration = Duration::from_millis(10);
+
+/// The handshake deadline, enforced through the socket's timeouts.
+struct Deadline {
+    at: Instant,
+    /// When the timeouts were last set (to the time left then).
+    armed: Option<Instant>,
+}
+
+impl Deadline {
+    /// Before a blocking call: fails once the deadline has passed, and
+    /// makes sure the call cannot block beyond it by more than
+    /// [`DEADLINE_SLACK`].
+    fn arm<S: TimedStream>(&mut self, stream: &S) -> Result<(), NegotiateError> {
+        let now = Instant::now();
+        let left = self.at.saturating_duration_since(now);
+        if left.is_zero() {
+            return Err(NegotiateError::Deadline);
+        }
+        if self.armed.is_none_or(|armed| now.duration_since(armed) >= DEADLINE_SLACK) {
+            stream.set_timeouts(Some(left))?;
+            self.armed = Some(now);
+        }
+        Ok(())
+    }
+}
+
 /// Scratch for skipping oversized options without buffering them.
 const DISCARD_CHUNK_BYTES: usize = 16 * 1024;
 
@@ -67,32 +99,32 @@ pub fn negotiate<S: TimedStream>(
     observer: &Observer<'_>,
 ) -> Result<Option<Negotiated>, NegotiateError> {
     let progressed = observer.progressed;
-    let deadline = Instant::now() + timeout;
+    let mut deadline = Deadline { at: Instant::now() + timeout, armed: None };
     let mut machine = Handshake::new(exports, limits);
     let mut out = Vec::with_capacity(256);
     machine.greeting(&mut out);
-    send(stream, &mut out, deadline)?;
+    send(stream, &mut out, &mut deadline)?;
     let mut input = Vec::new();
     loop {
         match machine.want() {
             Want::Bytes(n) => {
                 input.resize(n, 0);
-                receive(stream, &mut input, deadline, progressed)?;
+                receive(stream, &mut input, &mut deadline, progressed)?;
                 if shutdown.load(Ordering::Acquire) {
                     machine.set_shutting_down();
                 }
                 let progress = machine.feed(&input, &mut out)?;
                 machine.take_refusals().iter().for_each(observer.refused);
                 match progress {
-                    Progress::Continue => send(stream, &mut out, deadline)?,
+                    Progress::Continue => send(stream, &mut out, &mut deadline)?,
                     Progress::Ready(negotiated) => {
-                        send(stream, &mut out, deadline)?;
+                        send(stream, &mut out, &mut deadline)?;
                         stream.set_timeouts(None)?;
                         return Ok(Some(negotiated));
                     }
                     Progress::Aborted => {
                         // The client may close before reading the ACK.
-                        let _ = send(stream, &mut out, deadline);
+                        let _ = send(stream, &mut out, &mut deadline);
                         return Ok(None);
                     }
                 }
@@ -101,20 +133,15 @@ pub fn negotiate<S: TimedStream>(
                 let mut scratch = [0u8; DISCARD_CHUNK_BYTES];
                 while n > 0 {
                     let chunk = n.min(DISCARD_CHUNK_BYTES);
-                    receive(stream, &mut scratch[..chunk], deadline, progressed)?;
+                    receive(stream, &mut scratch[..chunk], &mut deadline, progressed)?;
                     n -= chunk;
                 }
                 machine.discarded(&mut out);
                 machine.take_refusals().iter().for_each(observer.refused);
-                send(stream, &mut out, deadline)?;
+                send(stream, &mut out, &mut deadline)?;
             }
         }
     }
-}
-
-fn remaining(deadline: Instant) -> Result<Duration, NegotiateError> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() { Err(NegotiateError::Deadline) } else { Ok(left) }
 }
 
 fn map_timeout(e: io::Error) -> NegotiateError {
@@ -127,12 +154,12 @@ fn map_timeout(e: io::Error) -> NegotiateError {
 fn receive<S: TimedStream>(
     stream: &mut S,
     buf: &mut [u8],
-    deadline: Instant,
+    deadline: &mut Deadline,
     progressed: &dyn Fn(),
 ) -> Result<(), NegotiateError> {
     let mut filled = 0;
     while filled < buf.len() {
-        stream.set_timeouts(Some(remaining(deadline)?))?;
+        deadline.arm(stream)?;
         match stream.read(&mut buf[filled..]) {
             Ok(0) => return Err(NegotiateError::Io(io::ErrorKind::UnexpectedEof.into())),
             Ok(n) => {
@@ -146,11 +173,11 @@ fn receive<S: TimedStream>(
     Ok(())
 }
 
-fn send<S: TimedStream>(stream: &mut S, out: &mut Vec<u8>, deadline: Instant) -> Result<(), NegotiateError> {
+fn send<S: TimedStream>(stream: &mut S, out: &mut Vec<u8>, deadline: &mut Deadline) -> Result<(), NegotiateError> {
     if out.is_empty() {
         return Ok(());
     }
-    stream.set_timeouts(Some(remaining(deadline)?))?;
+    deadline.arm(stream)?;
     stream.write_all(out).map_err(map_timeout)?;
     out.clear();
     Ok(())
