@@ -55,8 +55,9 @@ pub struct Cli {
     pub cpus: Option<CpuList>,
 
     /// Which worker gets a new connection: `local` prefers, among the
-    /// least-loaded, the one pinned to the core its packets arrive on
-    /// (lower latency, no cross-core wakeups); `balanced` ignores that
+    /// least-loaded, the one pinned to the core its packets arrive on (for
+    /// Unix sockets: the core its handshake ended on), for lower latency
+    /// and no cross-core wakeups; `balanced` ignores that
     /// (better for bandwidth-bound clients sharing the server's cores, e.g.
     /// 1 MiB streams over loopback on a 2-core box).
     #[arg(long, value_enum, default_value = "local")]

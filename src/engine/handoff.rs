@@ -42,7 +42,8 @@ pub struct NewConnection {
     pub negotiated: Negotiated,
     pub contexts: Vec<SelectedContext>,
     pub peer: String,
-    /// The core the socket's packets arrive on (SO_INCOMING_CPU), if known.
+    /// The core the socket's packets arrive on (SO_INCOMING_CPU), or for a
+    /// Unix socket the core its handshake ended on; None if unknown.
     pub incoming_cpu: Option<usize>,
 }
 

@@ -299,7 +299,7 @@ fn handshake(socket: Socket, ticket: Ticket, config: &AcceptConfig, dispatch: &d
     drop(ticket);
     match result {
         Ok(Some((negotiated, contexts))) => {
-            let incoming_cpu = incoming_cpu(&fd);
+            let incoming_cpu = incoming_cpu(&fd).or_else(current_cpu);
             dispatch.dispatch(NewConnection { socket: fd, negotiated, contexts, peer, incoming_cpu })
         }
         Ok(None) => {}
@@ -324,6 +324,18 @@ fn incoming_cpu(fd: &OwnedFd) -> Option<usize> {
         )
     };
     (rc == 0 && cpu >= 0).then_some(cpu as usize)
+}
+
+/// Where this thread runs now. Unix sockets have no incoming CPU, but the
+/// handshake thread was just woken by the client's last option, and the
+/// scheduler wakes a thread on or beside its waker's core: the best guess
+/// of where the client runs, so that its worker is not woken across cores
+/// on every request (on the 2-vCPU test VM that tripled a short
+/// connection's server CPU, see doc/benchmarks.md).
+fn current_cpu() -> Option<usize> {
+    // SAFETY: sched_getcpu takes no arguments and only reads the CPU number.
+    let cpu = unsafe { libc::sched_getcpu() };
+    (cpu >= 0).then_some(cpu as usize)
 }
 
 fn run<S: TimedStream>(
