@@ -71,16 +71,18 @@ pub enum Closing {
     Hard,
 }
 
-/// The receive buffer: its own mapping, so the pages a connection touched go
-/// back to the system when it closes (a heap allocation this size would stay
-/// in the allocator's arenas), and an idle connection costs only the pages
-/// its requests actually filled.
-struct ReceiveBuffer {
+/// The receive buffer: its own mapping, so an idle connection costs only the
+/// pages its requests actually filled, and the pages go back to the system
+/// when the mapping is dropped (a heap allocation this size would stay in
+/// the allocator's arenas). A worker keeps a few for its next connections
+/// (see `engine::worker`), because mapping and unmapping one per
+/// connection was a noticeable part of a short connection's cost.
+pub struct ReceiveBuffer {
     base: NonNull<u8>,
 }
 
 impl ReceiveBuffer {
-    fn new() -> Self {
+    pub fn new() -> Self {
         // SAFETY: anonymous private mapping; no fd, no aliasing.
         let addr = unsafe {
             libc::mmap(
@@ -105,6 +107,12 @@ impl ReceiveBuffer {
     fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: as above, and `&mut self` gives exclusive access.
         unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), RECV_BUFFER_BYTES) }
+    }
+}
+
+impl Default for ReceiveBuffer {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -171,6 +179,7 @@ impl Conn {
         contexts: Vec<SelectedContext>,
         queue_capacity: usize,
         now: Instant,
+        receive: ReceiveBuffer,
     ) -> Self {
         let empty = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
         // SAFETY: msghdr is plain data; all-zero is a valid empty header.
@@ -183,7 +192,7 @@ impl Conn {
             limits,
             context_ids: contexts.iter().map(|c| c.id).collect(),
             contexts,
-            receive: ReceiveBuffer::new(),
+            receive,
             parsed: 0,
             filled: 0,
             drain: 0,
@@ -203,6 +212,12 @@ impl Conn {
             requests_seen: 0,
             close_reason: None,
         }
+    }
+
+    /// Frees the connection (closing its socket) and gives back its receive
+    /// buffer for another.
+    pub fn into_receive_buffer(self) -> ReceiveBuffer {
+        self.receive
     }
 
     /// Records why the connection ends, unless a cause is known already.

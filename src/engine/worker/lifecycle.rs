@@ -15,6 +15,7 @@ use crate::proto::transmission::RequestLimits;
 use super::super::conn::{CloseReason, Closing, Conn};
 use super::super::handoff::{NewConnection, WorkerMessage};
 use super::super::user_data::Token;
+use super::SPARE_RECEIVE_BUFFERS_MAX;
 use super::Worker;
 
 impl Worker {
@@ -65,6 +66,7 @@ impl Worker {
             new.contexts,
             self.config.inflight_per_conn_max,
             self.now,
+            self.spare_receive_buffers.pop().unwrap_or_default(),
         );
         let id = self.conns.insert(Box::new(conn)) as u32;
         self.arm_housekeeping();
@@ -167,6 +169,10 @@ impl Worker {
                 );
             }
             self.stalled.retain(|&s| s != id);
+            let receive = conn.into_receive_buffer();
+            if self.spare_receive_buffers.len() < SPARE_RECEIVE_BUFFERS_MAX {
+                self.spare_receive_buffers.push(receive);
+            }
             self.load.fetch_sub(1, Ordering::Relaxed);
             self.released_since_trim += 1;
         }

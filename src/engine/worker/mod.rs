@@ -38,7 +38,7 @@ use crate::proto::extent::Extent;
 
 use super::EngineError;
 use super::buffers::{Budget, BufferPool};
-use super::conn::Conn;
+use super::conn::{Conn, ReceiveBuffer};
 use super::handoff::WorkerMessage;
 use super::request::Request;
 use super::ring::{Completion, REAP_BATCH_MAX, Ring};
@@ -77,6 +77,10 @@ pub struct WorkerConfig {
 const DEFER_RETRY_NS: u32 = 200_000;
 /// The housekeeping period (the stall timeout is checked this often).
 const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(1);
+/// Receive buffers a worker keeps from closed connections (each maps
+/// `conn::RECV_BUFFER_BYTES`; kept ones hold on to the pages their last
+/// connection touched, at most a megabyte per worker).
+const SPARE_RECEIVE_BUFFERS_MAX: usize = 4;
 
 pub struct Worker {
     // Declared first so it is dropped first: the kernel lets go of every
@@ -126,6 +130,8 @@ pub struct Worker {
     extents: Vec<Extent>,
     /// Vectors returned by lookup helpers, reused for the next jobs.
     spare_extents: Vec<Vec<Extent>>,
+    /// Receive buffers of closed connections, for the next ones.
+    spare_receive_buffers: Vec<ReceiveBuffer>,
     lookups: LookupService,
     /// The time of the current loop turn (one clock read per turn).
     now: Instant,
@@ -197,6 +203,7 @@ impl Worker {
             batch: Vec::with_capacity(REAP_BATCH_MAX),
             extents: Vec::with_capacity(config.extents_max.min(1 << 16)),
             spare_extents: Vec::new(),
+            spare_receive_buffers: Vec::with_capacity(SPARE_RECEIVE_BUFFERS_MAX),
             now: Instant::now(),
             config,
         })
