@@ -113,6 +113,17 @@ impl EraMap {
         Ok(map)
     }
 
+    /// An in-memory copy of the eras as they are now (a snapshot's view;
+    /// the caller keeps marks from racing the copy).
+    pub fn copy_in_memory(&self) -> io::Result<Self> {
+        let copy = Self::in_memory(self.size_bytes, self.granule_shift)?;
+        for (to, from) in copy.entries().iter().zip(self.entries()) {
+            to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        copy.rebuild_summary();
+        Ok(copy)
+    }
+
     fn entries(&self) -> &[AtomicU32] {
         // SAFETY: the mapping holds `granules` u32s (and more), is 4-byte
         // aligned (page-aligned), and lives as long as self.

@@ -129,6 +129,8 @@ pub struct Tracker {
     persistent: Option<Persistent>,
     state_path: Option<PathBuf>,
     header: Mutex<Header>,
+    /// A snapshot's copy: checkpoints never change and nothing marks it.
+    frozen: bool,
 }
 
 fn now_unix_ms() -> u64 {
@@ -157,6 +159,23 @@ impl Tracker {
                 current_era: 1,
                 checkpoints: Vec::new(),
             }),
+            frozen: false,
+        })
+    }
+
+    /// A read-only copy of the tracking state as it is now, in memory: what
+    /// a snapshot of the image serves (changes up to the snapshot since
+    /// each earlier checkpoint). Called while the image's mutations are
+    /// frozen, so the copy is of one instant.
+    pub fn frozen_copy(&self) -> io::Result<Self> {
+        let header = self.header.lock().expect("tracker lock").clone();
+        Ok(Self {
+            eras: self.eras.copy_in_memory()?,
+            current_era: AtomicU32::new(header.current_era),
+            persistent: None,
+            state_path: None,
+            header: Mutex::new(header),
+            frozen: true,
         })
     }
 
@@ -243,6 +262,7 @@ impl Tracker {
             persistent: writable.then(|| Persistent { file, path: path.to_owned() }),
             state_path: Some(path.to_owned()),
             header: Mutex::new(header),
+            frozen: false,
         };
         Ok((tracker, note))
     }
@@ -279,7 +299,7 @@ impl Tracker {
 
     /// Checkpoints can be created and deleted (not served read-only).
     pub fn is_writable(&self) -> bool {
-        self.persistent.is_some() || self.state_path.is_none()
+        !self.frozen && (self.persistent.is_some() || self.state_path.is_none())
     }
 
     pub fn checkpoints(&self) -> Vec<Checkpoint> {
@@ -464,6 +484,22 @@ mod tests {
         assert!(matches!(t.create("has space"), Err(TrackError::BadName(_))));
         t.delete("c1").unwrap();
         assert!(matches!(t.delete("c1"), Err(TrackError::Unknown(_))));
+    }
+
+    #[test]
+    fn a_frozen_copy_keeps_the_instant_it_was_taken() {
+        let t = Tracker::in_memory(8 * G, 16).unwrap();
+        let c1 = t.create("c1").unwrap();
+        t.mark(G, G + 1);
+        let copy = t.frozen_copy().unwrap();
+        t.create("snap").unwrap();
+        t.mark(5 * G, 5 * G + 1);
+        let dirty_in = |t: &Tracker| dirty(t, c1.era).iter().filter(|e| e.status != 0).count();
+        assert_eq!((dirty_in(&t), dirty_in(&copy)), (2, 1), "later changes stay out of the copy");
+        assert_eq!(copy.checkpoints().len(), 1, "only the checkpoints before it");
+        assert!(!copy.is_writable());
+        assert!(matches!(copy.create("x"), Err(TrackError::ReadOnly)));
+        assert!(matches!(copy.delete("c1"), Err(TrackError::ReadOnly)));
     }
 
     #[test]
