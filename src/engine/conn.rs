@@ -129,8 +129,6 @@ pub struct Conn {
     /// Who the client is, for log lines.
     pub peer: String,
     pub export: Arc<Export>,
-    /// Position of `export` in the server's export list.
-    pub export_index: usize,
     pub limits: RequestLimits,
     pub contexts: Vec<SelectedContext>,
     /// The IDs of `contexts`, in order (for BLOCK_STATUS payloads).
@@ -174,7 +172,6 @@ impl Conn {
         socket: OwnedFd,
         peer: String,
         export: Arc<Export>,
-        export_index: usize,
         limits: RequestLimits,
         contexts: Vec<SelectedContext>,
         queue_capacity: usize,
@@ -188,7 +185,6 @@ impl Conn {
             socket,
             peer,
             export,
-            export_index,
             limits,
             context_ids: contexts.iter().map(|c| c.id).collect(),
             contexts,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::Sender;
 
+use crate::export::Export;
 use crate::meta::context::{ContextSource, SelectedContext};
 use crate::proto::handshake::{ExportInfo, Negotiated};
 
@@ -17,9 +18,16 @@ use crate::proto::handshake::{ExportInfo, Negotiated};
 pub struct Offer {
     pub exports: Vec<ExportInfo>,
     pub sources: Vec<Vec<Arc<dyn ContextSource>>>,
+    /// What each of `exports` serves (parallel to it).
+    pub targets: Vec<Arc<Export>>,
 }
 
 impl Offer {
+    /// The export a negotiation chose.
+    pub fn export(&self, negotiated: &Negotiated) -> Arc<Export> {
+        Arc::clone(&self.targets[negotiated.export])
+    }
+
     /// The contexts a negotiation selected, with their sources.
     pub fn selected(&self, negotiated: &Negotiated) -> Vec<SelectedContext> {
         let sources = &self.sources[negotiated.export];
@@ -40,6 +48,8 @@ pub trait Offers: Send + Sync {
 pub struct NewConnection {
     pub socket: OwnedFd,
     pub negotiated: Negotiated,
+    /// The export negotiated (it may have left the offer since).
+    pub export: Arc<Export>,
     pub contexts: Vec<SelectedContext>,
     pub peer: String,
     /// The core the socket's packets arrive on (SO_INCOMING_CPU), or for a

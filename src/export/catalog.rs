@@ -1,6 +1,9 @@
-//! The contexts each export offers, as names for negotiation and sources
-//! for the engine. The list changes when checkpoints do; the catalog keeps
-//! the current [`Offer`] ready, so a handshake costs one `Arc` clone.
+//! The exports on offer and the contexts each offers, as names for
+//! negotiation and sources for the engine. Both change while serving
+//! (checkpoints come and go; snapshot exports are added and removed); the
+//! catalog keeps the current [`Offer`] ready, so a handshake costs one
+//! `Arc` clone, and a connection keeps the export it negotiated even after
+//! the export leaves the list.
 //!
 //! Per export, in this order (doc/contexts.md):
 //! - `base:allocation`;
@@ -8,6 +11,7 @@
 //!   checkpoint, `ringnbd:era`, and `ringnbd:checkpoint:ERA:NAME` for each
 //!   valid checkpoint.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::engine::handoff::{Offer, Offers};
@@ -18,24 +22,68 @@ use crate::meta::context::ContextSource;
 use super::Export;
 
 pub struct Catalog {
-    exports: Arc<[Arc<Export>]>,
+    exports: Mutex<Arc<[Arc<Export>]>>,
     current: Mutex<Arc<Offer>>,
+    /// The id the next image added while serving gets: ids of the images
+    /// the server started with are their positions (workers index
+    /// per-image state by them), later ones come after.
+    next_image_id: AtomicUsize,
 }
 
 impl Catalog {
     pub fn new(exports: Arc<[Arc<Export>]>) -> Self {
         let current = Mutex::new(Arc::new(build(&exports)));
-        Self { exports, current }
+        let next_image_id = AtomicUsize::new(super::images(&exports).len());
+        Self { exports: Mutex::new(exports), current, next_image_id }
     }
 
-    pub fn exports(&self) -> &Arc<[Arc<Export>]> {
-        &self.exports
+    /// The exports on offer now.
+    pub fn exports(&self) -> Arc<[Arc<Export>]> {
+        Arc::clone(&self.exports.lock().expect("catalog lock"))
+    }
+
+    pub fn find(&self, name: &str) -> Option<Arc<Export>> {
+        self.exports().iter().find(|e| e.info.name == name).cloned()
+    }
+
+    /// An id for an image added while serving.
+    pub fn new_image_id(&self) -> usize {
+        self.next_image_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Offers `export` to handshakes from now on. Fails (giving it back)
+    /// when an export of that name exists.
+    pub fn add(&self, export: Arc<Export>) -> Result<(), Arc<Export>> {
+        let mut exports = self.exports.lock().expect("catalog lock");
+        if exports.iter().any(|e| e.info.name == export.info.name) {
+            return Err(export);
+        }
+        *exports = exports.iter().cloned().chain(std::iter::once(export)).collect();
+        self.publish(&exports);
+        Ok(())
+    }
+
+    /// Stops offering the export `name` (connections to it keep it until
+    /// they close). None if there is none.
+    pub fn remove(&self, name: &str) -> Option<Arc<Export>> {
+        let mut exports = self.exports.lock().expect("catalog lock");
+        let removed = exports.iter().find(|e| e.info.name == name).cloned()?;
+        *exports = exports.iter().filter(|e| e.info.name != name).cloned().collect();
+        self.publish(&exports);
+        Some(removed)
     }
 
     /// Rebuilds the offer after checkpoints changed; handshakes that start
     /// from now on see the new contexts.
     pub fn refresh(&self) {
-        let offer = Arc::new(build(&self.exports));
+        let exports = self.exports.lock().expect("catalog lock");
+        self.publish(&exports);
+    }
+
+    /// Called with the export list locked, so offers are published in the
+    /// order the list changed.
+    fn publish(&self, exports: &[Arc<Export>]) {
+        let offer = Arc::new(build(exports));
         *self.current.lock().expect("catalog lock") = offer;
     }
 }
@@ -56,7 +104,7 @@ fn build(exports: &[Arc<Export>]) -> Offer {
         infos.push(info);
         sources.push(contexts.into_iter().map(|(_, source)| source).collect());
     }
-    Offer { exports: infos, sources }
+    Offer { exports: infos, sources, targets: exports.to_vec() }
 }
 
 fn contexts_of(export: &Export) -> Vec<(String, Arc<dyn ContextSource>)> {

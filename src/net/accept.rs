@@ -26,6 +26,7 @@ use crate::proto::handshake::{HandshakeLimits, Negotiated};
 use super::admission::{Handshakes, Ticket};
 use super::listener::Listener;
 use super::negotiate::{NegotiateError, Observer, TimedStream, negotiate};
+use crate::export::Export;
 use crate::meta::context::SelectedContext;
 use crate::proto::handshake::Refusal;
 use crate::proto::wire::option_name;
@@ -298,9 +299,9 @@ fn handshake(socket: Socket, ticket: Ticket, config: &AcceptConfig, dispatch: &d
     // `admission`): from here nobody else may shut it down.
     drop(ticket);
     match result {
-        Ok(Some((negotiated, contexts))) => {
+        Ok(Some((negotiated, export, contexts))) => {
             let incoming_cpu = incoming_cpu(&fd).or_else(current_cpu);
-            dispatch.dispatch(NewConnection { socket: fd, negotiated, contexts, peer, incoming_cpu })
+            dispatch.dispatch(NewConnection { socket: fd, negotiated, export, contexts, peer, incoming_cpu })
         }
         Ok(None) => {}
         Err(e) if config.verbose => eprintln!("ringnbd: handshake with {peer}: {e}"),
@@ -338,12 +339,15 @@ fn current_cpu() -> Option<usize> {
     (cpu >= 0).then_some(cpu as usize)
 }
 
+/// What a handshake agreed on: the options, the export, its contexts.
+type Agreed = (Negotiated, Arc<Export>, Vec<SelectedContext>);
+
 fn run<S: TimedStream>(
     stream: &mut S,
     config: &AcceptConfig,
     ticket: &Ticket,
     peer: &str,
-) -> Result<Option<(Negotiated, Vec<SelectedContext>)>, NegotiateError> {
+) -> Result<Option<Agreed>, NegotiateError> {
     let progressed = || ticket.progressed();
     let refused = |r: &Refusal| {
         if config.verbose {
@@ -355,7 +359,7 @@ fn run<S: TimedStream>(
     let negotiated =
         negotiate(stream, &offer.exports, config.limits, config.handshake_timeout, &config.shutdown, &observer)?;
     Ok(negotiated.map(|n| {
-        let contexts = offer.selected(&n);
-        (n, contexts)
+        let (contexts, export) = (offer.selected(&n), offer.export(&n));
+        (n, export, contexts)
     }))
 }

@@ -5,7 +5,6 @@
 //! in flight and no request outstanding. Every path that closes one goes
 //! through `hard_close` or a graceful close followed by `release_if_idle`.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use io_uring::opcode;
@@ -42,7 +41,7 @@ impl Worker {
 
     fn adopt(&mut self, new: NewConnection) {
         let n = new.negotiated;
-        let export = Arc::clone(&self.exports[n.export]);
+        let export = new.export;
         let limits = RequestLimits {
             export_bytes: export.info.size,
             flags: n.flags,
@@ -61,7 +60,6 @@ impl Worker {
             new.socket,
             new.peer,
             export,
-            n.export,
             limits,
             new.contexts,
             self.config.inflight_per_conn_max,

@@ -89,8 +89,9 @@ pub struct Worker {
     index: usize,
     pool: BufferPool,
     zeroes: ZeroRegion,
-    exports: Arc<[Arc<Export>]>,
-    /// The distinct images behind the exports, by `Image::id`.
+    /// The distinct images behind the exports the server started with, by
+    /// `Image::id`. Images added while serving (snapshot exports) are
+    /// read-only: no mutation, so no gate or commit, ever reaches them.
     images: Vec<Arc<Image>>,
     /// Per image: the checkpoint gate and the state-file commit.
     gates: Vec<tracking::Gate>,
@@ -140,6 +141,7 @@ pub struct Worker {
 pub struct WorkerParts {
     pub index: usize,
     pub config: WorkerConfig,
+    /// The exports the server starts with (for their images).
     pub exports: Arc<[Arc<Export>]>,
     pub incoming: Receiver<WorkerMessage>,
     pub wake_fd: Arc<OwnedFd>,
@@ -177,7 +179,6 @@ impl Worker {
             index: parts.index,
             pool,
             zeroes,
-            exports: parts.exports,
             gates: images.iter().map(|_| tracking::Gate::default()).collect(),
             commits: images.iter().map(|_| tracking::Commit::default()).collect(),
             commit_wanted: false,

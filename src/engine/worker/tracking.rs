@@ -80,7 +80,7 @@ impl Worker {
         }
         let image = &conns[req.conn as usize].export.image;
         let Some(tracker) = &image.track else { return true };
-        let gate = &mut gates[image.id];
+        let gate = gates.get_mut(image.id).expect("only images the server started with take mutations");
         if gate.frozen {
             gate.held.push_back(request);
             return false;
