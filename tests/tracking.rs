@@ -24,6 +24,11 @@ const MIB: u64 = 1 << 20;
 /// The default tracking granule.
 const G: u64 = 64 * KIB;
 
+/// The granules of the default tracking granularity a map marks changed.
+fn dirty_granules(runs: &[(u64, u64, u64)]) -> BTreeSet<u64> {
+    dirty_granules_of(runs, G)
+}
+
 // --- fixtures -------------------------------------------------------------------
 
 /// A file image with tracking on, its control socket, and the server
@@ -74,40 +79,6 @@ impl Tracked {
     fn uri(&self, server: &Server) -> String {
         uri(server, Transport::Unix, "disk")
     }
-}
-
-/// `ringnbd ctl --json ARGS` against `control`: the reply and exit code.
-fn ctl_reply(control: &Path, args: &[&str]) -> (Value, i32) {
-    let mut full = vec!["ctl", "--json", "--control", control.to_str().unwrap()];
-    full.extend_from_slice(args);
-    let out = run(&binary(), &full);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let reply = serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("ctl {args:?}: not JSON ({e}): {text:?} {}", String::from_utf8_lossy(&out.stderr)));
-    (reply, out.status.code().unwrap_or(-1))
-}
-
-/// `nbdinfo --json --map=CONTEXT`: (offset, length, status) runs.
-fn map(uri: &str, context: &str) -> Vec<(u64, u64, u64)> {
-    let text = run_ok("nbdinfo", &["--json", &format!("--map={context}"), uri]);
-    let runs: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("nbdinfo --map JSON: {e}: {text}"));
-    runs.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r["offset"].as_u64().unwrap(), r["length"].as_u64().unwrap(), r["type"].as_u64().unwrap()))
-        .collect()
-}
-
-/// The granules a map marks with status bit 0.
-fn dirty_granules(runs: &[(u64, u64, u64)]) -> BTreeSet<u64> {
-    let mut out = BTreeSet::new();
-    for &(offset, length, status) in runs {
-        if status & 1 != 0 {
-            assert!(offset % G == 0, "dirty run at {offset} not granule-aligned");
-            out.extend(offset / G..(offset + length).div_ceil(G));
-        }
-    }
-    out
 }
 
 /// The granules `[offset, offset + length)` touches.

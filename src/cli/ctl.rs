@@ -34,6 +34,20 @@ pub enum CtlAction {
     /// Checkpoints of an export's change tracking.
     #[command(subcommand)]
     Checkpoint(CheckpointAction),
+    /// Point-in-time snapshot exports (EXPORT@NAME).
+    #[command(subcommand)]
+    Snapshot(SnapshotAction),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotAction {
+    /// Cut checkpoint NAME and, with it, the read-only export EXPORT@NAME
+    /// that reads as EXPORT did at that instant.
+    Create { export: String, name: String },
+    /// List the snapshots being served (of one export, or all).
+    List { export: Option<String> },
+    /// Stop serving EXPORT@NAME and remove its clone (checkpoint NAME stays).
+    Delete { export: String, name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -57,6 +71,13 @@ impl CtlAction {
             CtlAction::Checkpoint(CheckpointAction::List { export }) => Verb::CheckpointList { export: export.clone() },
             CtlAction::Checkpoint(CheckpointAction::Delete { export, name }) => {
                 Verb::CheckpointDelete { export: export.clone(), name: name.clone() }
+            }
+            CtlAction::Snapshot(SnapshotAction::Create { export, name }) => {
+                Verb::SnapshotCreate { export: export.clone(), name: name.clone() }
+            }
+            CtlAction::Snapshot(SnapshotAction::List { export }) => Verb::SnapshotList { export: export.clone() },
+            CtlAction::Snapshot(SnapshotAction::Delete { export, name }) => {
+                Verb::SnapshotDelete { export: export.clone(), name: name.clone() }
             }
         }
     }
@@ -156,6 +177,30 @@ fn describe(action: &CtlAction, result: &Value) -> String {
         }
         CtlAction::Checkpoint(CheckpointAction::Delete { .. }) => {
             out += &format!("deleted checkpoint {} from export {}\n", text(&result["name"]), text(&result["export"]));
+        }
+        CtlAction::Snapshot(SnapshotAction::Create { .. }) => {
+            out += &format!(
+                "created snapshot export {} (checkpoint {}, era {}) from {}\n",
+                text(&result["snapshot"]["name"]),
+                text(&result["checkpoint"]["name"]),
+                text(&result["checkpoint"]["era"]),
+                text(&result["snapshot"]["export"])
+            );
+        }
+        CtlAction::Snapshot(SnapshotAction::List { .. }) => {
+            out += &format!("{:<40} {:<24} {:>15} {}\n", "EXPORT", "CHECKPOINT", "CREATED (ms)", "CLONE");
+            for s in result["snapshots"].as_array().into_iter().flatten() {
+                out += &format!(
+                    "{:<40} {:<24} {:>15} {}\n",
+                    text(&s["name"]),
+                    text(&s["checkpoint"]),
+                    text(&s["created_unix_ms"]),
+                    text(&s["clone"])
+                );
+            }
+        }
+        CtlAction::Snapshot(SnapshotAction::Delete { .. }) => {
+            out += &format!("deleted snapshot export {}\n", text(&result["name"]));
         }
     }
     out

@@ -43,6 +43,20 @@ pub enum Verb {
         export: String,
         name: String,
     },
+    /// A checkpoint and the snapshot export `EXPORT@NAME` taken with it.
+    SnapshotCreate {
+        export: String,
+        name: String,
+    },
+    /// Every snapshot, or those of one export.
+    SnapshotList {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        export: Option<String>,
+    },
+    SnapshotDelete {
+        export: String,
+        name: String,
+    },
 }
 
 /// Why a request failed; serialized in kebab-case as the error's `kind`.
@@ -69,6 +83,10 @@ pub enum ErrorKind {
     TooManyClients,
     /// The state file could not be written.
     Io,
+    UnknownSnapshot,
+    /// The export or its file system cannot do what was asked (a snapshot
+    /// of a memory export, or on a file system that cannot clone).
+    Unsupported,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -6,6 +6,7 @@
 pub mod catalog;
 pub mod flags;
 pub mod image;
+pub mod snapshot;
 pub mod tracking;
 
 use std::collections::HashMap;

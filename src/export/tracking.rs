@@ -50,6 +50,13 @@ pub fn open(backend: &Backend, options: &TrackOptions, read_only: bool) -> Resul
         std::io::ErrorKind::WouldBlock => ExportError::InUse(file.path.clone()),
         _ => ExportError::Tracking(format!("{}: cannot lock: {e}", file.path.display())),
     })?;
+    if !read_only && !file.is_block_device {
+        // Holding the lock, no other server can be serving these.
+        let removed = super::snapshot::remove_stale_clones(&file.path);
+        if removed > 0 {
+            eprintln!("ringnbd: {}: removed {removed} snapshot clone(s) a previous run left", file.path.display());
+        }
+    }
     let metadata = file.metadata().map_err(|e| ExportError::Tracking(format!("{}: {e}", file.path.display())))?;
     let stat = ImageStat::of(&metadata, file.size);
     let (tracker, note) = Tracker::open(&path, stat, options.granule_shift, !read_only)

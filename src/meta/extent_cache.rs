@@ -84,6 +84,11 @@ impl ExtentCache {
         self.entries.load(Ordering::Relaxed)
     }
 
+    /// The capacity it was made with.
+    pub fn entries_max(&self) -> usize {
+        self.entries_max
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -6,13 +6,16 @@
 //! and refresh the catalog so new connections see the new contexts.
 //! Checkpoint changes are serialized; status and listing never wait.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::backend::FileBackend;
 use crate::control::Handler;
 use crate::control::protocol::{ControlError, ErrorKind, Verb};
+use crate::export::snapshot::{self, Snapshot, SnapshotError, Snapshots};
 use crate::export::{Catalog, Export};
 use crate::meta::changes;
 use crate::track::{Checkpoint, TrackError, Tracker};
@@ -25,6 +28,7 @@ pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Verbs {
     pub catalog: Arc<Catalog>,
     pub workers: Arc<Workers>,
+    pub snapshots: Arc<Snapshots>,
     pub started: Instant,
     /// One checkpoint change at a time (freezes must not interleave).
     pub changing: Mutex<()>,
@@ -32,6 +36,45 @@ pub struct Verbs {
 
 fn error(kind: ErrorKind, message: impl Into<String>) -> ControlError {
     ControlError::new(kind, message)
+}
+
+impl From<SnapshotError> for ControlError {
+    fn from(e: SnapshotError) -> Self {
+        let kind = match &e {
+            SnapshotError::CannotClone(..) | SnapshotError::NotAFile(_) => ErrorKind::Unsupported,
+            SnapshotError::Io(..) => ErrorKind::Io,
+        };
+        ControlError::new(kind, e.to_string())
+    }
+}
+
+/// With the image frozen: the clone, the tracking state as of now, and the
+/// checkpoint. Nothing is left at `clone` on failure.
+fn cut_snapshot(
+    file: &FileBackend,
+    tracker: &Tracker,
+    clone: &Path,
+    name: &str,
+) -> Result<(Checkpoint, Tracker), ControlError> {
+    snapshot::reflink(file, clone)?;
+    let cut = tracker
+        .frozen_copy()
+        .map_err(|e| ControlError::from(SnapshotError::Io(clone.to_owned(), e)))
+        .and_then(|changes| Ok((tracker.create(name)?, changes)));
+    if cut.is_err() {
+        let _ = std::fs::remove_file(clone);
+    }
+    cut
+}
+
+fn snapshot_json(s: &Snapshot) -> Value {
+    json!({
+        "export": s.export,
+        "checkpoint": s.checkpoint,
+        "name": s.name,
+        "clone": s.clone.display().to_string(),
+        "created_unix_ms": s.created_unix_ms,
+    })
 }
 
 impl From<TrackError> for ControlError {
@@ -64,12 +107,8 @@ fn checkpoint_json(export: &str, c: &Checkpoint) -> Value {
 }
 
 impl Verbs {
-    fn export(&self, name: &str) -> Result<&Arc<Export>, ControlError> {
-        self.catalog
-            .exports()
-            .iter()
-            .find(|e| e.info.name == name)
-            .ok_or_else(|| error(ErrorKind::UnknownExport, format!("no export named {name:?}")))
+    fn export(&self, name: &str) -> Result<Arc<Export>, ControlError> {
+        self.catalog.find(name).ok_or_else(|| error(ErrorKind::UnknownExport, format!("no export named {name:?}")))
     }
 
     fn tracker<'a>(&self, export: &'a Export) -> Result<&'a Arc<Tracker>, ControlError> {
@@ -114,22 +153,29 @@ impl Verbs {
         })
     }
 
-    fn create(&self, export_name: &str, name: &str) -> Result<Value, ControlError> {
-        let export = self.export(export_name)?;
-        let tracker = self.tracker(export)?;
-        let _one_at_a_time = self.changing.lock().expect("control lock");
-        tracker.check_create(name)?;
-        let image = export.image.id;
-        self.workers.freeze(image, FREEZE_TIMEOUT).map_err(|e| match e {
+    /// Holds back the mutations of `export`'s image on every worker until
+    /// none is in flight (see `Workers::freeze`).
+    fn freeze(&self, export: &Export) -> Result<(), ControlError> {
+        self.workers.freeze(export.image.id, FREEZE_TIMEOUT).map_err(|e| match e {
             FreezeError::Timeout => error(
                 ErrorKind::Busy,
                 format!(
-                    "writes in flight on {export_name:?} did not finish within {} s; try again",
+                    "writes in flight on {:?} did not finish within {} s; try again",
+                    export.info.name,
                     FREEZE_TIMEOUT.as_secs()
                 ),
             ),
             FreezeError::ShuttingDown => error(ErrorKind::ShuttingDown, "the server is shutting down"),
-        })?;
+        })
+    }
+
+    fn create(&self, export_name: &str, name: &str) -> Result<Value, ControlError> {
+        let export = self.export(export_name)?;
+        let tracker = self.tracker(&export)?;
+        let _one_at_a_time = self.changing.lock().expect("control lock");
+        tracker.check_create(name)?;
+        let image = export.image.id;
+        self.freeze(&export)?;
         let created = tracker.create(name);
         self.workers.thaw(image);
         let checkpoint = created?;
@@ -139,18 +185,94 @@ impl Verbs {
 
     fn list(&self, export_name: &str) -> Result<Value, ControlError> {
         let export = self.export(export_name)?;
-        let tracker = self.tracker(export)?;
+        let tracker = self.tracker(&export)?;
         let checkpoints: Vec<Value> = tracker.checkpoints().iter().map(|c| checkpoint_json(export_name, c)).collect();
         Ok(json!({ "export": export_name, "current_era": tracker.current_era(), "checkpoints": checkpoints }))
     }
 
     fn delete(&self, export_name: &str, name: &str) -> Result<Value, ControlError> {
         let export = self.export(export_name)?;
-        let tracker = self.tracker(export)?;
+        let tracker = self.tracker(&export)?;
         let _one_at_a_time = self.changing.lock().expect("control lock");
         tracker.delete(name)?;
         self.catalog.refresh();
         Ok(json!({ "export": export_name, "name": name }))
+    }
+}
+
+impl Verbs {
+    /// A checkpoint and, atomically with it, the read-only export
+    /// `EXPORT@NAME` reading as the export did at that instant.
+    fn snapshot_create(&self, export_name: &str, name: &str) -> Result<Value, ControlError> {
+        let export = self.export(export_name)?;
+        let tracker = self.tracker(&export)?;
+        if export.read_only {
+            return Err(error(
+                ErrorKind::ReadOnly,
+                format!("export {export_name:?} is read-only: it needs no snapshot"),
+            ));
+        }
+        let file = snapshot::file_of(&export)?;
+        let _one_at_a_time = self.changing.lock().expect("control lock");
+        tracker.check_create(name)?;
+        let snapshot_name = snapshot::export_name(export_name, name);
+        if self.catalog.find(&snapshot_name).is_some() {
+            return Err(error(ErrorKind::Duplicate, format!("an export named {snapshot_name:?} exists")));
+        }
+        // Eras change only in `create`, which this lock serializes.
+        let clone = snapshot::clone_path(&file.path, tracker.current_era());
+        self.freeze(&export)?;
+        let cut = cut_snapshot(file, tracker, &clone, name);
+        self.workers.thaw(export.image.id);
+        let (checkpoint, changes) = cut?;
+        self.catalog.refresh();
+        let served = snapshot::open_export(&export, name, &clone, changes, self.catalog.new_image_id());
+        let served = served.inspect_err(|_| {
+            let _ = std::fs::remove_file(&clone);
+        })?;
+        if self.catalog.add(Arc::new(served)).is_err() {
+            let _ = std::fs::remove_file(&clone);
+            return Err(error(ErrorKind::Duplicate, format!("an export named {snapshot_name:?} exists")));
+        }
+        let record = Snapshot {
+            export: export_name.to_owned(),
+            checkpoint: name.to_owned(),
+            name: snapshot_name,
+            clone,
+            created_unix_ms: checkpoint.created_unix_ms,
+        };
+        let reply =
+            json!({ "snapshot": snapshot_json(&record), "checkpoint": checkpoint_json(export_name, &checkpoint) });
+        self.snapshots.add(record);
+        Ok(reply)
+    }
+
+    fn snapshot_list(&self, export_name: Option<&str>) -> Result<Value, ControlError> {
+        if let Some(name) = export_name {
+            self.export(name)?;
+        }
+        let snapshots: Vec<Value> = self
+            .snapshots
+            .list()
+            .iter()
+            .filter(|s| export_name.is_none_or(|name| s.export == name))
+            .map(snapshot_json)
+            .collect();
+        Ok(json!({ "snapshots": snapshots }))
+    }
+
+    /// Stops offering the snapshot and removes its clone; its checkpoint
+    /// stays (the next incremental backup reads changes since it).
+    fn snapshot_delete(&self, export_name: &str, name: &str) -> Result<Value, ControlError> {
+        let _one_at_a_time = self.changing.lock().expect("control lock");
+        let Some(snapshot) = self.snapshots.remove(export_name, name) else {
+            return Err(error(
+                ErrorKind::UnknownSnapshot,
+                format!("no snapshot of export {export_name:?} at checkpoint {name:?}"),
+            ));
+        };
+        self.catalog.remove(&snapshot.name);
+        Ok(snapshot_json(&snapshot))
     }
 }
 
@@ -161,6 +283,9 @@ impl Handler for Verbs {
             Verb::CheckpointCreate { export, name } => self.create(export, name),
             Verb::CheckpointList { export } => self.list(export),
             Verb::CheckpointDelete { export, name } => self.delete(export, name),
+            Verb::SnapshotCreate { export, name } => self.snapshot_create(export, name),
+            Verb::SnapshotList { export } => self.snapshot_list(export.as_deref()),
+            Verb::SnapshotDelete { export, name } => self.snapshot_delete(export, name),
         }
     }
 }

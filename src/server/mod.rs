@@ -19,6 +19,7 @@ use crate::backend::Backend;
 use crate::engine::EngineError;
 use crate::engine::handoff::Offers;
 use crate::engine::worker::WorkerConfig;
+use crate::export::snapshot::Snapshots;
 use crate::export::{self, Catalog, Export, Image};
 use crate::net::accept::{AcceptConfig, Dispatch, accept_loop};
 use crate::net::listener::{Listener, NetError};
@@ -97,11 +98,13 @@ pub fn serve(config: ServerConfig, exports: Vec<Export>) -> Result<(), ServerErr
             drop(listeners); // removes Unix socket files
         })
         .map_err(system("spawn acceptor"))?;
+    let snapshots = Arc::new(Snapshots::default());
     let controller = match control_listener {
         Some(listener) => {
             let verbs = control_verbs::Verbs {
                 catalog: Arc::clone(&catalog),
                 workers: Arc::clone(&workers),
+                snapshots: Arc::clone(&snapshots),
                 started: Instant::now(),
                 changing: Mutex::new(()),
             };
@@ -137,6 +140,8 @@ pub fn serve(config: ServerConfig, exports: Vec<Export>) -> Result<(), ServerErr
     for image in export::images(&exports) {
         finish_image(&image, exports.iter().any(|e| !e.read_only && Arc::ptr_eq(&e.image, &image)));
     }
+    // Snapshots last as long as the server (doc/snapshots.md).
+    snapshots.remove_all();
     first_error.map_or(Ok(()), |e| Err(e.into()))
 }
 

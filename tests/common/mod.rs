@@ -12,6 +12,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
 /// Debian's python3-libnbd lives in the system interpreter only.
 pub const PYTHON: &str = "/usr/bin/python3";
 
@@ -387,4 +389,38 @@ pub fn make_source(path: &Path, size: u64, seed: u64) -> Vec<u8> {
     f.write_all_at(&data[..(size / 4) as usize], 0).unwrap();
     f.write_all_at(&data[(size / 2) as usize..], size / 2).unwrap();
     data
+}
+
+/// `ringnbd ctl --json ARGS` against `control`: the reply and exit code.
+pub fn ctl_reply(control: &Path, args: &[&str]) -> (Value, i32) {
+    let mut full = vec!["ctl", "--json", "--control", control.to_str().unwrap()];
+    full.extend_from_slice(args);
+    let out = run(&binary(), &full);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let reply = serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("ctl {args:?}: not JSON ({e}): {text:?} {}", String::from_utf8_lossy(&out.stderr)));
+    (reply, out.status.code().unwrap_or(-1))
+}
+
+/// `nbdinfo --json --map=CONTEXT`: (offset, length, status) runs.
+pub fn map(uri: &str, context: &str) -> Vec<(u64, u64, u64)> {
+    let text = run_ok("nbdinfo", &["--json", &format!("--map={context}"), uri]);
+    let runs: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("nbdinfo --map JSON: {e}: {text}"));
+    runs.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["offset"].as_u64().unwrap(), r["length"].as_u64().unwrap(), r["type"].as_u64().unwrap()))
+        .collect()
+}
+
+/// The granules (of `granule` bytes) a map marks with status bit 0.
+pub fn dirty_granules_of(runs: &[(u64, u64, u64)], granule: u64) -> std::collections::BTreeSet<u64> {
+    let mut out = std::collections::BTreeSet::new();
+    for &(offset, length, status) in runs {
+        if status & 1 != 0 {
+            assert!(offset % granule == 0, "dirty run at {offset} not granule-aligned");
+            out.extend(offset / granule..(offset + length).div_ceil(granule));
+        }
+    }
+    out
 }

@@ -1,0 +1,223 @@
+//! Point-in-time snapshot exports (doc/snapshots.md).
+//!
+//! A snapshot of export `E` taken with checkpoint `C` is a read-only export
+//! named `E@C` that reads exactly as `E` did when `C` was cut, while `E`
+//! keeps taking writes. On file systems that clone (FICLONE: xfs, btrfs)
+//! it is a reflink clone of the image, taken while every worker has the
+//! image's mutations frozen and drained (the same freeze that makes a
+//! checkpoint atomic), beside the image as `IMAGE.ringnbd-snapshot.ERA`.
+//! It serves `base:allocation` of the clone and the change contexts of a
+//! frozen copy of the tracking state: what changed up to the snapshot
+//! since each earlier checkpoint.
+//!
+//! Snapshots last as long as the server: deleting one (or stopping the
+//! server) removes its export and its clone; connections already reading
+//! it keep their open descriptor until they close. Clones a crashed run
+//! left behind are removed when the image is served again.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+
+use crate::backend::{Backend, FileBackend};
+use crate::track::Tracker;
+
+use super::{Export, Image, flags};
+
+/// Between an export's name and its checkpoint's in a snapshot's name.
+pub const SEPARATOR: char = '@';
+/// What a clone's file name adds to its image's.
+const CLONE_SUFFIX: &str = ".ringnbd-snapshot.";
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// The image's file system cannot clone files.
+    #[error("{0}: the file system cannot clone files (FICLONE: {1}); snapshots need xfs (reflink=1) or btrfs for now")]
+    CannotClone(PathBuf, io::Error),
+    #[error("{0}: {1}")]
+    Io(PathBuf, io::Error),
+    /// Only regular-file images can be cloned.
+    #[error("export {0:?} is not a file image: snapshots need a regular file on xfs or btrfs")]
+    NotAFile(String),
+}
+
+/// The export name of the snapshot of `export` at `checkpoint`.
+pub fn export_name(export: &str, checkpoint: &str) -> String {
+    format!("{export}{SEPARATOR}{checkpoint}")
+}
+
+/// Where the clone of `image` for the checkpoint of era `era` goes: beside
+/// the image, because a clone cannot leave its file system.
+pub fn clone_path(image: &Path, era: u32) -> PathBuf {
+    let mut name = image.file_name().unwrap_or_default().to_os_string();
+    name.push(format!("{CLONE_SUFFIX}{era}"));
+    image.with_file_name(name)
+}
+
+/// Removes clones of `image` that an earlier run left (it crashed, or was
+/// killed, before it could remove them). Returns how many went.
+pub fn remove_stale_clones(image: &Path) -> usize {
+    let (Some(dir), Some(name)) = (image.parent(), image.file_name()) else { return 0 };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let mut prefix = name.to_os_string();
+    prefix.push(CLONE_SUFFIX);
+    let prefix = prefix.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let stale = entries.flatten().filter(|entry| {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        file_name.strip_prefix(&prefix).is_some_and(|era| !era.is_empty() && era.bytes().all(|b| b.is_ascii_digit()))
+    });
+    stale.filter(|entry| std::fs::remove_file(entry.path()).is_ok()).count()
+}
+
+/// The image of `export` as a regular file, or why it cannot be cloned.
+pub fn file_of(export: &Export) -> Result<&FileBackend, SnapshotError> {
+    match &export.image.backend {
+        Backend::File(file) if !file.is_block_device => Ok(file),
+        _ => Err(SnapshotError::NotAFile(export.info.name.clone())),
+    }
+}
+
+/// A new file at `path` sharing every block of `image` (FICLONE). The
+/// caller holds the image's mutations frozen. On failure nothing is left
+/// at `path`.
+pub fn reflink(image: &FileBackend, path: &Path) -> Result<(), SnapshotError> {
+    let io_error = |e| SnapshotError::Io(path.to_owned(), e);
+    let clone = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_error)?;
+    // SAFETY: FICLONE takes the source descriptor as its argument; both
+    // descriptors are open for the call.
+    let rc = unsafe { libc::ioctl(clone.as_raw_fd(), libc::FICLONE, image.buffered_fd()) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let error = io::Error::last_os_error();
+    let _ = std::fs::remove_file(path);
+    match error.raw_os_error() {
+        Some(libc::EOPNOTSUPP | libc::EXDEV | libc::EINVAL | libc::ENOTTY) => {
+            Err(SnapshotError::CannotClone(image.path.clone(), error))
+        }
+        _ => Err(io_error(error)),
+    }
+}
+
+/// The read-only export serving the clone at `path` as `live` was when it
+/// was taken, with `changes` (a frozen copy of `live`'s tracking state).
+pub fn open_export(
+    live: &Export,
+    checkpoint: &str,
+    path: &Path,
+    changes: Tracker,
+    image_id: usize,
+) -> Result<Export, SnapshotError> {
+    let live_file = file_of(live)?;
+    let file = FileBackend::open(path, true, live_file.direct_io)
+        .map_err(|e| SnapshotError::Io(path.to_owned(), io::Error::other(e.to_string())))?;
+    let cache_entries = live.image.extent_cache.as_ref().map_or(0, |cache| cache.entries_max());
+    let backend = Backend::File(file);
+    let mut info = live.info.clone();
+    info.name = export_name(&live.info.name, checkpoint);
+    info.description = format!("snapshot of {:?} at checkpoint {checkpoint:?}", live.info.name);
+    info.flags = flags::transmission_flags(&backend, true);
+    let image = Image::new(image_id, backend, cache_entries, Some(Arc::new(changes)));
+    Ok(Export { info, image: Arc::new(image), read_only: true })
+}
+
+/// A snapshot being served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The live export it was taken of.
+    pub export: String,
+    pub checkpoint: String,
+    /// Its own export name (`export@checkpoint`).
+    pub name: String,
+    pub clone: PathBuf,
+    pub created_unix_ms: u64,
+}
+
+/// The snapshots the server serves.
+#[derive(Default)]
+pub struct Snapshots {
+    list: Mutex<Vec<Snapshot>>,
+}
+
+impl Snapshots {
+    pub fn add(&self, snapshot: Snapshot) {
+        self.list.lock().expect("snapshots lock").push(snapshot);
+    }
+
+    pub fn list(&self) -> Vec<Snapshot> {
+        self.list.lock().expect("snapshots lock").clone()
+    }
+
+    /// Forgets the snapshot of `export` at `checkpoint` and removes its
+    /// clone (readers that have it open keep reading until they close).
+    pub fn remove(&self, export: &str, checkpoint: &str) -> Option<Snapshot> {
+        let mut list = self.list.lock().expect("snapshots lock");
+        let index = list.iter().position(|s| s.export == export && s.checkpoint == checkpoint)?;
+        let snapshot = list.remove(index);
+        let _ = std::fs::remove_file(&snapshot.clone);
+        Some(snapshot)
+    }
+
+    /// Removes every clone (the server is stopping).
+    pub fn remove_all(&self) {
+        for snapshot in self.list.lock().expect("snapshots lock").drain(..) {
+            let _ = std::fs::remove_file(&snapshot.clone);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clones_sit_beside_their_image_and_stale_ones_are_found() {
+        let dir = std::env::temp_dir().join(format!("ringnbd-snapshot-names-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("disk.img");
+        assert_eq!(clone_path(&image, 7), dir.join("disk.img.ringnbd-snapshot.7"));
+        assert_eq!(export_name("disk", "mon"), "disk@mon");
+        for name in [
+            "disk.img",
+            "disk.img.ringnbd-snapshot.7",
+            "disk.img.ringnbd-snapshot.12",
+            "disk.img.ringnbd-snapshot.x",
+            "other.img.ringnbd-snapshot.3",
+        ] {
+            std::fs::write(dir.join(name), b"").unwrap();
+        }
+        assert_eq!(remove_stale_clones(&image), 2);
+        let mut left: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["disk.img", "disk.img.ringnbd-snapshot.x", "other.img.ringnbd-snapshot.3"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_system_that_cannot_clone_is_named_and_leaves_nothing() {
+        // /dev/shm is tmpfs, which has no FICLONE.
+        let dir = Path::new("/dev/shm").join(format!("ringnbd-snapshot-tmpfs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("disk.img");
+        std::fs::write(&image, vec![7u8; 8192]).unwrap();
+        let file = FileBackend::open(&image, false, false).unwrap();
+        let target = clone_path(&image, 1);
+        assert!(matches!(reflink(&file, &target), Err(SnapshotError::CannotClone(..))));
+        assert!(!target.exists());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
