@@ -4,6 +4,7 @@
 //! rings, `user_data` or connections.
 
 pub mod block_locks;
+pub mod copy_before_write;
 pub mod file;
 pub mod file_io;
 pub mod io;
@@ -13,6 +14,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+pub use copy_before_write::CopyBeforeWrite;
 pub use file::{FileBackend, FileIdentity};
 pub use memory::MemoryBackend;
 
@@ -30,6 +32,8 @@ pub enum BackendError {
 pub enum Backend {
     File(FileBackend),
     Memory(MemoryBackend),
+    /// A copy-before-write snapshot of a file image (read-only).
+    Snapshot(std::sync::Arc<CopyBeforeWrite>),
 }
 
 impl Backend {
@@ -37,6 +41,7 @@ impl Backend {
         match self {
             Backend::File(f) => f.size,
             Backend::Memory(m) => m.size(),
+            Backend::Snapshot(s) => s.size(),
         }
     }
 
@@ -45,7 +50,7 @@ impl Backend {
     pub fn alignment(&self) -> u32 {
         match self {
             Backend::File(f) => f.alignment,
-            Backend::Memory(_) => 1,
+            Backend::Memory(_) | Backend::Snapshot(_) => 1,
         }
     }
 
@@ -54,6 +59,7 @@ impl Backend {
         match self {
             Backend::File(f) => f.can_punch_hole,
             Backend::Memory(_) => true,
+            Backend::Snapshot(_) => false,
         }
     }
 }

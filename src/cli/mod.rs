@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::backend::copy_before_write::{ScratchFull, ScratchPolicy};
 use crate::engine::worker::WorkerConfig;
 pub mod ctl;
 pub mod export_spec;
@@ -158,6 +159,18 @@ pub struct Cli {
     #[arg(long, value_name = "[EXPORT=]NAME")]
     pub checkpoint: Vec<String>,
 
+    /// Most old data one copy-before-write snapshot may keep in its scratch
+    /// file (e.g. 10G; doc/snapshots.md). Default: no limit but the image's
+    /// size.
+    #[arg(long, value_name = "BYTES", value_parser = parse_scratch)]
+    pub snapshot_scratch_max: Option<u64>,
+
+    /// When a snapshot's scratch space runs out: `break` the snapshot (its
+    /// readers get EIO, live writes go on) or `fail-writes` (live writes
+    /// that need a copy fail with ENOSPC, the snapshot stays whole).
+    #[arg(long, value_enum, default_value = "break")]
+    pub snapshot_scratch_full: ScratchFullArg,
+
     /// Serve the control socket (line-delimited JSON, doc/control.md) at
     /// PATH, mode 0600; `ringnbd ctl --control PATH` talks to it.
     #[arg(long, value_name = "PATH")]
@@ -189,6 +202,12 @@ fn parse_payload(text: &str) -> Result<u32, String> {
         return Err("must be between 1M and 4G-1".into());
     }
     Ok(bytes as u32)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScratchFullArg {
+    Break,
+    FailWrites,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -228,6 +247,10 @@ fn parse_switch(text: &str) -> Result<bool, String> {
         "off" | "no" | "false" => Ok(false),
         _ => Err("expected on or off".into()),
     }
+}
+
+fn parse_scratch(text: &str) -> Result<u64, String> {
+    parse_size(text).map_err(|e| e.to_string())
 }
 
 fn parse_buffer(text: &str) -> Result<usize, String> {
@@ -329,6 +352,13 @@ impl Cli {
             handshakes_max: 1024,
             buffer_bytes: self.buffers.unwrap_or_else(default_buffer_bytes),
             control: self.control.clone(),
+            snapshot_scratch: ScratchPolicy {
+                bytes_max: self.snapshot_scratch_max.unwrap_or(u64::MAX),
+                when_full: match self.snapshot_scratch_full {
+                    ScratchFullArg::Break => ScratchFull::BreakSnapshot,
+                    ScratchFullArg::FailWrites => ScratchFull::FailWrites,
+                },
+            },
             worker: WorkerConfig {
                 ring_entries: self.ring_entries,
                 inflight_per_conn_max: usize::from(self.inflight),

@@ -1,8 +1,10 @@
 //! The write path: every WRITE, WRITE_ZEROES and TRIM that reaches a
 //! backend passes through [`complete`] when its backend work is over, on
 //! every worker and for every backend. Anything that must observe mutations
-//! (extent cache updates now, dirty tracking later) attaches here and
-//! nowhere else.
+//! after the fact (extent cache updates) attaches here and nowhere else;
+//! what must happen before the data moves (change tracking's marks,
+//! copy-before-write snapshots' copies) runs when the engine starts the
+//! request (`engine::worker`).
 
 use crate::export::Image;
 use crate::proto::transmission::Command;
@@ -24,6 +26,20 @@ impl Mutation {
             _ => None,
         }
     }
+
+    /// The bytes it changes, `[offset, end)`.
+    pub fn range(&self) -> (u64, u64) {
+        match *self {
+            Mutation::Write { offset, length }
+            | Mutation::Zero { offset, length }
+            | Mutation::Trim { offset, length } => (offset, offset + length),
+        }
+    }
+}
+
+/// The bytes `command` changes, if it is a mutation.
+pub fn mutated_range(command: &Command) -> Option<(u64, u64)> {
+    Mutation::of(command).map(|m| m.range())
 }
 
 /// Called once for every command a backend ran, when its work is over
@@ -35,10 +51,6 @@ impl Mutation {
 /// changed the file. This is on every mutation's path, so what it does is
 /// lock-free and allocation-free (see `meta::extent_cache`).
 pub fn complete(image: &Image, command: &Command, _succeeded: bool) {
-    let (Some(mutation), Some(cache)) = (Mutation::of(command), &image.extent_cache) else { return };
-    match mutation {
-        Mutation::Write { offset, length } | Mutation::Zero { offset, length } | Mutation::Trim { offset, length } => {
-            cache.mutated(offset, offset + length)
-        }
-    }
+    let (Some((offset, end)), Some(cache)) = (mutated_range(command), &image.extent_cache) else { return };
+    cache.mutated(offset, end)
 }

@@ -33,6 +33,7 @@ pub fn describe(backend: &Backend, read_only: bool) -> String {
             format!("{} ({access}, {io})", f.path.display())
         }
         Backend::Memory(_) => format!("sparse memory ({access})"),
+        Backend::Snapshot(s) => format!("copy-before-write snapshot, scratch {}", s.scratch_path.display()),
     }
 }
 

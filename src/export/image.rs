@@ -2,12 +2,14 @@
 //! shared by everything that reads or writes it, whichever export and
 //! worker a request arrives on.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
-use crate::backend::Backend;
 use crate::backend::block_locks::BlockLocks;
+use crate::backend::{Backend, CopyBeforeWrite};
 use crate::meta::base_allocation::Scanner;
 use crate::meta::extent_cache::ExtentCache;
+use crate::proto::Failure;
 use crate::track::Tracker;
 
 pub struct Image {
@@ -24,6 +26,12 @@ pub struct Image {
     pub locks: BlockLocks,
     /// Change tracking (see `track`); every mutation marks it first.
     pub track: Option<Arc<Tracker>>,
+    /// Copy-before-write snapshots of this image: every mutation preserves
+    /// the old data of what it covers first.
+    preserving: RwLock<Vec<Arc<CopyBeforeWrite>>>,
+    /// `preserving` is not empty (so mutations without snapshots touch no
+    /// shared cache line but this one, read-only).
+    any_preserving: AtomicBool,
 }
 
 impl Image {
@@ -36,7 +44,33 @@ impl Image {
             _ => None,
         };
         let locks = BlockLocks::new(backend.alignment(), backend.size());
-        Self { id, backend, extent_cache, scanner: Scanner::new(), locks, track }
+        let (preserving, any_preserving) = (RwLock::new(Vec::new()), AtomicBool::new(false));
+        Self { id, backend, extent_cache, scanner: Scanner::new(), locks, track, preserving, any_preserving }
+    }
+
+    /// Starts preserving old data for `snapshot` (called with the image's
+    /// mutations frozen, so every later one sees it).
+    pub fn add_copy_before_write(&self, snapshot: Arc<CopyBeforeWrite>) {
+        let mut list = self.preserving.write().expect("preserving lock");
+        list.push(snapshot);
+        self.any_preserving.store(true, Ordering::Release);
+    }
+
+    /// Stops preserving for the snapshot whose scratch file is `scratch`.
+    pub fn remove_copy_before_write(&self, scratch: &std::path::Path) {
+        let mut list = self.preserving.write().expect("preserving lock");
+        list.retain(|s| s.scratch_path != scratch);
+        self.any_preserving.store(!list.is_empty(), Ordering::Release);
+    }
+
+    /// Before a mutation of `[offset, end)` is submitted: the old data is
+    /// preserved for every copy-before-write snapshot (blocking copies).
+    pub fn preserve(&self, offset: u64, end: u64) -> Result<(), Failure> {
+        if !self.any_preserving.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let list = self.preserving.read().expect("preserving lock");
+        list.iter().try_for_each(|snapshot| snapshot.preserve(offset, end))
     }
 
     /// Mutations must wait for their marks to be durable (the tracker has a

@@ -2,13 +2,18 @@
 //!
 //! A snapshot of export `E` taken with checkpoint `C` is a read-only export
 //! named `E@C` that reads exactly as `E` did when `C` was cut, while `E`
-//! keeps taking writes. On file systems that clone (FICLONE: xfs, btrfs)
-//! it is a reflink clone of the image, taken while every worker has the
-//! image's mutations frozen and drained (the same freeze that makes a
-//! checkpoint atomic), beside the image as `IMAGE.ringnbd-snapshot.ERA`.
-//! It serves `base:allocation` of the clone and the change contexts of a
-//! frozen copy of the tracking state: what changed up to the snapshot
-//! since each earlier checkpoint.
+//! keeps taking writes. It is made while every worker has the image's
+//! mutations frozen and drained (the same freeze that makes a checkpoint
+//! atomic), as a file beside the image, `IMAGE.ringnbd-snapshot.ERA`:
+//! - on file systems that clone (FICLONE: xfs, btrfs), a reflink clone of
+//!   the image, served like any file;
+//! - elsewhere (ext4, tmpfs), a sparse scratch file for copy-before-write
+//!   (`backend::copy_before_write`): the first mutation of each chunk
+//!   after the snapshot copies the old data there first.
+//!
+//! Either way it serves `base:allocation` as of the snapshot and the change
+//! contexts of a frozen copy of the tracking state: what changed up to the
+//! snapshot since each earlier checkpoint.
 //!
 //! Snapshots last as long as the server: deleting one (or stopping the
 //! server) removes its export and its clone; connections already reading
@@ -24,7 +29,8 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
-use crate::backend::{Backend, FileBackend};
+use crate::backend::copy_before_write::ScratchPolicy;
+use crate::backend::{Backend, CopyBeforeWrite, FileBackend};
 use crate::track::Tracker;
 
 use super::{Export, Image, flags};
@@ -43,7 +49,7 @@ pub enum SnapshotError {
     #[error("{0}: {1}")]
     Io(PathBuf, io::Error),
     /// Only regular-file images can be cloned.
-    #[error("export {0:?} is not a file image: snapshots need a regular file on xfs or btrfs")]
+    #[error("export {0:?} is not a file image: snapshots need a regular file")]
     NotAFile(String),
 }
 
@@ -112,20 +118,69 @@ pub fn reflink(image: &FileBackend, path: &Path) -> Result<(), SnapshotError> {
     }
 }
 
-/// The read-only export serving the clone at `path` as `live` was when it
-/// was taken, with `changes` (a frozen copy of `live`'s tracking state).
+/// How a snapshot holds its data.
+#[derive(Clone)]
+pub enum Holder {
+    /// A reflink clone of the image.
+    Clone,
+    /// Old data copied before each first mutation (registered with the
+    /// live image while it exists).
+    CopyBeforeWrite(Arc<CopyBeforeWrite>),
+}
+
+/// With the image frozen: the scratch file at `path` and the preservation
+/// that fills it, registered with the live image so every mutation from
+/// now on copies old data first. On failure nothing is left at `path`.
+pub fn start_copy_before_write(
+    live: &Export,
+    checkpoint: &str,
+    path: &Path,
+    policy: ScratchPolicy,
+) -> Result<Arc<CopyBeforeWrite>, SnapshotError> {
+    let file = file_of(live)?;
+    let io_error = |e| SnapshotError::Io(path.to_owned(), e);
+    let scratch = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_error)?;
+    let made = std::fs::File::open(&file.path).and_then(|old_data| {
+        let name = export_name(&live.info.name, checkpoint);
+        CopyBeforeWrite::new(name, old_data, scratch, path.to_owned(), file.size, policy)
+    });
+    let preservation = Arc::new(
+        made.inspect_err(|_| {
+            let _ = std::fs::remove_file(path);
+        })
+        .map_err(io_error)?,
+    );
+    live.image.add_copy_before_write(Arc::clone(&preservation));
+    Ok(preservation)
+}
+
+/// The read-only export serving the snapshot held at `path` as `live` was
+/// when it was taken, with `changes` (a frozen copy of `live`'s tracking
+/// state).
 pub fn open_export(
     live: &Export,
     checkpoint: &str,
     path: &Path,
+    holder: &Holder,
     changes: Tracker,
     image_id: usize,
 ) -> Result<Export, SnapshotError> {
     let live_file = file_of(live)?;
-    let file = FileBackend::open(path, true, live_file.direct_io)
-        .map_err(|e| SnapshotError::Io(path.to_owned(), io::Error::other(e.to_string())))?;
-    let cache_entries = live.image.extent_cache.as_ref().map_or(0, |cache| cache.entries_max());
-    let backend = Backend::File(file);
+    let (backend, cache_entries) = match holder {
+        Holder::Clone => {
+            let file = FileBackend::open(path, true, live_file.direct_io)
+                .map_err(|e| SnapshotError::Io(path.to_owned(), io::Error::other(e.to_string())))?;
+            (Backend::File(file), live.image.extent_cache.as_ref().map_or(0, |cache| cache.entries_max()))
+        }
+        Holder::CopyBeforeWrite(preservation) => (Backend::Snapshot(Arc::clone(preservation)), 0),
+    };
     let mut info = live.info.clone();
     info.name = export_name(&live.info.name, checkpoint);
     info.description = format!("snapshot of {:?} at checkpoint {checkpoint:?}", live.info.name);
@@ -135,15 +190,30 @@ pub fn open_export(
 }
 
 /// A snapshot being served.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Snapshot {
     /// The live export it was taken of.
     pub export: String,
+    /// Its image (copy-before-write snapshots are unregistered from it).
+    pub live: Arc<Image>,
     pub checkpoint: String,
     /// Its own export name (`export@checkpoint`).
     pub name: String,
-    pub clone: PathBuf,
+    /// The clone or scratch file.
+    pub path: PathBuf,
+    pub holder: Holder,
     pub created_unix_ms: u64,
+}
+
+impl Snapshot {
+    /// Stops preserving for it and removes its file (readers that have it
+    /// open keep reading until they close).
+    fn release(&self) {
+        if let Holder::CopyBeforeWrite(preservation) = &self.holder {
+            self.live.remove_copy_before_write(&preservation.scratch_path);
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// The snapshots the server serves.
@@ -161,20 +231,20 @@ impl Snapshots {
         self.list.lock().expect("snapshots lock").clone()
     }
 
-    /// Forgets the snapshot of `export` at `checkpoint` and removes its
-    /// clone (readers that have it open keep reading until they close).
+    /// Forgets the snapshot of `export` at `checkpoint` and releases what
+    /// it holds.
     pub fn remove(&self, export: &str, checkpoint: &str) -> Option<Snapshot> {
         let mut list = self.list.lock().expect("snapshots lock");
         let index = list.iter().position(|s| s.export == export && s.checkpoint == checkpoint)?;
         let snapshot = list.remove(index);
-        let _ = std::fs::remove_file(&snapshot.clone);
+        snapshot.release();
         Some(snapshot)
     }
 
-    /// Removes every clone (the server is stopping).
+    /// Releases every snapshot (the server is stopping).
     pub fn remove_all(&self) {
         for snapshot in self.list.lock().expect("snapshots lock").drain(..) {
-            let _ = std::fs::remove_file(&snapshot.clone);
+            snapshot.release();
         }
     }
 }

@@ -42,6 +42,8 @@ pub fn open(backend: &Backend, options: &TrackOptions, read_only: bool) -> Resul
                 .map_err(|e| ExportError::Tracking(format!("memory export: {e}")))?;
             return Ok(Some(Arc::new(tracker)));
         }
+        // A snapshot's changes are the frozen copy it was made with.
+        Backend::Snapshot(_) => return Ok(None),
         Backend::File(_) if !options.files => return Ok(None),
         Backend::File(file) => file,
     };

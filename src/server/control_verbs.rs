@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::backend::FileBackend;
+use crate::backend::copy_before_write::ScratchPolicy;
 use crate::control::Handler;
 use crate::control::protocol::{ControlError, ErrorKind, Verb};
-use crate::export::snapshot::{self, Snapshot, SnapshotError, Snapshots};
+use crate::export::snapshot::{self, Holder, Snapshot, SnapshotError, Snapshots};
 use crate::export::{Catalog, Export};
 use crate::meta::changes;
 use crate::track::{Checkpoint, TrackError, Tracker};
@@ -29,6 +29,8 @@ pub struct Verbs {
     pub catalog: Arc<Catalog>,
     pub workers: Arc<Workers>,
     pub snapshots: Arc<Snapshots>,
+    /// Scratch space of each copy-before-write snapshot.
+    pub scratch: ScratchPolicy,
     pub started: Instant,
     /// One checkpoint change at a time (freezes must not interleave).
     pub changing: Mutex<()>,
@@ -48,31 +50,54 @@ impl From<SnapshotError> for ControlError {
     }
 }
 
-/// With the image frozen: the clone, the tracking state as of now, and the
-/// checkpoint. Nothing is left at `clone` on failure.
+/// With the image frozen: what holds the snapshot's data (a clone, or the
+/// start of copy-before-write where the file system cannot clone), the
+/// tracking state as of now, and the checkpoint. Nothing is left at `path`
+/// and nothing stays registered on failure.
 fn cut_snapshot(
-    file: &FileBackend,
+    live: &Export,
     tracker: &Tracker,
-    clone: &Path,
+    path: &Path,
     name: &str,
-) -> Result<(Checkpoint, Tracker), ControlError> {
-    snapshot::reflink(file, clone)?;
+    scratch: ScratchPolicy,
+) -> Result<(Holder, Checkpoint, Tracker), ControlError> {
+    let file = snapshot::file_of(live)?;
+    let holder = match snapshot::reflink(file, path) {
+        Ok(()) => Holder::Clone,
+        Err(SnapshotError::CannotClone(..)) => {
+            Holder::CopyBeforeWrite(snapshot::start_copy_before_write(live, name, path, scratch)?)
+        }
+        Err(e) => return Err(e.into()),
+    };
     let cut = tracker
         .frozen_copy()
-        .map_err(|e| ControlError::from(SnapshotError::Io(clone.to_owned(), e)))
+        .map_err(|e| ControlError::from(SnapshotError::Io(path.to_owned(), e)))
         .and_then(|changes| Ok((tracker.create(name)?, changes)));
-    if cut.is_err() {
-        let _ = std::fs::remove_file(clone);
+    match cut {
+        Ok((checkpoint, changes)) => Ok((holder, checkpoint, changes)),
+        Err(e) => {
+            if let Holder::CopyBeforeWrite(preservation) = &holder {
+                live.image.remove_copy_before_write(&preservation.scratch_path);
+            }
+            let _ = std::fs::remove_file(path);
+            Err(e)
+        }
     }
-    cut
 }
 
 fn snapshot_json(s: &Snapshot) -> Value {
+    let (kind, scratch_bytes, broken) = match &s.holder {
+        Holder::Clone => ("reflink", None, false),
+        Holder::CopyBeforeWrite(p) => ("copy-before-write", Some(p.scratch_bytes()), p.is_broken()),
+    };
     json!({
         "export": s.export,
         "checkpoint": s.checkpoint,
         "name": s.name,
-        "clone": s.clone.display().to_string(),
+        "kind": kind,
+        "file": s.path.display().to_string(),
+        "scratch_bytes": scratch_bytes,
+        "broken": broken,
         "created_unix_ms": s.created_unix_ms,
     })
 }
@@ -220,30 +245,36 @@ impl Verbs {
             return Err(error(ErrorKind::Duplicate, format!("an export named {snapshot_name:?} exists")));
         }
         // Eras change only in `create`, which this lock serializes.
-        let clone = snapshot::clone_path(&file.path, tracker.current_era());
+        let path = snapshot::clone_path(&file.path, tracker.current_era());
         self.freeze(&export)?;
-        let cut = cut_snapshot(file, tracker, &clone, name);
+        let cut = cut_snapshot(&export, tracker, &path, name, self.scratch);
         self.workers.thaw(export.image.id);
-        let (checkpoint, changes) = cut?;
+        let (holder, checkpoint, changes) = cut?;
         self.catalog.refresh();
-        let served = snapshot::open_export(&export, name, &clone, changes, self.catalog.new_image_id());
-        let served = served.inspect_err(|_| {
-            let _ = std::fs::remove_file(&clone);
-        })?;
-        if self.catalog.add(Arc::new(served)).is_err() {
-            let _ = std::fs::remove_file(&clone);
-            return Err(error(ErrorKind::Duplicate, format!("an export named {snapshot_name:?} exists")));
-        }
         let record = Snapshot {
             export: export_name.to_owned(),
+            live: Arc::clone(&export.image),
             checkpoint: name.to_owned(),
             name: snapshot_name,
-            clone,
+            path,
+            holder,
             created_unix_ms: checkpoint.created_unix_ms,
         };
+        let served =
+            snapshot::open_export(&export, name, &record.path, &record.holder, changes, self.catalog.new_image_id());
+        // Registered first, so a failure below releases what it holds.
+        self.snapshots.add(record.clone());
+        let added = served.map_err(ControlError::from).and_then(|served| {
+            self.catalog
+                .add(Arc::new(served))
+                .map_err(|_| error(ErrorKind::Duplicate, format!("an export named {:?} exists", record.name)))
+        });
+        if let Err(e) = added {
+            self.snapshots.remove(export_name, name);
+            return Err(e);
+        }
         let reply =
             json!({ "snapshot": snapshot_json(&record), "checkpoint": checkpoint_json(export_name, &checkpoint) });
-        self.snapshots.add(record);
         Ok(reply)
     }
 

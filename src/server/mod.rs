@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::backend::Backend;
+use crate::backend::copy_before_write::ScratchPolicy;
 use crate::engine::EngineError;
 use crate::engine::handoff::Offers;
 use crate::engine::worker::WorkerConfig;
@@ -57,6 +58,8 @@ pub struct ServerConfig {
     pub buffer_bytes: usize,
     /// The control socket (`--control`).
     pub control: Option<PathBuf>,
+    /// Scratch space of copy-before-write snapshots.
+    pub snapshot_scratch: ScratchPolicy,
     pub worker: WorkerConfig,
     pub verbose: bool,
 }
@@ -105,6 +108,7 @@ pub fn serve(config: ServerConfig, exports: Vec<Export>) -> Result<(), ServerErr
                 catalog: Arc::clone(&catalog),
                 workers: Arc::clone(&workers),
                 snapshots: Arc::clone(&snapshots),
+                scratch: config.snapshot_scratch,
                 started: Instant::now(),
                 changing: Mutex::new(()),
             };

@@ -15,6 +15,7 @@ use super::super::block_status;
 use super::super::lookup::{LookupDone, LookupJob};
 use super::super::ops;
 use super::super::user_data::Token;
+use super::super::write_path;
 use super::Worker;
 
 /// Job vectors a worker keeps for reuse (one per lookup in flight at once).
@@ -42,12 +43,24 @@ impl Worker {
     /// Runs a request past its tracking gate against its backend.
     pub(super) fn run_request(&mut self, request: u32) {
         let req = &mut self.requests[request as usize];
-        if let Backend::Memory(memory) = &self.conns[req.conn as usize].export.image.backend {
-            let command = req.command;
-            let result = memory.execute(&command, req.data().bytes);
-            return self.follow(request, Next::Finished(result));
+        let image = &self.conns[req.conn as usize].export.image;
+        let command = req.command;
+        if let Some((offset, end)) = write_path::mutated_range(&command)
+            && let Err(failure) = image.preserve(offset, end)
+        {
+            return self.follow(request, Next::Finished(Err(failure)));
         }
-        self.file_step(request, FileCall::Start);
+        match &image.backend {
+            Backend::Memory(memory) => {
+                let result = memory.execute(&command, req.data().bytes);
+                self.follow(request, Next::Finished(result))
+            }
+            Backend::Snapshot(snapshot) => {
+                let result = snapshot.execute(&command, req.data().bytes);
+                self.follow(request, Next::Finished(result))
+            }
+            Backend::File(_) => self.file_step(request, FileCall::Start),
+        }
     }
 
     /// Asks every selected context's source; answers that need a scan go

@@ -1,0 +1,350 @@
+//! Copy-before-write snapshots, for images whose file system cannot clone
+//! (ext4, tmpfs): the first mutation of a chunk after the snapshot copies
+//! the chunk's old data into a sparse scratch file before the mutation is
+//! submitted, and the snapshot reads each chunk from the scratch file once
+//! preserved and from the live image until then.
+//!
+//! Each chunk is untouched, being copied (by one worker, which claimed it),
+//! or preserved. A mutation waits for the chunks it covers to be preserved;
+//! a worker that finds a chunk another worker is copying waits for that
+//! copy (one chunk's read and write). Reads of the snapshot pair with it
+//! like a seqlock: a chunk read from the live image is read again from the
+//! scratch file if it was preserved by the time the read finished. A chunk
+//! is preserved before any mutation of it is submitted, so a live read that
+//! finished while its chunk was still untouched saw the old data.
+//!
+//! Old data that is all zeroes is not written: the scratch file keeps a
+//! hole there, which reads back as the same zeroes and takes no space.
+//! Scratch space is bounded (`ScratchPolicy`); running out breaks the
+//! snapshot (its reads fail with EIO) or, if so configured, fails the live
+//! mutation with ENOSPC instead.
+//!
+//! The copies and the snapshot's reads are blocking pread/pwrite calls on
+//! the worker: correct, but a worker copying a chunk stalls its other
+//! connections for that long.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+
+use crate::meta::allocation::{Strategy, scan_file};
+use crate::proto::extent::{Extent, push_capped};
+use crate::proto::transmission::Command;
+use crate::proto::{Failure, NbdError};
+
+/// Granularity of preservation: 64 KiB.
+pub const CHUNK_SHIFT: u32 = 16;
+const CHUNK_BYTES: u64 = 1 << CHUNK_SHIFT;
+
+const UNTOUCHED: u8 = 0;
+const COPYING: u8 = 1;
+const PRESERVED: u8 = 2;
+
+/// What happens when the scratch file would grow past its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScratchFull {
+    /// The snapshot breaks (its readers get EIO); live writes go on.
+    BreakSnapshot,
+    /// Live mutations that need a copy fail with ENOSPC; the snapshot stays whole.
+    FailWrites,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScratchPolicy {
+    /// Bytes of old data the scratch file may hold.
+    pub bytes_max: u64,
+    pub when_full: ScratchFull,
+}
+
+pub struct CopyBeforeWrite {
+    /// The snapshot's export name, for log lines.
+    pub name: String,
+    /// The live image, read for old data (its own descriptor: buffered, any
+    /// offset and length).
+    live: File,
+    scratch: File,
+    pub scratch_path: PathBuf,
+    size: u64,
+    states: Box<[AtomicU8]>,
+    policy: ScratchPolicy,
+    /// Bytes of old data written to scratch (holes not counted).
+    used: AtomicU64,
+    broken: AtomicBool,
+}
+
+impl CopyBeforeWrite {
+    /// Preservation for an image of `size` bytes read through `live`, with
+    /// an empty scratch file (created sparse, `size` long).
+    pub fn new(
+        name: String,
+        live: File,
+        scratch: File,
+        scratch_path: PathBuf,
+        size: u64,
+        policy: ScratchPolicy,
+    ) -> io::Result<Self> {
+        scratch.set_len(size)?;
+        let chunks = size.div_ceil(CHUNK_BYTES) as usize;
+        let states = (0..chunks).map(|_| AtomicU8::new(UNTOUCHED)).collect();
+        Ok(Self {
+            name,
+            live,
+            scratch,
+            scratch_path,
+            size,
+            states,
+            policy,
+            used: AtomicU64::new(0),
+            broken: AtomicBool::new(false),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    /// Bytes of old data the scratch file holds.
+    pub fn scratch_bytes(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn chunks(&self, offset: u64, end: u64) -> std::ops::Range<usize> {
+        let end = end.min(self.size);
+        if offset >= end {
+            return 0..0;
+        }
+        (offset >> CHUNK_SHIFT) as usize..((end - 1) >> CHUNK_SHIFT) as usize + 1
+    }
+
+    fn chunk_range(&self, chunk: usize) -> (u64, u64) {
+        let start = (chunk as u64) << CHUNK_SHIFT;
+        (start, (start + CHUNK_BYTES).min(self.size))
+    }
+
+    fn break_snapshot(&self, why: &str) {
+        if !self.broken.swap(true, Ordering::AcqRel) {
+            eprintln!("ringnbd: snapshot {:?} is broken ({why}): its readers now get EIO", self.name);
+        }
+    }
+
+    /// Before a mutation of `[offset, end)` of the live image is submitted:
+    /// makes sure the old data of every chunk it touches is preserved.
+    /// Fails only under [`ScratchFull::FailWrites`] when scratch is full.
+    pub fn preserve(&self, offset: u64, end: u64) -> Result<(), Failure> {
+        let mut buffer = Vec::new();
+        for chunk in self.chunks(offset, end) {
+            if self.is_broken() {
+                return Ok(());
+            }
+            let state = &self.states[chunk];
+            loop {
+                match state.compare_exchange(UNTOUCHED, COPYING, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => {
+                        let copied = self.copy(chunk, &mut buffer);
+                        let failed = copied.is_err();
+                        // Released even when the copy failed, so nobody waits forever:
+                        // a failure either broke the snapshot or fails this write.
+                        state.store(if failed { UNTOUCHED } else { PRESERVED }, Ordering::Release);
+                        copied?;
+                        break;
+                    }
+                    Err(PRESERVED) => break,
+                    // Another worker copies this chunk: one read and write.
+                    Err(_) if self.is_broken() => return Ok(()),
+                    Err(_) => std::thread::yield_now(),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn copy(&self, chunk: usize, buffer: &mut Vec<u8>) -> Result<(), Failure> {
+        let (start, end) = self.chunk_range(chunk);
+        buffer.resize((end - start) as usize, 0);
+        if let Err(e) = self.live.read_exact_at(buffer, start) {
+            self.break_snapshot(&format!("reading old data at {start}: {e}"));
+            return Ok(());
+        }
+        if buffer.iter().all(|&b| b == 0) {
+            return Ok(()); // the scratch file's hole reads the same
+        }
+        let len = buffer.len() as u64;
+        let used = self.used.fetch_add(len, Ordering::Relaxed) + len;
+        if used > self.policy.bytes_max {
+            self.used.fetch_sub(len, Ordering::Relaxed);
+            return match self.policy.when_full {
+                ScratchFull::BreakSnapshot => {
+                    self.break_snapshot(&format!("scratch space full at {} bytes", self.policy.bytes_max));
+                    Ok(())
+                }
+                ScratchFull::FailWrites => {
+                    Err(NbdError::NoSpc.because("the snapshot's scratch space is full; the write would destroy it"))
+                }
+            };
+        }
+        if let Err(e) = self.scratch.write_all_at(buffer, start) {
+            self.break_snapshot(&format!("writing scratch at {start}: {e}"));
+        }
+        Ok(())
+    }
+
+    /// Runs a request on the snapshot export (read-only: validation has
+    /// refused mutations before they get here).
+    pub fn execute(&self, command: &Command, data: &mut [u8]) -> Result<(), Failure> {
+        match *command {
+            Command::Read { offset, length, .. } => self.read(offset, &mut data[..length as usize]),
+            Command::Flush | Command::Cache { .. } => Ok(()),
+            _ => Err(NbdError::Perm.because("snapshots are read-only")),
+        }
+    }
+
+    /// Reads the snapshot's `[offset, offset + out.len())`.
+    pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), Failure> {
+        const BROKEN: Failure = NbdError::Io.because("the snapshot is broken (see the server log)");
+        let end = offset + out.len() as u64;
+        let mut at = offset;
+        for chunk in self.chunks(offset, end) {
+            let (_, chunk_end) = self.chunk_range(chunk);
+            let piece = &mut out[(at - offset) as usize..(chunk_end.min(end) - offset) as usize];
+            let state = &self.states[chunk];
+            let mut from_scratch = state.load(Ordering::Acquire) == PRESERVED;
+            if !from_scratch {
+                self.live.read_exact_at(piece, at).map_err(|e| Failure::from_errno(errno(&e)))?;
+                // Preserved meanwhile: a mutation may have changed the live
+                // data during the read, but the scratch copy is the old one.
+                from_scratch = state.load(Ordering::Acquire) == PRESERVED;
+            }
+            if from_scratch {
+                self.scratch.read_exact_at(piece, at).map_err(|e| Failure::from_errno(errno(&e)))?;
+            }
+            at = chunk_end.min(end);
+        }
+        // Checked last: a snapshot that broke during the read may have
+        // handed out data that is not the snapshot's.
+        if self.is_broken() { Err(BROKEN) } else { Ok(()) }
+    }
+
+    /// Allocation of the snapshot's `[offset, end)`: the scratch file's for
+    /// preserved chunks, the live image's elsewhere (each run of chunks in
+    /// one state scanned together, live runs re-scanned from scratch if
+    /// they were preserved during the scan). Blocking; for the lookup helper.
+    pub fn scan(&self, offset: u64, end: u64, extents_max: usize, out: &mut Vec<Extent>) -> io::Result<()> {
+        let end = end.min(self.size);
+        let mut at = offset;
+        let (mut live_strategy, mut scratch_strategy) =
+            (Strategy::for_file(self.live.as_raw_fd()), Strategy::for_file(self.scratch.as_raw_fd()));
+        while at < end && out.len() < extents_max {
+            let first = (at >> CHUNK_SHIFT) as usize;
+            let preserved = |c: usize| self.states[c].load(Ordering::Acquire) == PRESERVED;
+            let state = preserved(first);
+            let mut last = first;
+            while last + 1 < self.states.len()
+                && (((last + 1) as u64) << CHUNK_SHIFT) < end
+                && preserved(last + 1) == state
+            {
+                last += 1;
+            }
+            let stop = self.chunk_range(last).1.min(end);
+            let mut run = Vec::new();
+            if state {
+                scan_file(self.scratch.as_raw_fd(), at, stop, extents_max, &mut scratch_strategy, &mut run)?;
+            } else {
+                scan_file(self.live.as_raw_fd(), at, stop, extents_max, &mut live_strategy, &mut run)?;
+                if (first..=last).any(preserved) {
+                    continue; // scanned again from where it stands now
+                }
+            }
+            let covered: u64 = run.iter().map(|e| e.length).sum();
+            for extent in run {
+                if !push_capped(out, extent, extents_max) {
+                    return Ok(());
+                }
+            }
+            if covered == 0 {
+                break;
+            }
+            at += covered;
+        }
+        if self.is_broken() { Err(io::Error::from_raw_os_error(libc::EIO)) } else { Ok(()) }
+    }
+}
+
+fn errno(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(tag: &str, size: u64, policy: ScratchPolicy) -> (PathBuf, File, CopyBeforeWrite) {
+        let dir = std::env::temp_dir().join(format!("ringnbd-cbw-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("disk.img");
+        std::fs::write(&image, vec![0xa1; size as usize]).unwrap();
+        let writer = File::options().read(true).write(true).open(&image).unwrap();
+        let scratch_path = dir.join("scratch");
+        let scratch = File::options().read(true).write(true).create(true).truncate(true).open(&scratch_path).unwrap();
+        let cbw =
+            CopyBeforeWrite::new("disk@t".into(), File::open(&image).unwrap(), scratch, scratch_path, size, policy)
+                .unwrap();
+        (dir, writer, cbw)
+    }
+
+    const ROOMY: ScratchPolicy = ScratchPolicy { bytes_max: u64::MAX, when_full: ScratchFull::BreakSnapshot };
+
+    #[test]
+    fn preserved_chunks_read_their_old_data_after_live_writes() {
+        let size = 4 * CHUNK_BYTES + 100;
+        let (dir, live, cbw) = fixture("old", size, ROOMY);
+        for (offset, len) in [(10, 20), (CHUNK_BYTES - 5, 10), (4 * CHUNK_BYTES + 50, 50)] {
+            cbw.preserve(offset, offset + len).unwrap();
+            live.write_all_at(&vec![0xb2; len as usize], offset).unwrap();
+        }
+        let mut all = vec![0; size as usize];
+        cbw.read(0, &mut all).unwrap();
+        assert!(all.iter().all(|&b| b == 0xa1), "every byte as it was");
+        let mut piece = vec![0; 30];
+        cbw.read(CHUNK_BYTES - 15, &mut piece).unwrap();
+        assert!(piece.iter().all(|&b| b == 0xa1));
+        assert_eq!(cbw.scratch_bytes(), 2 * CHUNK_BYTES + 100, "three chunks copied, the last one short");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn zero_chunks_stay_holes_and_a_full_scratch_breaks_or_refuses() {
+        let (dir, live, cbw) = fixture(
+            "full",
+            4 * CHUNK_BYTES,
+            ScratchPolicy { bytes_max: CHUNK_BYTES, when_full: ScratchFull::BreakSnapshot },
+        );
+        live.write_all_at(&vec![0; CHUNK_BYTES as usize], 0).unwrap();
+        cbw.preserve(0, 1).unwrap();
+        assert_eq!(cbw.scratch_bytes(), 0, "zeroes are not copied");
+        cbw.preserve(CHUNK_BYTES, CHUNK_BYTES + 1).unwrap();
+        assert!(!cbw.is_broken());
+        cbw.preserve(2 * CHUNK_BYTES, 2 * CHUNK_BYTES + 1).unwrap();
+        assert!(cbw.is_broken(), "the second copy does not fit");
+        assert_eq!(cbw.read(0, &mut [0; 10]).unwrap_err().code, NbdError::Io);
+        std::fs::remove_dir_all(dir).unwrap();
+
+        let (dir, _live, cbw) = fixture(
+            "refuse",
+            4 * CHUNK_BYTES,
+            ScratchPolicy { bytes_max: CHUNK_BYTES, when_full: ScratchFull::FailWrites },
+        );
+        cbw.preserve(0, 1).unwrap();
+        assert_eq!(cbw.preserve(CHUNK_BYTES, CHUNK_BYTES + 1).unwrap_err().code, NbdError::NoSpc);
+        cbw.preserve(0, 10).unwrap(); // already preserved: no copy needed
+        assert!(!cbw.is_broken());
+        assert_eq!(cbw.preserve(CHUNK_BYTES, CHUNK_BYTES + 1).unwrap_err().code, NbdError::NoSpc, "still untouched");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
