@@ -144,6 +144,10 @@ impl CopyBeforeWrite {
                 return Ok(());
             }
             let state = &self.states[chunk];
+            // The steady state: a load, no write to the shared line.
+            if state.load(Ordering::Acquire) == PRESERVED {
+                continue;
+            }
             loop {
                 match state.compare_exchange(UNTOUCHED, COPYING, Ordering::AcqRel, Ordering::Acquire) {
                     Ok(_) => {
