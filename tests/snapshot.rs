@@ -484,3 +484,56 @@ fn three_generations_of_incremental_backup_from_snapshots_while_fio_writes() {
     let _ = fio.kill();
     let _ = fio.wait();
 }
+
+/// A loop device over a file, detached on drop.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    fn over(file: &Path) -> Option<Self> {
+        if !require("losetup") {
+            return None;
+        }
+        let device = run_ok("losetup", &["--find", "--show", file.to_str().unwrap()]);
+        Some(LoopDevice(device.trim().to_owned()))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_block_device_snapshot_is_copy_before_write_with_its_scratch_in_the_state_dir() {
+    if !clients_present() {
+        return;
+    }
+    let dir = TempDir::new("snapshot-blockdev");
+    let backing = dir.path("backing.img");
+    std::fs::write(&backing, vec![A; 16 * MIB as usize]).unwrap();
+    let Some(device) = LoopDevice::over(&backing) else { return };
+    let state = dir.path("state");
+    std::fs::create_dir(&state).unwrap();
+    let control = dir.path("ctl.sock");
+    let args =
+        ["--state-dir", state.to_str().unwrap(), "--control", control.to_str().unwrap(), &format!("dev={}", device.0)];
+    let server = Server::start(&args);
+    let created = ctl_ok(&control, &["snapshot", "create", "dev", "s"]);
+    assert_eq!(created["snapshot"]["kind"], "copy-before-write");
+    let scratch = PathBuf::from(created["snapshot"]["file"].as_str().unwrap());
+    assert!(scratch.starts_with(&state) && scratch.exists(), "scratch beside the state file: {scratch:?}");
+    let live = export_uri(&server, "dev");
+    let at = offsets(200, 0, 16 * MIB, 5);
+    assert!(qemu_io_writes(&live, B, &at).wait().unwrap().success());
+    let copy = dir.path("copy");
+    run_ok("nbdcopy", &[&export_uri(&server, "dev@s"), copy.to_str().unwrap()]);
+    assert!(std::fs::read(&copy).unwrap().iter().all(|&b| b == A), "the device as it was");
+    let now = dir.path("now");
+    run_ok("nbdcopy", &[&live, now.to_str().unwrap()]);
+    let bytes = std::fs::read(&now).unwrap();
+    assert!(at.iter().all(|&o| bytes[o as usize] == B), "the live writes landed");
+    ctl_ok(&control, &["snapshot", "delete", "dev", "s"]);
+    assert!(!scratch.exists());
+    drop(server);
+}

@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use crate::meta::allocation::{Strategy, scan_file};
-use crate::proto::extent::{Extent, push_capped};
+use crate::proto::extent::{DATA, Extent, push_capped};
 use crate::proto::transmission::Command;
 use crate::proto::{Failure, NbdError};
 
@@ -65,6 +65,8 @@ pub struct CopyBeforeWrite {
     /// The live image, read for old data (its own descriptor: buffered, any
     /// offset and length).
     live: File,
+    /// Block devices have no holes to scan: their chunks report data.
+    live_is_device: bool,
     scratch: File,
     pub scratch_path: PathBuf,
     size: u64,
@@ -87,11 +89,13 @@ impl CopyBeforeWrite {
         policy: ScratchPolicy,
     ) -> io::Result<Self> {
         scratch.set_len(size)?;
+        let live_is_device = std::os::unix::fs::FileTypeExt::is_block_device(&live.metadata()?.file_type());
         let chunks = size.div_ceil(CHUNK_BYTES) as usize;
         let states = (0..chunks).map(|_| AtomicU8::new(UNTOUCHED)).collect();
         Ok(Self {
             name,
             live,
+            live_is_device,
             scratch,
             scratch_path,
             size,
@@ -259,6 +263,8 @@ impl CopyBeforeWrite {
             let mut run = Vec::new();
             if state {
                 scan_file(self.scratch.as_raw_fd(), at, stop, extents_max, &mut scratch_strategy, &mut run)?;
+            } else if self.live_is_device {
+                run.push(Extent { length: stop - at, status: DATA });
             } else {
                 scan_file(self.live.as_raw_fd(), at, stop, extents_max, &mut live_strategy, &mut run)?;
                 if (first..=last).any(preserved) {

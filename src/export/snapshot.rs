@@ -48,8 +48,8 @@ pub enum SnapshotError {
     CannotClone(PathBuf, io::Error),
     #[error("{0}: {1}")]
     Io(PathBuf, io::Error),
-    /// Only regular-file images can be cloned.
-    #[error("export {0:?} is not a file image: snapshots need a regular file")]
+    /// Memory exports have no file to hold a snapshot.
+    #[error("export {0:?} is in memory: snapshots need a file or block device")]
     NotAFile(String),
 }
 
@@ -58,16 +58,25 @@ pub fn export_name(export: &str, checkpoint: &str) -> String {
     format!("{export}{SEPARATOR}{checkpoint}")
 }
 
-/// Where the clone of `image` for the checkpoint of era `era` goes: beside
-/// the image, because a clone cannot leave its file system.
+/// The path snapshot files of an image are named after: the image itself
+/// for a regular file (a clone cannot leave its file system), its state
+/// file for a block device (`/dev` is no place for scratch files; tracking
+/// a block device needs `--state-dir`).
+pub fn files_base<'a>(file: &'a FileBackend, tracker: &'a Tracker) -> Option<&'a Path> {
+    if file.is_block_device { tracker.state_path() } else { Some(&file.path) }
+}
+
+/// Where the snapshot file for the checkpoint of era `era` goes, for an
+/// image whose [`files_base`] is `image`.
 pub fn clone_path(image: &Path, era: u32) -> PathBuf {
     let mut name = image.file_name().unwrap_or_default().to_os_string();
     name.push(format!("{CLONE_SUFFIX}{era}"));
     image.with_file_name(name)
 }
 
-/// Removes clones of `image` that an earlier run left (it crashed, or was
-/// killed, before it could remove them). Returns how many went.
+/// Removes snapshot files named after `image` (see [`files_base`]) that an
+/// earlier run left (it crashed, or was killed, before it could remove
+/// them). Returns how many went.
 pub fn remove_stale_clones(image: &Path) -> usize {
     let (Some(dir), Some(name)) = (image.parent(), image.file_name()) else { return 0 };
     let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
@@ -82,18 +91,22 @@ pub fn remove_stale_clones(image: &Path) -> usize {
     stale.filter(|entry| std::fs::remove_file(entry.path()).is_ok()).count()
 }
 
-/// The image of `export` as a regular file, or why it cannot be cloned.
+/// The image of `export` as a file or block device, or why it has none.
 pub fn file_of(export: &Export) -> Result<&FileBackend, SnapshotError> {
     match &export.image.backend {
-        Backend::File(file) if !file.is_block_device => Ok(file),
+        Backend::File(file) => Ok(file),
         _ => Err(SnapshotError::NotAFile(export.info.name.clone())),
     }
 }
 
 /// A new file at `path` sharing every block of `image` (FICLONE). The
 /// caller holds the image's mutations frozen. On failure nothing is left
-/// at `path`.
+/// at `path`; block devices cannot be cloned.
 pub fn reflink(image: &FileBackend, path: &Path) -> Result<(), SnapshotError> {
+    if image.is_block_device {
+        let unsupported = io::Error::from_raw_os_error(libc::EOPNOTSUPP);
+        return Err(SnapshotError::CannotClone(image.path.clone(), unsupported));
+    }
     let io_error = |e| SnapshotError::Io(path.to_owned(), e);
     let clone = OpenOptions::new()
         .write(true)

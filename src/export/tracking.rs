@@ -52,11 +52,13 @@ pub fn open(backend: &Backend, options: &TrackOptions, read_only: bool) -> Resul
         std::io::ErrorKind::WouldBlock => ExportError::InUse(file.path.clone()),
         _ => ExportError::Tracking(format!("{}: cannot lock: {e}", file.path.display())),
     })?;
-    if !read_only && !file.is_block_device {
-        // Holding the lock, no other server can be serving these.
-        let removed = super::snapshot::remove_stale_clones(&file.path);
+    if !read_only {
+        // Holding the lock, no other server can be serving these (named
+        // as `snapshot::files_base` says).
+        let base = if file.is_block_device { &path } else { &file.path };
+        let removed = super::snapshot::remove_stale_clones(base);
         if removed > 0 {
-            eprintln!("ringnbd: {}: removed {removed} snapshot clone(s) a previous run left", file.path.display());
+            eprintln!("ringnbd: {}: removed {removed} snapshot file(s) a previous run left", file.path.display());
         }
     }
     let metadata = file.metadata().map_err(|e| ExportError::Tracking(format!("{}: {e}", file.path.display())))?;

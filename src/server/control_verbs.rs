@@ -245,7 +245,13 @@ impl Verbs {
             return Err(error(ErrorKind::Duplicate, format!("an export named {snapshot_name:?} exists")));
         }
         // Eras change only in `create`, which this lock serializes.
-        let path = snapshot::clone_path(&file.path, tracker.current_era());
+        let Some(base) = snapshot::files_base(file, tracker) else {
+            return Err(error(
+                ErrorKind::Unsupported,
+                format!("export {export_name:?} keeps no state file to name snapshots after"),
+            ));
+        };
+        let path = snapshot::clone_path(base, tracker.current_era());
         self.freeze(&export)?;
         let cut = cut_snapshot(&export, tracker, &path, name, self.scratch);
         self.workers.thaw(export.image.id);
