@@ -537,3 +537,44 @@ fn a_block_device_snapshot_is_copy_before_write_with_its_scratch_in_the_state_di
     assert!(!scratch.exists());
     drop(server);
 }
+
+#[test]
+fn a_reader_of_a_deleted_copy_before_write_snapshot_gets_eio_not_new_data() {
+    if !(clients_present() && require("nbd-python")) {
+        return;
+    }
+    let dir = TempDir::new("snapshot-deleted-reader");
+    let (server, control, live) = serve_pattern_a(&dir.0, &[]);
+    ctl_ok(&control, &["snapshot", "create", "disk", "s"]);
+    let script = r#"
+import nbd, subprocess, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+assert h.pread(4096, 0) == b"\xa1" * 4096, "the snapshot before the delete"
+subprocess.run(sys.argv[3:], check=True, stdout=subprocess.DEVNULL)
+subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 178 0 4k", sys.argv[2]], check=True, stdout=subprocess.DEVNULL)
+try:
+    data = h.pread(4096, 0)
+    print("read", data[:1].hex())
+except nbd.Error as e:
+    print("error", e.errno)
+"#;
+    let binary = binary();
+    let control = control.to_str().unwrap();
+    let out = python(
+        script,
+        &[
+            &export_uri(&server, "disk@s"),
+            &live,
+            &binary,
+            "ctl",
+            "--control",
+            control,
+            "snapshot",
+            "delete",
+            "disk",
+            "s",
+        ],
+    );
+    assert_eq!(out.trim(), "error EIO", "the reader is told, not handed live data");
+}

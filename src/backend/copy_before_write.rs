@@ -132,6 +132,13 @@ impl CopyBeforeWrite {
         (start, (start + CHUNK_BYTES).min(self.size))
     }
 
+    /// The snapshot was deleted: mutations stop preserving for it, so any
+    /// reader still connected must not be handed live data as the
+    /// snapshot's. It gets EIO from now on.
+    pub fn retire(&self) {
+        self.broken.store(true, Ordering::Release);
+    }
+
     fn break_snapshot(&self, why: &str) {
         if !self.broken.swap(true, Ordering::AcqRel) {
             eprintln!("ringnbd: snapshot {:?} is broken ({why}): its readers now get EIO", self.name);

@@ -16,9 +16,11 @@
 //! snapshot since each earlier checkpoint.
 //!
 //! Snapshots last as long as the server: deleting one (or stopping the
-//! server) removes its export and its clone; connections already reading
-//! it keep their open descriptor until they close. Clones a crashed run
-//! left behind are removed when the image is served again.
+//! server) removes its export and its file. Connections still reading a
+//! deleted clone keep their open descriptor until they close; those
+//! reading a deleted copy-before-write snapshot get EIO, since nothing
+//! preserves its old data any more. Files a crashed run left behind are
+//! removed when the image is served again.
 
 use std::fs::OpenOptions;
 use std::io;
@@ -223,6 +225,9 @@ impl Snapshot {
     /// open keep reading until they close).
     fn release(&self) {
         if let Holder::CopyBeforeWrite(preservation) = &self.holder {
+            // Retired first: a read that checks after its data arrived
+            // never passes off live data changed after this point.
+            preservation.retire();
             self.live.remove_copy_before_write(&preservation.scratch_path);
         }
         let _ = std::fs::remove_file(&self.path);
