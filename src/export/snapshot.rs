@@ -101,6 +101,12 @@ pub fn file_of(export: &Export) -> Result<&FileBackend, SnapshotError> {
     }
 }
 
+/// A new file only the server's user can read, failing if `path` exists
+/// (so a snapshot never takes over a file it did not make).
+fn create_private(path: &Path) -> io::Result<std::fs::File> {
+    OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).custom_flags(libc::O_CLOEXEC).open(path)
+}
+
 /// A new file at `path` sharing every block of `image` (FICLONE). The
 /// caller holds the image's mutations frozen. On failure nothing is left
 /// at `path`; block devices cannot be cloned.
@@ -110,13 +116,7 @@ pub fn reflink(image: &FileBackend, path: &Path) -> Result<(), SnapshotError> {
         return Err(SnapshotError::CannotClone(image.path.clone(), unsupported));
     }
     let io_error = |e| SnapshotError::Io(path.to_owned(), e);
-    let clone = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .map_err(io_error)?;
+    let clone = create_private(path).map_err(io_error)?;
     // SAFETY: FICLONE takes the source descriptor as its argument; both
     // descriptors are open for the call.
     let rc = unsafe { libc::ioctl(clone.as_raw_fd(), libc::FICLONE, image.buffered_fd()) };
@@ -154,14 +154,7 @@ pub fn start_copy_before_write(
 ) -> Result<Arc<CopyBeforeWrite>, SnapshotError> {
     let file = file_of(live)?;
     let io_error = |e| SnapshotError::Io(path.to_owned(), e);
-    let scratch = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .map_err(io_error)?;
+    let scratch = create_private(path).map_err(io_error)?;
     let made = std::fs::File::open(&file.path).and_then(|old_data| {
         let name = export_name(&live.info.name, checkpoint);
         CopyBeforeWrite::new(name, old_data, scratch, path.to_owned(), file.size, policy)

@@ -23,12 +23,12 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::proto::extent::{Extent, push_capped};
-use crate::proto::reply::{DescriptorFormat, Encoded};
 
-use super::since::SinceIndex;
+use super::since::{SinceBitmap, SinceIndex};
 
 /// Granules per summary entry (64 MiB at the default granularity).
 pub const SUMMARY_GRANULES: usize = 1024;
@@ -250,21 +250,18 @@ impl EraMap {
         }
     }
 
-    /// The answer [`Self::dirty_extents`] gives from the checkpoint's
-    /// bitmap, written straight as descriptors in format `F` (see
-    /// [`SinceBitmap::encode`](super::since::SinceBitmap::encode)). None
-    /// when no bitmap is kept for `since` yet.
-    pub fn encode_dirty<F: DescriptorFormat>(
-        &self,
-        offset: u64,
-        length: u64,
-        since: u32,
-        extents_max: usize,
-        out: &mut [u8],
-    ) -> Option<Encoded> {
-        let bitmap = self.since.get(since)?;
-        let end = (offset + length).min(self.size_bytes);
-        Some(bitmap.encode::<F>(offset, end, self.granule_shift, STATE_DIRTY, extents_max, out))
+    /// The "changed since" bitmap kept for checkpoint era `since`, if any.
+    pub fn since_bitmap(&self, since: u32) -> Option<Arc<SinceBitmap>> {
+        self.since.get(since)
+    }
+
+    /// Bytes in the image the eras cover.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    pub fn granule_shift(&self) -> u32 {
+        self.granule_shift
     }
 
     /// A bitmap is kept for checkpoint era `since`.

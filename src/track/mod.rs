@@ -446,7 +446,9 @@ impl Tracker {
         extents_max: usize,
         out: &mut [u8],
     ) -> Option<Encoded> {
-        self.eras.encode_dirty::<F>(offset, length, since, extents_max, out)
+        let bitmap = self.eras.since_bitmap(since)?;
+        let end = (offset + length).min(self.eras.size_bytes());
+        Some(bitmap.encode::<F>(offset, end, self.eras.granule_shift(), eras::STATE_DIRTY, extents_max, out))
     }
 
     /// `ringnbd:era` extents: the era of each range's last change.

@@ -226,21 +226,27 @@ impl SinceIndex {
 mod tests {
     use super::*;
 
+    /// Each granule set with odds 1 in `one_in` (xorshift from `seed`):
+    /// long runs and single granules both.
+    fn random_bitmap(granules: usize, seed: &mut u64, one_in: u64) -> SinceBitmap {
+        let b = SinceBitmap::new(1, granules);
+        for g in 0..granules {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            if seed.is_multiple_of(one_in) {
+                b.set(g);
+            }
+        }
+        b
+    }
+
     #[test]
     fn runs_match_a_bit_by_bit_walk() {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         for round in 0..200 {
             let granules = 1 + round * 7 % 400;
-            let b = SinceBitmap::new(1, granules);
-            for g in 0..granules {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                // Long runs and single granules both.
-                if seed.is_multiple_of(1 + round as u64 % 5) {
-                    b.set(g);
-                }
-            }
+            let b = random_bitmap(granules, &mut seed, 1 + round as u64 % 5);
             let from = round % granules;
             let to = (from + 1 + round * 13 % granules).min(granules);
             let mut expected = Vec::new();
@@ -264,15 +270,7 @@ mod tests {
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         for round in 0..300 {
             let granules = 1 + round * 11 % 700;
-            let b = SinceBitmap::new(1, granules);
-            for g in 0..granules {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                if seed.is_multiple_of(1 + round as u64 % 6) {
-                    b.set(g);
-                }
-            }
+            let b = random_bitmap(granules, &mut seed, 1 + round as u64 % 6);
             // Byte ranges that start and end mid-granule, and image ends
             // that cut the last granule short.
             let size = ((granules as u64) << shift) - (round as u64 % 3) * 100;
