@@ -578,3 +578,27 @@ except nbd.Error as e:
     );
     assert_eq!(out.trim(), "error EIO", "the reader is told, not handed live data");
 }
+
+#[test]
+fn snapshots_can_be_taken_at_start_for_scripts_without_the_control_socket() {
+    if !clients_present() {
+        return;
+    }
+    let dir = TempDir::new("snapshot-at-start");
+    let (server, control, live) = serve_pattern_a(&dir.0, &["--snapshot", "disk=boot"]);
+    assert!(exports_listed(&server).contains(&"disk@boot".to_owned()));
+    assert!(wrote(&qemu_io_write(&live, B, 0, 64 * 1024)));
+    let copy = dir.path("copy");
+    run_ok("nbdcopy", &[&export_uri(&server, "disk@boot"), copy.to_str().unwrap()]);
+    assert!(std::fs::read(&copy).unwrap().iter().all(|&b| b == A));
+    assert_eq!(ctl_ok(&control, &["checkpoint", "list", "disk"])["checkpoints"][0]["name"], "boot");
+    drop(server);
+
+    // Nothing to snapshot: the server refuses to start, and says why.
+    let image = dir.path("plain.img");
+    sparse_file(&image, MIB);
+    let out = run(&binary(), &["-U", dir.path("s.sock").to_str().unwrap(), "--snapshot", "x", image.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("--snapshot x: no tracked read-write file export"), "{text}");
+}

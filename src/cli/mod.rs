@@ -159,6 +159,12 @@ pub struct Cli {
     #[arg(long, value_name = "[EXPORT=]NAME")]
     pub checkpoint: Vec<String>,
 
+    /// Take snapshot NAME (checkpoint NAME and the read-only export
+    /// EXPORT@NAME, doc/snapshots.md) at start, of export EXPORT or of every
+    /// tracked read-write file export (repeatable).
+    #[arg(long, value_name = "[EXPORT=]NAME")]
+    pub snapshot: Vec<String>,
+
     /// Most old data one copy-before-write snapshot may keep in its scratch
     /// file (e.g. 10G; doc/snapshots.md). Default: no limit but the image's
     /// size.
@@ -352,6 +358,7 @@ impl Cli {
             handshakes_max: 1024,
             buffer_bytes: self.buffers.unwrap_or_else(default_buffer_bytes),
             control: self.control.clone(),
+            snapshots: self.snapshot.clone(),
             snapshot_scratch: ScratchPolicy {
                 bytes_max: self.snapshot_scratch_max.unwrap_or(u64::MAX),
                 when_full: match self.snapshot_scratch_full {

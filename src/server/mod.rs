@@ -40,6 +40,9 @@ pub enum ServerError {
     /// Threads, eventfds or signal masks could not be set up.
     #[error("{what}: {source}")]
     System { what: &'static str, source: std::io::Error },
+    /// A `--snapshot` could not be taken.
+    #[error("--snapshot {spec}: {message}")]
+    Snapshot { spec: String, message: String },
 }
 
 #[derive(Debug, Clone)]
@@ -60,6 +63,8 @@ pub struct ServerConfig {
     pub control: Option<PathBuf>,
     /// Scratch space of copy-before-write snapshots.
     pub snapshot_scratch: ScratchPolicy,
+    /// `--snapshot [EXPORT=]NAME` values: snapshots taken at start.
+    pub snapshots: Vec<String>,
     pub worker: WorkerConfig,
     pub verbose: bool,
 }
@@ -81,6 +86,20 @@ pub fn serve(config: ServerConfig, exports: Vec<Export>) -> Result<(), ServerErr
     let shutdown = Arc::new(AtomicBool::new(false));
     let (workers, threads) = spawn_workers(&config, &exports, &shutdown)?;
     let workers = Arc::new(workers);
+    let snapshots = Arc::new(Snapshots::default());
+    let verbs = Arc::new(control_verbs::Verbs {
+        catalog: Arc::clone(&catalog),
+        workers: Arc::clone(&workers),
+        snapshots: Arc::clone(&snapshots),
+        scratch: config.snapshot_scratch,
+        started: Instant::now(),
+        changing: Mutex::new(()),
+    });
+    // Before any client can connect, so scripts find them from the start.
+    if let Err(e) = take_start_snapshots(&verbs, &exports, &config.snapshots) {
+        snapshots.remove_all();
+        return Err(e);
+    }
 
     let accept_config = Arc::new(AcceptConfig {
         offers: Arc::clone(&catalog) as Arc<dyn Offers>,
@@ -101,18 +120,9 @@ pub fn serve(config: ServerConfig, exports: Vec<Export>) -> Result<(), ServerErr
             drop(listeners); // removes Unix socket files
         })
         .map_err(system("spawn acceptor"))?;
-    let snapshots = Arc::new(Snapshots::default());
     let controller = match control_listener {
         Some(listener) => {
-            let verbs = control_verbs::Verbs {
-                catalog: Arc::clone(&catalog),
-                workers: Arc::clone(&workers),
-                snapshots: Arc::clone(&snapshots),
-                scratch: config.snapshot_scratch,
-                started: Instant::now(),
-                changing: Mutex::new(()),
-            };
-            let handler: Arc<dyn crate::control::Handler> = Arc::new(verbs);
+            let handler: Arc<dyn crate::control::Handler> = Arc::clone(&verbs) as _;
             let thread = std::thread::Builder::new()
                 .name("ringnbd-control-accept".into())
                 .spawn(move || crate::control::serve(listener, stop_fd, handler))
@@ -147,6 +157,39 @@ pub fn serve(config: ServerConfig, exports: Vec<Export>) -> Result<(), ServerErr
     // Snapshots last as long as the server (doc/snapshots.md).
     snapshots.remove_all();
     first_error.map_or(Ok(()), |e| Err(e.into()))
+}
+
+/// `--snapshot [EXPORT=]NAME`: on EXPORT when it names one, else on every
+/// tracked read-write file export.
+fn take_start_snapshots(
+    verbs: &control_verbs::Verbs,
+    exports: &[Arc<Export>],
+    wanted: &[String],
+) -> Result<(), ServerError> {
+    use crate::control::Handler;
+    for spec in wanted {
+        let named = spec.split_once('=').filter(|(export, _)| exports.iter().any(|e| e.info.name == *export));
+        let (targets, name): (Vec<&str>, &str) = match named {
+            Some((export, name)) => (vec![export], name),
+            None => {
+                let tracked = exports
+                    .iter()
+                    .filter(|e| e.image.track.is_some() && !e.read_only && matches!(e.image.backend, Backend::File(_)));
+                (tracked.map(|e| e.info.name.as_str()).collect(), spec.as_str())
+            }
+        };
+        if targets.is_empty() {
+            let message = "no tracked read-write file export to snapshot (add --track)".to_owned();
+            return Err(ServerError::Snapshot { spec: spec.clone(), message });
+        }
+        for export in targets {
+            let verb =
+                crate::control::protocol::Verb::SnapshotCreate { export: export.to_owned(), name: name.to_owned() };
+            verbs.handle(&verb).map_err(|e| ServerError::Snapshot { spec: spec.clone(), message: e.message })?;
+            eprintln!("ringnbd: serving snapshot {:?}", crate::export::snapshot::export_name(export, name));
+        }
+    }
+    Ok(())
 }
 
 /// The last thing done to an image: flush it, then record the clean
