@@ -276,7 +276,10 @@ impl Verbs {
                 .map_err(|_| error(ErrorKind::Duplicate, format!("an export named {:?} exists", record.name)))
         });
         if let Err(e) = added {
+            // Nothing is left of a snapshot that could not be served, its
+            // checkpoint included.
             self.snapshots.remove(export_name, name);
+            let _ = tracker.delete(name);
             return Err(e);
         }
         let reply =
