@@ -67,6 +67,8 @@ pub struct CopyBeforeWrite {
     live: File,
     /// Block devices have no holes to scan: their chunks report data.
     live_is_device: bool,
+    /// How the live image and the scratch file are scanned (`meta::allocation`).
+    strategies: (Strategy, Strategy),
     scratch: File,
     pub scratch_path: PathBuf,
     size: u64,
@@ -90,12 +92,14 @@ impl CopyBeforeWrite {
     ) -> io::Result<Self> {
         scratch.set_len(size)?;
         let live_is_device = std::os::unix::fs::FileTypeExt::is_block_device(&live.metadata()?.file_type());
+        let strategies = (Strategy::for_file(live.as_raw_fd()), Strategy::for_file(scratch.as_raw_fd()));
         let chunks = size.div_ceil(CHUNK_BYTES) as usize;
         let states = (0..chunks).map(|_| AtomicU8::new(UNTOUCHED)).collect();
         Ok(Self {
             name,
             live,
             live_is_device,
+            strategies,
             scratch,
             scratch_path,
             size,
@@ -220,26 +224,49 @@ impl CopyBeforeWrite {
         }
     }
 
-    /// Reads the snapshot's `[offset, offset + out.len())`.
+    fn is_preserved(&self, chunk: usize) -> bool {
+        self.states[chunk].load(Ordering::Acquire) == PRESERVED
+    }
+
+    /// The run of chunks from the one holding `at` that share its state,
+    /// cut at `end`: `(stop, preserved)`, with `stop` the byte after it.
+    fn run_from(&self, at: u64, end: u64) -> (u64, bool) {
+        let first = (at >> CHUNK_SHIFT) as usize;
+        let state = self.is_preserved(first);
+        let mut last = first;
+        while last + 1 < self.states.len()
+            && (((last + 1) as u64) << CHUNK_SHIFT) < end
+            && self.is_preserved(last + 1) == state
+        {
+            last += 1;
+        }
+        (self.chunk_range(last).1.min(end), state)
+    }
+
+    /// Reads the snapshot's `[offset, offset + out.len())`, one read per
+    /// run of chunks in one state.
     pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), Failure> {
         const BROKEN: Failure = NbdError::Io.because("the snapshot is broken (see the server log)");
-        let end = offset + out.len() as u64;
+        let failed = |e: io::Error| Failure::from_errno(errno(&e));
+        let end = (offset + out.len() as u64).min(self.size);
         let mut at = offset;
-        for chunk in self.chunks(offset, end) {
-            let (_, chunk_end) = self.chunk_range(chunk);
-            let piece = &mut out[(at - offset) as usize..(chunk_end.min(end) - offset) as usize];
-            let state = &self.states[chunk];
-            let mut from_scratch = state.load(Ordering::Acquire) == PRESERVED;
-            if !from_scratch {
-                self.live.read_exact_at(piece, at).map_err(|e| Failure::from_errno(errno(&e)))?;
+        while at < end {
+            let (stop, preserved) = self.run_from(at, end);
+            let piece = &mut out[(at - offset) as usize..(stop - offset) as usize];
+            if preserved {
+                self.scratch.read_exact_at(piece, at).map_err(failed)?;
+            } else {
+                self.live.read_exact_at(piece, at).map_err(failed)?;
                 // Preserved meanwhile: a mutation may have changed the live
                 // data during the read, but the scratch copy is the old one.
-                from_scratch = state.load(Ordering::Acquire) == PRESERVED;
+                for chunk in self.chunks(at, stop).filter(|&c| self.is_preserved(c)) {
+                    let (start, chunk_end) = self.chunk_range(chunk);
+                    let (from, to) = (start.max(at), chunk_end.min(stop));
+                    let again = &mut out[(from - offset) as usize..(to - offset) as usize];
+                    self.scratch.read_exact_at(again, from).map_err(failed)?;
+                }
             }
-            if from_scratch {
-                self.scratch.read_exact_at(piece, at).map_err(|e| Failure::from_errno(errno(&e)))?;
-            }
-            at = chunk_end.min(end);
+            at = stop;
         }
         // Checked last: a snapshot that broke during the read may have
         // handed out data that is not the snapshot's.
@@ -253,28 +280,17 @@ impl CopyBeforeWrite {
     pub fn scan(&self, offset: u64, end: u64, extents_max: usize, out: &mut Vec<Extent>) -> io::Result<()> {
         let end = end.min(self.size);
         let mut at = offset;
-        let (mut live_strategy, mut scratch_strategy) =
-            (Strategy::for_file(self.live.as_raw_fd()), Strategy::for_file(self.scratch.as_raw_fd()));
+        let (mut live_strategy, mut scratch_strategy) = self.strategies;
         while at < end && out.len() < extents_max {
-            let first = (at >> CHUNK_SHIFT) as usize;
-            let preserved = |c: usize| self.states[c].load(Ordering::Acquire) == PRESERVED;
-            let state = preserved(first);
-            let mut last = first;
-            while last + 1 < self.states.len()
-                && (((last + 1) as u64) << CHUNK_SHIFT) < end
-                && preserved(last + 1) == state
-            {
-                last += 1;
-            }
-            let stop = self.chunk_range(last).1.min(end);
+            let (stop, preserved) = self.run_from(at, end);
             let mut run = Vec::new();
-            if state {
+            if preserved {
                 scan_file(self.scratch.as_raw_fd(), at, stop, extents_max, &mut scratch_strategy, &mut run)?;
             } else if self.live_is_device {
                 run.push(Extent { length: stop - at, status: DATA });
             } else {
                 scan_file(self.live.as_raw_fd(), at, stop, extents_max, &mut live_strategy, &mut run)?;
-                if (first..=last).any(preserved) {
+                if self.chunks(at, stop).any(|c| self.is_preserved(c)) {
                     continue; // scanned again from where it stands now
                 }
             }

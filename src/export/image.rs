@@ -56,10 +56,10 @@ impl Image {
         self.any_preserving.store(true, Ordering::Release);
     }
 
-    /// Stops preserving for the snapshot whose scratch file is `scratch`.
-    pub fn remove_copy_before_write(&self, scratch: &std::path::Path) {
+    /// Stops preserving for `snapshot`.
+    pub fn remove_copy_before_write(&self, snapshot: &Arc<CopyBeforeWrite>) {
         let mut list = self.preserving.write().expect("preserving lock");
-        list.retain(|s| s.scratch_path != scratch);
+        list.retain(|s| !Arc::ptr_eq(s, snapshot));
         self.any_preserving.store(!list.is_empty(), Ordering::Release);
     }
 

@@ -45,8 +45,9 @@ const CLONE_SUFFIX: &str = ".ringnbd-snapshot.";
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum SnapshotError {
-    /// The image's file system cannot clone files.
-    #[error("{0}: the file system cannot clone files (FICLONE: {1}); snapshots need xfs (reflink=1) or btrfs for now")]
+    /// The image's file system cannot clone files (snapshots fall back to
+    /// copy-before-write).
+    #[error("{0}: the file system cannot clone files (FICLONE: {1})")]
     CannotClone(PathBuf, io::Error),
     #[error("{0}: {1}")]
     Io(PathBuf, io::Error),
@@ -221,7 +222,7 @@ impl Snapshot {
             // Retired first: a read that checks after its data arrived
             // never passes off live data changed after this point.
             preservation.retire();
-            self.live.remove_copy_before_write(&preservation.scratch_path);
+            self.live.remove_copy_before_write(preservation);
         }
         let _ = std::fs::remove_file(&self.path);
     }

@@ -7,8 +7,9 @@
 //! blocking, and when a source needs a blocking scan (a file's allocation
 //! that is not cached) it runs [`scan`](ContextSource::scan) on the worker's
 //! helper thread. A source may instead [`encode`](ContextSource::encode)
-//! its descriptors straight into the reply. Adding a context (allocation depth of layers, a snapshot's
-//! changes) means writing a source and listing it in `export::catalog`.
+//! its descriptors straight into the reply. Adding a context (allocation
+//! depth of layers, a snapshot's changes) means writing a source and
+//! listing it in `export::catalog`.
 
 use std::sync::Arc;
 

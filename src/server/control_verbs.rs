@@ -77,7 +77,7 @@ fn cut_snapshot(
         Ok((checkpoint, changes)) => Ok((holder, checkpoint, changes)),
         Err(e) => {
             if let Holder::CopyBeforeWrite(preservation) = &holder {
-                live.image.remove_copy_before_write(&preservation.scratch_path);
+                live.image.remove_copy_before_write(preservation);
             }
             let _ = std::fs::remove_file(path);
             Err(e)
