@@ -397,7 +397,13 @@ fn kill_9_during_copy_before_write_loses_no_acknowledged_live_write() {
                 }
             })
         };
-        std::thread::sleep(std::time::Duration::from_millis(60 + rng.below(200)));
+        // Killed at a random moment once the first batch is in (bounded:
+        // a slow machine must not turn the round into a no-op).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while acknowledged.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(rng.below(200)));
         server.kill9();
         writer.join().unwrap();
         let acknowledged = acknowledged.lock().unwrap().clone();
