@@ -94,25 +94,20 @@ fn raise_own_file_limit(want: u64) -> u64 {
     }
 }
 
-/// 4,000 connections open at once, each having sent a request, then all
-/// closed: their receive buffers must not stay resident.
-#[test]
-fn thousands_of_closed_connections_leave_no_memory_behind() {
-    let connections = (raise_own_file_limit(4300).saturating_sub(200)).min(4000);
-    assert!(connections >= 1000, "cannot open enough descriptors for the test ({connections})");
-    let mut server = Server::start(&["memory:64M"]);
-    let addr = server.addr();
-    std::thread::sleep(Duration::from_millis(200));
-    let idle = server.rss_kib();
+/// Opens `connections` connections at once from 8 threads, each sending one
+/// 4 KiB write into the first 16 pages of the export (so the export's own
+/// data, which rightly stays resident, stays out of the measurement), and
+/// returns them open.
+fn open_wave(addr: &str, connections: u64) -> Vec<Raw> {
     let per_thread = connections / 8;
     let threads: Vec<_> = (0..8u64)
         .map(|t| {
-            let addr = addr.clone();
+            let addr = addr.to_string();
             std::thread::spawn(move || {
                 let mut open = Vec::new();
                 for i in 0..per_thread {
                     let mut c = Raw::open(&addr, "");
-                    let mut m = raw::request_bytes(0, raw::CMD_WRITE, 1, (t * per_thread + i) % 1000 * 4096, 4096);
+                    let mut m = raw::request_bytes(0, raw::CMD_WRITE, 1, (t * per_thread + i) % 16 * 4096, 4096);
                     m.extend_from_slice(&[t as u8; 4096]);
                     c.send(&m);
                     assert_eq!(c.simple().0, 0);
@@ -122,12 +117,48 @@ fn thousands_of_closed_connections_leave_no_memory_behind() {
             })
         })
         .collect();
-    let open: Vec<Raw> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
-    let busy = server.rss_kib();
-    drop(open);
-    let after = settles_below(&server, idle + 8192);
-    eprintln!("RSS with {connections} connections open: {busy} KiB; after closing: {after} KiB (idle {idle} KiB)");
-    assert!(after <= idle + 8192, "{after} KiB after {connections} closed connections, {idle} KiB before");
+    threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
+}
+
+/// What 4,000 closed connections may leave resident.
+const LEFTOVER_KIB_MAX: u64 = 12 * 1024;
+
+/// Two waves of 4,000 connections open at once, each having sent a request,
+/// then all closed: their receive buffers must not stay resident, and the
+/// second wave must leave no more behind than the first. What the first
+/// leaves is the allocator's fragmentation (about 1.5 KiB per connection
+/// that was open at the peak, in pages that also hold longer-lived state);
+/// a leak would show as growth from one wave to the next.
+#[test]
+fn thousands_of_closed_connections_leave_no_memory_behind() {
+    let connections = (raise_own_file_limit(4300).saturating_sub(200)).min(4000);
+    assert!(connections >= 1000, "cannot open enough descriptors for the test ({connections})");
+    let mut server = Server::start(&["memory:64M"]);
+    let addr = server.addr();
+    std::thread::sleep(Duration::from_millis(200));
+    let idle = server.rss_kib();
+    let mut after = Vec::new();
+    for wave in 1..=2 {
+        let open = open_wave(&addr, connections);
+        let busy = server.rss_kib();
+        drop(open);
+        let settled = settles_below(&server, idle + LEFTOVER_KIB_MAX);
+        eprintln!(
+            "wave {wave}: RSS with {connections} connections open: {busy} KiB; after closing: {settled} KiB (idle {idle} KiB)"
+        );
+        after.push(settled);
+    }
+    assert!(
+        after[0] <= idle + LEFTOVER_KIB_MAX,
+        "{} KiB after {connections} closed connections, {idle} KiB before",
+        after[0]
+    );
+    assert!(
+        after[1] <= after[0] + 1024,
+        "a second wave of {connections} connections left {} KiB, the first {} KiB: memory grows per connection",
+        after[1],
+        after[0]
+    );
     assert_eq!(server.stop(), Some(0));
 }
 
