@@ -96,7 +96,7 @@ pub fn scan_file(
 ) -> io::Result<()> {
     let before = out.len();
     if *strategy == Strategy::FiemapFirst {
-        let mut scan = Scan { fd, extents_max, at: offset, out };
+        let mut scan = Scan::new(fd, extents_max, offset, out);
         match scan.fiemap_first(end) {
             Err(e) if unsupported(&e) => {
                 *strategy = Strategy::Seek { fiemap: false };
@@ -125,19 +125,13 @@ fn seek_first(
     use_fiemap: &mut bool,
     out: &mut Vec<Extent>,
 ) -> io::Result<()> {
-    let mut scan = Scan { fd, extents_max, at: offset, out };
+    let mut scan = Scan::new(fd, extents_max, offset, out);
     while scan.at < end {
-        let data = match seek(fd, scan.at, libc::SEEK_DATA) {
-            Ok(data) => data.min(end),
-            // ENXIO: no data at or after `at`; the rest of the file is a hole.
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
-            Err(e) => return Err(e),
-        };
+        let data = scan.next_data(scan.at)?.min(end);
         let more = if data > scan.at {
             scan.refine_hole(data, use_fiemap)?
         } else {
-            // SEEK_HOLE from a data offset always moves forward; guard anyway.
-            let hole = seek(fd, scan.at, libc::SEEK_HOLE)?.max(scan.at + 1).min(end);
+            let hole = scan.next_hole(scan.at)?.min(end);
             scan.push(hole, DATA)
         };
         if !more {
@@ -153,9 +147,51 @@ struct Scan<'a> {
     extents_max: usize,
     at: u64,
     out: &'a mut Vec<Extent>,
+    /// What the last SEEK_DATA and SEEK_HOLE said: no data before
+    /// `no_data_until`, and data throughout `data_run`. A scan only moves
+    /// forward, so both stay true for every later position they cover.
+    /// Without them each unwritten extent would ask again, and SEEK_DATA
+    /// walks every extent up to the next data: quadratic in the extents.
+    no_data_until: u64,
+    data_run: (u64, u64),
 }
 
-impl Scan<'_> {
+impl<'a> Scan<'a> {
+    fn new(fd: RawFd, extents_max: usize, at: u64, out: &'a mut Vec<Extent>) -> Self {
+        Scan { fd, extents_max, at, out, no_data_until: 0, data_run: (0, 0) }
+    }
+
+    /// SEEK_DATA from `from` (>= every earlier question); `u64::MAX` when
+    /// there is no data after it.
+    fn next_data(&mut self, from: u64) -> io::Result<u64> {
+        let (run_start, run_end) = self.data_run;
+        if (run_start..run_end).contains(&from) {
+            return Ok(from);
+        }
+        if from < self.no_data_until {
+            return Ok(self.no_data_until);
+        }
+        let data = match seek(self.fd, from, libc::SEEK_DATA) {
+            Ok(data) => data,
+            // ENXIO: no data at or after `from`.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => u64::MAX,
+            Err(e) => return Err(e),
+        };
+        self.no_data_until = data;
+        Ok(data)
+    }
+
+    /// SEEK_HOLE from `data`, a data offset; always beyond it.
+    fn next_hole(&mut self, data: u64) -> io::Result<u64> {
+        let (run_start, run_end) = self.data_run;
+        if (run_start..run_end).contains(&data) {
+            return Ok(run_end);
+        }
+        let hole = seek(self.fd, data, libc::SEEK_HOLE)?.max(data + 1);
+        self.data_run = (data, hole);
+        Ok(hole)
+    }
+
     /// Extends the description to `end` with `status`; false once capped.
     fn push(&mut self, end: u64, status: u32) -> bool {
         if end <= self.at {
@@ -207,16 +243,12 @@ impl Scan<'_> {
     /// page-cache data (written, not yet converted), which is data.
     fn unwritten(&mut self, end: u64) -> io::Result<bool> {
         while self.at < end {
-            let data = match seek(self.fd, self.at, libc::SEEK_DATA) {
-                Ok(data) => data.min(end),
-                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
-                Err(e) => return Err(e),
-            };
+            let data = self.next_data(self.at)?.min(end);
             if !self.push(data, ZERO) {
                 return Ok(false);
             }
             if data < end {
-                let hole = seek(self.fd, data, libc::SEEK_HOLE)?.max(data + 1).min(end);
+                let hole = self.next_hole(data)?.min(end);
                 if !self.push(hole, DATA) {
                     return Ok(false);
                 }
@@ -285,6 +317,8 @@ fn seek(fd: RawFd, offset: u64, whence: i32) -> io::Result<u64> {
     // SAFETY: lseek on an fd owned by the caller; the helper thread has its
     // own descriptor, so moving its position disturbs nobody.
     let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+    #[cfg(test)]
+    tests::SEEKS.with(|seeks| seeks.set(seeks.get() + 1));
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as u64) }
 }
 
@@ -296,6 +330,38 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     const MIB: u64 = 1 << 20;
+
+    thread_local! {
+        /// lseek calls made by this test thread.
+        pub static SEEKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    #[test]
+    fn many_unwritten_extents_cost_a_bounded_number_of_seeks() {
+        // SEEK_DATA walks every extent up to the next data, so asking once
+        // per unwritten extent would make this scan quadratic.
+        let path = std::env::temp_dir().join(format!("ringnbd-alloc-unwritten-{}", std::process::id()));
+        let file = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
+        file.set_len(16 * MIB).unwrap();
+        let extents = 1000;
+        for i in 0..extents {
+            // SAFETY: fallocate on an open file, inside its size.
+            let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, i * 8192, 4096) };
+            assert_eq!(rc, 0);
+        }
+        file.write_all_at(&[1u8; 4096], 16 * MIB - 4096).unwrap();
+        file.sync_all().unwrap();
+        for mut strategy in [Strategy::FiemapFirst, Strategy::Seek { fiemap: true }] {
+            SEEKS.with(|seeks| seeks.set(0));
+            let mut out = vec![];
+            scan_file(file.as_raw_fd(), 0, 16 * MIB, usize::MAX, &mut strategy, &mut out).unwrap();
+            assert_eq!(covered_of(&out), 16 * MIB);
+            assert_eq!(status_at(&out, 16 * MIB - 1), DATA);
+            let seeks = SEEKS.with(|seeks| seeks.get());
+            assert!(seeks <= 4, "{strategy:?}: {seeks} seeks for {extents} unwritten extents");
+        }
+        std::fs::remove_file(path).unwrap();
+    }
 
     #[test]
     fn data_holes_and_fallocated_ranges_are_told_apart() {
