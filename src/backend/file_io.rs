@@ -89,7 +89,9 @@ pub struct FileTask {
     pub span: AlignedSpan,
     step: Step,
     /// Bytes of the current step done so far (short reads and writes).
-    progress: usize,
+    pub(super) progress: usize,
+    /// End (file offset) of the layer run a layered read is reading.
+    pub(super) run_end: u64,
     /// Position in the WRITE_ZEROES fallback plan.
     zero_plan: u8,
     /// Next offset for ZeroFill.

@@ -8,6 +8,7 @@ pub mod copy_before_write;
 pub mod file;
 pub mod file_io;
 pub mod io;
+pub mod layers;
 pub mod memory;
 
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use thiserror::Error;
 
 pub use copy_before_write::CopyBeforeWrite;
 pub use file::{FileBackend, FileIdentity};
+pub use layers::Layered;
 pub use memory::MemoryBackend;
 
 #[derive(Debug, Error)]
@@ -27,6 +29,9 @@ pub enum BackendError {
     /// Only regular files and block devices can be exported.
     #[error("{0}: not a regular file or block device")]
     NotAFile(PathBuf),
+    /// A layer of a layered export is unusable (the message says why).
+    #[error("layer {path}: {message}")]
+    Layer { path: PathBuf, message: String },
 }
 
 pub enum Backend {
@@ -34,6 +39,8 @@ pub enum Backend {
     Memory(MemoryBackend),
     /// A copy-before-write snapshot of a file image (read-only).
     Snapshot(std::sync::Arc<CopyBeforeWrite>),
+    /// A writable top over read-only lower layers (`layers`).
+    Layered(Layered),
 }
 
 impl Backend {
@@ -42,6 +49,7 @@ impl Backend {
             Backend::File(f) => f.size,
             Backend::Memory(m) => m.size(),
             Backend::Snapshot(s) => s.size(),
+            Backend::Layered(l) => l.size(),
         }
     }
 
@@ -50,6 +58,7 @@ impl Backend {
     pub fn alignment(&self) -> u32 {
         match self {
             Backend::File(f) => f.alignment,
+            Backend::Layered(l) => l.alignment(),
             Backend::Memory(_) | Backend::Snapshot(_) => 1,
         }
     }
@@ -58,6 +67,7 @@ impl Backend {
     pub fn fast_zero(&self) -> bool {
         match self {
             Backend::File(f) => f.can_punch_hole,
+            Backend::Layered(l) => l.top.can_punch_hole,
             Backend::Memory(_) => true,
             Backend::Snapshot(_) => false,
         }

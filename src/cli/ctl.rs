@@ -37,6 +37,9 @@ pub enum CtlAction {
     /// Point-in-time snapshot exports (EXPORT@NAME).
     #[command(subcommand)]
     Snapshot(SnapshotAction),
+    /// Copy the top layer of a layered export into the layer below, while
+    /// serving (the top keeps its data; doc/layers.md).
+    Commit { export: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,6 +82,7 @@ impl CtlAction {
             CtlAction::Snapshot(SnapshotAction::Delete { export, name }) => {
                 Verb::SnapshotDelete { export: export.clone(), name: name.clone() }
             }
+            CtlAction::Commit { export } => Verb::LayerCommit { export: export.clone() },
         }
     }
 }
@@ -152,6 +156,17 @@ fn describe(action: &CtlAction, result: &Value) -> String {
                     ),
                 };
                 out += &format!("export {}: {} bytes, {mode}, {tracking}\n", e["name"], text(&e["size"]));
+                if let l @ Value::Object(_) = &e["layers"] {
+                    let top =
+                        if l["throwaway"] == Value::Bool(true) { "a throwaway top".into() } else { text(&l["top"]) };
+                    let lowers: Vec<String> = l["lowers"].as_array().into_iter().flatten().map(text).collect();
+                    out += &format!(
+                        "  layers: {top} ({} chunk(s) of {} B) over {}\n",
+                        text(&l["top_chunks"]),
+                        text(&l["chunk_bytes"]),
+                        lowers.join(" over ")
+                    );
+                }
             }
         }
         CtlAction::Checkpoint(CheckpointAction::Create { .. }) => {
@@ -201,6 +216,16 @@ fn describe(action: &CtlAction, result: &Value) -> String {
         }
         CtlAction::Snapshot(SnapshotAction::Delete { .. }) => {
             out += &format!("deleted snapshot export {}\n", text(&result["name"]));
+        }
+        CtlAction::Commit { .. } => {
+            out += &format!(
+                "committed {} chunk(s) ({} bytes) of export {} into {} in {} ms\n",
+                text(&result["chunks"]),
+                text(&result["bytes"]),
+                text(&result["export"]),
+                text(&result["into"]),
+                text(&result["elapsed_ms"])
+            );
         }
     }
     out

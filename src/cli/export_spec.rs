@@ -1,8 +1,13 @@
-//! Export arguments from the command line: `[NAME=]PATH` and
-//! `[NAME=]memory:SIZE`, parsed but not yet opened.
+//! Export arguments from the command line: `[NAME=]PATH`,
+//! `[NAME=]memory:SIZE`, `[NAME=]layers:TOP,LOWER[,LOWER...]` and
+//! `[NAME=]throwaway:IMAGE[,LOWER...]` (doc/layers.md), parsed but not yet
+//! opened.
 
 use thiserror::Error;
 
+use std::path::PathBuf;
+
+use crate::backend::layers::{LOWER_LAYERS_MAX, LayerSpec, Top};
 use crate::backend::memory::MEMORY_EXPORT_BYTES_MAX;
 use crate::export::{ExportSpec, Source};
 use crate::proto::wire::STRING_BYTES_MAX;
@@ -36,6 +41,9 @@ pub enum SpecError {
          cannot contain '/' or ':'"
     )]
     Inexpressible(String),
+    /// `layers:` or `throwaway:` without the layers they need.
+    #[error("{0:?}: {1}")]
+    Layers(String, &'static str),
 }
 
 impl std::str::FromStr for ExportSpec {
@@ -57,6 +65,21 @@ impl std::str::FromStr for ExportSpec {
             Some(name) if rest.is_empty() => return Err(SpecError::MissingPath(name.clone())),
             _ => {}
         }
+        if let Some(list) = rest.strip_prefix("layers:") {
+            let paths: Vec<PathBuf> = list.split(',').map(PathBuf::from).collect();
+            if paths.len() < 2 || paths.iter().any(|p| p.as_os_str().is_empty()) {
+                return Err(SpecError::Layers(arg.to_owned(), "use layers:TOP,LOWER[,LOWER...] (highest first)"));
+            }
+            let spec = LayerSpec { top: Top::File(paths[0].clone()), lowers: paths[1..].to_vec() };
+            return Self::layered(name, spec, arg);
+        }
+        if let Some(list) = rest.strip_prefix("throwaway:") {
+            let paths: Vec<PathBuf> = list.split(',').map(PathBuf::from).collect();
+            if paths.iter().any(|p| p.as_os_str().is_empty()) {
+                return Err(SpecError::Layers(arg.to_owned(), "use throwaway:IMAGE[,LOWER...] (highest first)"));
+            }
+            return Self::layered(name, LayerSpec { top: Top::Throwaway, lowers: paths }, arg);
+        }
         let source = match rest.strip_prefix("memory:") {
             Some(size) => {
                 let bytes = parse_size(size)?;
@@ -71,6 +94,15 @@ impl std::str::FromStr for ExportSpec {
             None => Source::File(rest.into()),
         };
         Ok(Self { name, source })
+    }
+}
+
+impl ExportSpec {
+    fn layered(name: Option<String>, spec: LayerSpec, arg: &str) -> Result<Self, SpecError> {
+        if spec.lowers.len() > LOWER_LAYERS_MAX {
+            return Err(SpecError::Layers(arg.to_owned(), "at most 16 lower layers"));
+        }
+        Ok(Self { name, source: Source::Layers(spec) })
     }
 }
 
@@ -121,6 +153,16 @@ mod tests {
         let s: ExportSpec = "/data/x=y.img".parse().unwrap();
         assert_eq!((s.name, s.source), (None, Source::File("/data/x=y.img".into())));
         assert!("big=memory:2P".parse::<ExportSpec>().is_err());
+        let s: ExportSpec = "vm=layers:/t/top.img,/b/mid.img,/b/base.img".parse().unwrap();
+        let layers =
+            LayerSpec { top: Top::File("/t/top.img".into()), lowers: vec!["/b/mid.img".into(), "/b/base.img".into()] };
+        assert_eq!((s.name.as_deref(), s.source), (Some("vm"), Source::Layers(layers)));
+        let s: ExportSpec = "throwaway:/b/base.img".parse().unwrap();
+        let layers = LayerSpec { top: Top::Throwaway, lowers: vec!["/b/base.img".into()] };
+        assert_eq!((s.name, s.source), (None, Source::Layers(layers)));
+        assert!(matches!("layers:/only-top.img".parse::<ExportSpec>(), Err(SpecError::Layers(..))));
+        assert!(matches!("layers:/a,,/b".parse::<ExportSpec>(), Err(SpecError::Layers(..))));
+        assert!(matches!("throwaway:".parse::<ExportSpec>(), Err(SpecError::Layers(..))));
     }
 
     #[test]

@@ -22,8 +22,11 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
 
-    /// Exports: `[NAME=]PATH` or `[NAME=]memory:SIZE`. The first is also the
-    /// default export (empty name). Default: `memory:1G`.
+    /// Exports: `[NAME=]PATH`, `[NAME=]memory:SIZE`, a layered export
+    /// `[NAME=]layers:TOP,LOWER[,LOWER...]` (highest first, the top created
+    /// when missing) or `[NAME=]throwaway:IMAGE[,LOWER...]` (writable over
+    /// read-only layers, writes discarded at exit); doc/layers.md. The first
+    /// is also the default export (empty name). Default: `memory:1G`.
     #[arg(value_name = "EXPORT")]
     pub exports: Vec<ExportSpec>,
 

@@ -57,6 +57,10 @@ pub enum Verb {
         export: String,
         name: String,
     },
+    /// Copies the top layer of a layered export into the layer below.
+    LayerCommit {
+        export: String,
+    },
 }
 
 /// Why a request failed; serialized in kebab-case as the error's `kind`.
@@ -87,6 +91,8 @@ pub enum ErrorKind {
     /// The export or its file system cannot do what was asked (a snapshot
     /// of a memory export, or on a file system that cannot clone).
     Unsupported,
+    /// The export has no layers (`layer-commit` on a plain export).
+    NotLayered,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

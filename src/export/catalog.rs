@@ -7,6 +7,7 @@
 //!
 //! Per export, in this order (doc/contexts.md):
 //! - `base:allocation`;
+//! - for a layered image: `qemu:allocation-depth`;
 //! - for a tracked image: `qemu:dirty-bitmap:NAME` for each valid
 //!   checkpoint, `ringnbd:era`, and `ringnbd:checkpoint:ERA:NAME` for each
 //!   valid checkpoint.
@@ -14,7 +15,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::backend::Backend;
 use crate::engine::handoff::{Offer, Offers};
+use crate::meta::allocation_depth::{self, AllocationDepth};
 use crate::meta::base_allocation::{self, Allocation};
 use crate::meta::changes::{self, DirtySince, Eras};
 use crate::meta::context::ContextSource;
@@ -111,6 +114,9 @@ fn contexts_of(export: &Export) -> Vec<(String, Arc<dyn ContextSource>)> {
     let image = &export.image;
     let mut out: Vec<(String, Arc<dyn ContextSource>)> =
         vec![(base_allocation::NAME.to_owned(), Arc::new(Allocation { image: Arc::clone(image) }))];
+    if matches!(image.backend, Backend::Layered(_)) {
+        out.push((allocation_depth::NAME.to_owned(), Arc::new(AllocationDepth { image: Arc::clone(image) })));
+    }
     let Some(tracker) = &image.track else { return out };
     let valid: Vec<_> = tracker.checkpoints().into_iter().filter(|c| c.valid).collect();
     let since = |era| -> Arc<dyn ContextSource> { Arc::new(DirtySince { tracker: Arc::clone(tracker), since: era }) };

@@ -34,6 +34,11 @@ pub fn describe(backend: &Backend, read_only: bool) -> String {
         }
         Backend::Memory(_) => format!("sparse memory ({access})"),
         Backend::Snapshot(s) => format!("copy-before-write snapshot, scratch {}", s.scratch_path.display()),
+        Backend::Layered(l) => {
+            let top = if l.throwaway { "a throwaway top".to_owned() } else { l.top.path.display().to_string() };
+            let below: Vec<String> = l.lowers.iter().map(|lower| lower.file.path.display().to_string()).collect();
+            format!("{top} over {} ({access}, layered)", below.join(" over "))
+        }
     }
 }
 

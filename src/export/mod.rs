@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::backend::{Backend, BackendError, FileBackend, FileIdentity, MemoryBackend};
+use crate::backend::layers::{LayerSpec, Top};
+use crate::backend::{Backend, BackendError, FileBackend, FileIdentity, Layered, MemoryBackend};
 use crate::proto::handshake::ExportInfo;
 
 pub use catalog::Catalog;
@@ -33,6 +34,8 @@ pub struct ExportSpec {
 pub enum Source {
     File(std::path::PathBuf),
     Memory(u64),
+    /// A layered export (`backend::layers`).
+    Layers(LayerSpec),
 }
 
 #[derive(Debug, Error)]
@@ -88,6 +91,13 @@ impl Export {
                 path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| format!("export{index}"))
             }
             (Source::Memory(_), _) => format!("memory{index}"),
+            (Source::Layers(layers), _) => {
+                let named = match &layers.top {
+                    Top::File(top) => top,
+                    Top::Throwaway => &layers.lowers[0],
+                };
+                named.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| format!("export{index}"))
+            }
         };
         let name = spec.name.clone().unwrap_or(default_name);
         let description = flags::describe(backend, options.read_only);
@@ -133,6 +143,10 @@ pub fn open_all(specs: &[ExportSpec], options: &ExportOptions) -> Result<Vec<Exp
                 }
             }
             Source::Memory(size) => new_image(Backend::Memory(MemoryBackend::new(*size)), 0)?,
+            Source::Layers(layers) => {
+                let layered = Layered::open(layers, options.read_only, options.direct_io)?;
+                new_image(Backend::Layered(layered), 0)?
+            }
         };
         let export = Export::new(spec, index, image, options);
         if exports.iter().any(|e| e.info.name == export.info.name) {

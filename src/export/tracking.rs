@@ -44,6 +44,8 @@ pub fn open(backend: &Backend, options: &TrackOptions, read_only: bool) -> Resul
         }
         // A snapshot's changes are the frozen copy it was made with.
         Backend::Snapshot(_) => return Ok(None),
+        // The layers record what each holds, not when it changed.
+        Backend::Layered(_) => return Ok(None),
         Backend::File(_) if !options.files => return Ok(None),
         Backend::File(file) => file,
     };

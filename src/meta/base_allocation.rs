@@ -74,7 +74,7 @@ impl Allocation {
     fn file(&self) -> &FileBackend {
         match &self.image.backend {
             Backend::File(file) => file,
-            Backend::Memory(_) | Backend::Snapshot(_) => unreachable!("scanned separately"),
+            Backend::Memory(_) | Backend::Snapshot(_) | Backend::Layered(_) => unreachable!("scanned separately"),
         }
     }
 }
@@ -84,7 +84,7 @@ impl ContextSource for Allocation {
         let granule = match &self.image.backend {
             Backend::Memory(_) => crate::backend::memory::PAGE_BYTES as u64,
             // Filesystem blocks are at least 512 bytes.
-            Backend::File(_) | Backend::Snapshot(_) => 512,
+            Backend::File(_) | Backend::Snapshot(_) | Backend::Layered(_) => 512,
         };
         granular_bound(length, granule, extents_max)
     }
@@ -94,7 +94,7 @@ impl ContextSource for Allocation {
         match (&image.backend, &image.extent_cache) {
             (Backend::Memory(memory), _) => memory.extents(query.offset, query.length, query.extents_max, out),
             (Backend::File(file), _) if file.is_block_device => out.push(Extent { length: query.length, status: DATA }),
-            (Backend::Snapshot(_), _) => return Gathered::Scan { from: query.offset },
+            (Backend::Snapshot(_) | Backend::Layered(_), _) => return Gathered::Scan { from: query.offset },
             (Backend::File(_), None) => return Gathered::Scan { from: query.offset },
             (Backend::File(_), Some(cache)) => {
                 let at = cache.lookup(query.offset, query.end(), query.extents_max, out);
@@ -109,6 +109,10 @@ impl ContextSource for Allocation {
     fn scan(&self, query: &Query, from: u64, out: &mut Vec<Extent>) -> Result<(), i32> {
         if let Backend::Snapshot(snapshot) = &self.image.backend {
             let scanned = snapshot.scan(from, query.end(), query.extents_max, out);
+            return scanned.map_err(|e| e.raw_os_error().unwrap_or(libc::EIO));
+        }
+        if let Backend::Layered(layers) = &self.image.backend {
+            let scanned = layers.scan(from, query.end(), query.extents_max, out);
             return scanned.map_err(|e| e.raw_os_error().unwrap_or(libc::EIO));
         }
         let file = self.file();

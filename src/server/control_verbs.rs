@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::backend::Backend;
 use crate::backend::copy_before_write::ScratchPolicy;
 use crate::control::Handler;
 use crate::control::protocol::{ControlError, ErrorKind, Verb};
@@ -161,11 +162,23 @@ impl Verbs {
                         "invalid_checkpoints": checkpoints.iter().filter(|c| !c.valid).count(),
                     })
                 });
+                let layers = match &e.image.backend {
+                    Backend::Layered(l) => json!({
+                        "top": if l.throwaway { Value::Null } else { json!(l.top.path.display().to_string()) },
+                        "throwaway": l.throwaway,
+                        "top_map": l.top_map_path().map(|p| p.display().to_string()),
+                        "top_chunks": l.top_chunks(),
+                        "chunk_bytes": crate::backend::layers::CHUNK_BYTES,
+                        "lowers": l.lowers.iter().map(|lower| lower.file.path.display().to_string()).collect::<Vec<_>>(),
+                    }),
+                    _ => Value::Null,
+                };
                 json!({
                     "name": e.info.name,
                     "size": e.info.size,
                     "read_only": e.read_only,
                     "tracking": tracking,
+                    "layers": layers,
                 })
             })
             .collect();
@@ -287,6 +300,25 @@ impl Verbs {
         Ok(reply)
     }
 
+    /// Blocking: copies every chunk of the top (doc/layers.md).
+    fn layer_commit(&self, export_name: &str) -> Result<Value, ControlError> {
+        let export = self.export(export_name)?;
+        let Backend::Layered(layers) = &export.image.backend else {
+            return Err(error(ErrorKind::NotLayered, format!("export {export_name:?} has no layers")));
+        };
+        let started = Instant::now();
+        let chunks = layers.commit().map_err(|message| error(ErrorKind::Io, message))?;
+        let into = layers.lowers[0].file.path.display().to_string();
+        eprintln!("ringnbd: export {export_name:?}: committed {chunks} chunk(s) of the top into {into}");
+        Ok(json!({
+            "export": export_name,
+            "into": into,
+            "chunks": chunks,
+            "bytes": chunks as u64 * crate::backend::layers::CHUNK_BYTES,
+            "elapsed_ms": started.elapsed().as_millis() as u64,
+        }))
+    }
+
     fn snapshot_list(&self, export_name: Option<&str>) -> Result<Value, ControlError> {
         if let Some(name) = export_name {
             self.export(name)?;
@@ -326,6 +358,7 @@ impl Handler for Verbs {
             Verb::SnapshotCreate { export, name } => self.snapshot_create(export, name),
             Verb::SnapshotList { export } => self.snapshot_list(export.as_deref()),
             Verb::SnapshotDelete { export, name } => self.snapshot_delete(export, name),
+            Verb::LayerCommit { export } => self.layer_commit(export),
         }
     }
 }

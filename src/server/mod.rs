@@ -196,6 +196,13 @@ fn take_start_snapshots(
 /// shutdown of its change tracking with the size and modification time it
 /// ends with, so changes made while ringnbd is not running are noticed.
 fn finish_image(image: &Image, writable: bool) {
+    if let Backend::Layered(layers) = &image.backend
+        && writable
+        && !layers.throwaway
+        && let Err(e) = layers.top.sync()
+    {
+        eprintln!("ringnbd: {}: final flush failed: {e}", layers.top.path.display());
+    }
     let Backend::File(file) = &image.backend else { return };
     if writable && let Err(e) = file.sync() {
         eprintln!("ringnbd: {}: final flush failed: {e}", file.path.display());

@@ -1,10 +1,11 @@
-//! Running admitted requests: memory requests inline, file requests as ring
-//! steps, BLOCK_STATUS from each selected context's source (inline, or
+//! Running admitted requests: memory requests inline, file and layered
+//! requests as ring steps, BLOCK_STATUS from each selected context's source (inline, or
 //! through the lookup helper when a source needs a blocking scan).
 
 use crate::backend::Backend;
 use crate::backend::file_io::FileIo;
 use crate::backend::io::Next;
+use crate::backend::layers::io::LayeredIo;
 use crate::faults;
 use crate::meta::context::{Gathered, Query};
 use crate::proto::Failure;
@@ -45,10 +46,14 @@ impl Worker {
         let req = &mut self.requests[request as usize];
         let image = &self.conns[req.conn as usize].export.image;
         let command = req.command;
-        if let Some((offset, end)) = write_path::mutated_range(&command)
-            && let Err(failure) = image.preserve(offset, end)
-        {
-            return self.follow(request, Next::Finished(Err(failure)));
+        if let Some((offset, end)) = write_path::mutated_range(&command) {
+            let prepared = image.preserve(offset, end).and_then(|()| match &image.backend {
+                Backend::Layered(layers) => layers.prepare_mutation(offset, end),
+                _ => Ok(()),
+            });
+            if let Err(failure) = prepared {
+                return self.follow(request, Next::Finished(Err(failure)));
+            }
         }
         match &image.backend {
             Backend::Memory(memory) => {
@@ -59,7 +64,7 @@ impl Worker {
                 let result = snapshot.execute(&command, req.data().bytes);
                 self.follow(request, Next::Finished(result))
             }
-            Backend::File(_) => self.file_step(request, FileCall::Start),
+            Backend::File(_) | Backend::Layered(_) => self.file_step(request, FileCall::Start),
         }
     }
 
@@ -147,14 +152,26 @@ impl Worker {
         let Worker { requests, conns, zeroes, .. } = self;
         let req = &mut requests[request as usize];
         let image = &*conns[req.conn as usize].export.image;
-        let Backend::File(file) = &image.backend else { unreachable!("only file requests use the ring") };
-        let io = FileIo { file, locks: &image.locks, zeroes };
         let command = req.command;
         let mut task = std::mem::take(&mut req.task);
-        let next = match call {
-            FileCall::Start => io.start(&command, &mut task, req.data()),
-            FileCall::Resume => io.resume(&command, &mut task, req.data()),
-            FileCall::Completed(result) => io.on_result(&command, &mut task, req.data(), result),
+        let next = match &image.backend {
+            Backend::File(file) => {
+                let io = FileIo { file, locks: &image.locks, zeroes };
+                match call {
+                    FileCall::Start => io.start(&command, &mut task, req.data()),
+                    FileCall::Resume => io.resume(&command, &mut task, req.data()),
+                    FileCall::Completed(result) => io.on_result(&command, &mut task, req.data(), result),
+                }
+            }
+            Backend::Layered(layers) => {
+                let io = LayeredIo { layers, locks: &image.locks, zeroes };
+                match call {
+                    FileCall::Start => io.start(&command, &mut task, req.data()),
+                    FileCall::Resume => io.resume(&command, &mut task, req.data()),
+                    FileCall::Completed(result) => io.on_result(&command, &mut task, req.data(), result),
+                }
+            }
+            Backend::Memory(_) | Backend::Snapshot(_) => unreachable!("only file and layered requests use the ring"),
         };
         req.task = task;
         self.follow(request, next);

@@ -1,0 +1,510 @@
+//! Layered exports: a writable top over read-only lower layers, all raw
+//! files (doc/layers.md). A read takes each range from the first layer
+//! that holds it; mutations go to the top. The top holds data in chunks
+//! (`map::CHUNK_BYTES`): the first mutation of a chunk that covers it only
+//! in part first copies the chunk's old content up from the layers below,
+//! and the chunk is recorded in the top's map, durably, before the
+//! mutation is submitted. A crash at any instant therefore leaves every
+//! chunk either recorded (and the top holds its complete content, or the
+//! unacknowledged mutation that was in flight) or not recorded (and it
+//! reads from below, as before). Trim and zeroes in the top hide what the
+//! layers below hold, so TRIM is a WRITE_ZEROES here.
+//!
+//! Each chunk of the top is absent, claimed (one worker copies it up and
+//! records it) or present. Present chunks are never copied again, so the
+//! steady state of a mutation is one atomic load per chunk.
+//!
+//! A lower layer with a map holds only the chunks in it; one without holds
+//! every byte up to its size (a plain raw image), and bytes past a lower
+//! layer's end read as zeroes, as qemu reads past a short backing file.
+
+pub mod io;
+pub mod map;
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use crate::meta::allocation::{Strategy, scan_file};
+use crate::proto::Failure;
+use crate::proto::extent::{DATA, Extent, HOLE, push_capped};
+
+use super::{BackendError, FileBackend};
+pub use map::{CHUNK_BYTES, CHUNK_SHIFT, LayerMap};
+
+const ABSENT: u8 = 0;
+const CLAIMED: u8 = 1;
+const PRESENT: u8 = 2;
+
+/// Lower layers one export may stack (the top not counted).
+pub const LOWER_LAYERS_MAX: usize = 16;
+
+/// Where the top layer comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Top {
+    /// A raw file with its map beside it, both created when missing.
+    File(PathBuf),
+    /// A temporary top, unlinked at once, so it is gone at exit or crash.
+    Throwaway,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerSpec {
+    pub top: Top,
+    /// Highest first.
+    pub lowers: Vec<PathBuf>,
+}
+
+/// Which layer a byte comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    Top,
+    /// Index into `lowers`.
+    Lower(usize),
+    /// No layer holds it: zeroes.
+    Nowhere,
+}
+
+impl Owner {
+    /// `qemu:allocation-depth`: 0 unallocated, 1 the top, 2 the layer below...
+    pub fn depth(self) -> u32 {
+        match self {
+            Owner::Nowhere => 0,
+            Owner::Top => 1,
+            Owner::Lower(i) => i as u32 + 2,
+        }
+    }
+}
+
+pub struct Lower {
+    pub file: FileBackend,
+    /// None: holds every byte up to its size.
+    pub map: Option<LayerMap>,
+    strategy: Strategy,
+    /// `file.size` rounded up to the alignment: a direct read may reach
+    /// that far (and comes back short).
+    readable_end: u64,
+}
+
+pub struct Layered {
+    pub top: FileBackend,
+    top_map: LayerMap,
+    states: Box<[AtomicU8]>,
+    top_strategy: Strategy,
+    pub lowers: Vec<Lower>,
+    pub throwaway: bool,
+    size: u64,
+    alignment: u32,
+    /// One commit at a time.
+    committing: Mutex<()>,
+    /// Chunks copied up from below (for `ctl` and tests).
+    copied_up: AtomicU64,
+}
+
+fn open_error(path: &Path) -> impl FnOnce(std::io::Error) -> BackendError + '_ {
+    move |source| BackendError::Open { path: path.to_owned(), source }
+}
+
+fn layer_error(path: &Path, message: String) -> BackendError {
+    BackendError::Layer { path: path.to_owned(), message }
+}
+
+impl Layered {
+    pub fn open(spec: &LayerSpec, read_only: bool, direct_io: bool) -> Result<Self, BackendError> {
+        if spec.lowers.is_empty() || spec.lowers.len() > LOWER_LAYERS_MAX {
+            let message = format!("a layered export needs 1 to {LOWER_LAYERS_MAX} lower layers");
+            return Err(layer_error(Path::new(""), message));
+        }
+        let mut lowers = Vec::with_capacity(spec.lowers.len());
+        for path in &spec.lowers {
+            let file = FileBackend::open(path, true, direct_io)?;
+            let map_path = map::path_for(path);
+            let map = match map_path.exists() {
+                // Writable where it may be, for `ctl commit` into this layer.
+                true => Some(
+                    LayerMap::open(&map_path, file.size, true)
+                        .or_else(|_| LayerMap::open(&map_path, file.size, false))
+                        .map_err(|m| layer_error(path, m))?,
+                ),
+                false => None,
+            };
+            // Not locked: a base is typically shared by many readers, qemu
+            // among them, and a whole-file read lock reads to qemu's image
+            // locking as a writer (it would refuse to open the chain).
+            let strategy = Strategy::for_file(file.buffered_fd());
+            lowers.push(Lower { file, map, strategy, readable_end: 0 });
+        }
+        let size = lowers[0].file.size;
+        let (mut top, top_map, throwaway) = match &spec.top {
+            Top::File(path) => {
+                let (top, map) = open_top(path, size, read_only, direct_io)?;
+                (top, map, false)
+            }
+            Top::Throwaway => {
+                let top = throwaway_top(size, direct_io)?;
+                let map = LayerMap::in_memory(top.size);
+                (top, map, true)
+            }
+        };
+        top.lock(!read_only).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock => layer_error(&top.path, "in use by another process".into()),
+            _ => layer_error(&top.path, format!("cannot lock: {e}")),
+        })?;
+        top.probe_hole_punching();
+        let alignment = lowers.iter().map(|l| l.file.alignment).fold(top.alignment, u32::max);
+        for lower in &mut lowers {
+            lower.readable_end = lower.file.size.div_ceil(u64::from(alignment)) * u64::from(alignment);
+        }
+        let states =
+            (0..top_map.chunks()).map(|c| AtomicU8::new(if top_map.holds(c) { PRESENT } else { ABSENT })).collect();
+        let top_strategy = Strategy::for_file(top.buffered_fd());
+        let size = top.size;
+        Ok(Self {
+            top,
+            top_map,
+            states,
+            top_strategy,
+            lowers,
+            throwaway,
+            size,
+            alignment,
+            committing: Mutex::new(()),
+            copied_up: AtomicU64::new(0),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn alignment(&self) -> u32 {
+        self.alignment
+    }
+
+    pub fn top_map_path(&self) -> Option<&Path> {
+        self.top_map.path.as_deref()
+    }
+
+    pub fn chunks_copied_up(&self) -> u64 {
+        self.copied_up.load(Ordering::Relaxed)
+    }
+
+    /// Chunks the top holds now.
+    pub fn top_chunks(&self) -> usize {
+        (0..self.states.len()).filter(|&c| self.is_present(c)).count()
+    }
+
+    fn is_present(&self, chunk: usize) -> bool {
+        self.states[chunk].load(Ordering::Acquire) == PRESENT
+    }
+
+    fn chunk_range(&self, chunk: usize) -> (u64, u64) {
+        let start = (chunk as u64) << CHUNK_SHIFT;
+        (start, (start + CHUNK_BYTES).min(self.size))
+    }
+
+    /// The owner of byte `at` (below the top when `below_top`) and the byte
+    /// up to which that answer holds without looking again.
+    fn owner_at(&self, at: u64, below_top: bool) -> (Owner, u64) {
+        let chunk = (at >> CHUNK_SHIFT) as usize;
+        let chunk_end = ((chunk as u64) + 1) << CHUNK_SHIFT;
+        if !below_top && self.is_present(chunk) {
+            return (Owner::Top, chunk_end);
+        }
+        for (i, lower) in self.lowers.iter().enumerate() {
+            let holds = at < lower.readable_end && lower.map.as_ref().is_none_or(|m| m.holds(chunk));
+            if holds {
+                return (Owner::Lower(i), chunk_end.min(lower.readable_end));
+            }
+        }
+        (Owner::Nowhere, chunk_end)
+    }
+
+    /// The run of bytes from `at` with one owner, cut at `end`: `(stop, owner)`.
+    pub fn run_from(&self, at: u64, end: u64, below_top: bool) -> (u64, Owner) {
+        let (owner, mut stop) = self.owner_at(at, below_top);
+        while stop < end {
+            let (next, next_stop) = self.owner_at(stop, below_top);
+            if next != owner {
+                break;
+            }
+            stop = next_stop;
+        }
+        (stop.min(end), owner)
+    }
+
+    fn file_of(&self, owner: Owner) -> Option<&FileBackend> {
+        match owner {
+            Owner::Top => Some(&self.top),
+            Owner::Lower(i) => Some(&self.lowers[i].file),
+            Owner::Nowhere => None,
+        }
+    }
+
+    /// Before a mutation of `[offset, end)` is submitted: every chunk it
+    /// touches is in the top, complete and recorded durably. Blocking (a
+    /// chunk's first mutation pays a copy and two syncs; later ones a load).
+    pub fn prepare_mutation(&self, offset: u64, end: u64) -> Result<(), Failure> {
+        let end = end.min(self.size);
+        if offset >= end {
+            return Ok(());
+        }
+        let chunks = (offset >> CHUNK_SHIFT) as usize..((end - 1) >> CHUNK_SHIFT) as usize + 1;
+        let mut claimed = Vec::new();
+        for chunk in chunks {
+            let state = &self.states[chunk];
+            loop {
+                match state.compare_exchange(ABSENT, CLAIMED, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => {
+                        claimed.push(chunk);
+                        break;
+                    }
+                    Err(PRESENT) => break,
+                    // Another worker brings this chunk up: one copy and two syncs.
+                    Err(_) => std::thread::yield_now(),
+                }
+            }
+        }
+        if claimed.is_empty() {
+            return Ok(());
+        }
+        let result = self.bring_up(&claimed, offset, end);
+        let settled = if result.is_ok() { PRESENT } else { ABSENT };
+        for &chunk in &claimed {
+            self.states[chunk].store(settled, Ordering::Release);
+        }
+        result
+    }
+
+    /// Copies the old content of the `chunks` the mutation covers only in
+    /// part into the top, makes it durable, then records every one of them.
+    fn bring_up(&self, chunks: &[usize], offset: u64, end: u64) -> Result<(), Failure> {
+        let failed = |what: &str, e: std::io::Error| {
+            eprintln!("ringnbd: {}: {what}: {e}", self.top.path.display());
+            Failure::from_errno(e.raw_os_error().unwrap_or(libc::EIO))
+        };
+        let mut buffer = Vec::new();
+        let mut copied = false;
+        for &chunk in chunks {
+            let (start, stop) = self.chunk_range(chunk);
+            if offset <= start && end >= stop {
+                continue; // the mutation replaces all of it
+            }
+            buffer.resize((stop - start) as usize, 0);
+            self.read_below_top(start, &mut buffer).map_err(|e| failed("reading a lower layer", e))?;
+            // Whatever an unrecorded, crashed mutation left in the top goes too.
+            self.top_write(start, &buffer).map_err(|e| failed("copying up", e))?;
+            self.copied_up.fetch_add(1, Ordering::Relaxed);
+            copied = true;
+        }
+        if copied {
+            self.top.sync().map_err(|e| failed("syncing copied-up data", e))?;
+        }
+        self.top_map.mark(chunks).map_err(|e| failed("recording chunks in the layer map", e))
+    }
+
+    /// Writes `data` at `offset` of the top through its buffered descriptor
+    /// (any alignment), punching a hole for zeroes where the top can.
+    fn top_write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let file = buffered_file(&self.top);
+        if self.top.can_punch_hole && data.iter().all(|&b| b == 0) {
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            // SAFETY: fallocate on a descriptor we own; no memory involved.
+            let rc = unsafe { libc::fallocate(self.top.buffered_fd(), mode, offset as i64, data.len() as i64) };
+            if rc == 0 {
+                return Ok(());
+            }
+        }
+        file.write_all_at(data, offset)
+    }
+
+    /// Reads what the layers below the top hold at `[offset, offset + out.len())`.
+    fn read_below_top(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.read_sync(offset, out, true)
+    }
+
+    /// Blocking read of the composed view (or of what lies below the top).
+    pub fn read_sync(&self, offset: u64, out: &mut [u8], below_top: bool) -> std::io::Result<()> {
+        let end = offset + out.len() as u64;
+        let mut at = offset;
+        while at < end {
+            let (stop, owner) = self.run_from(at, end, below_top);
+            let piece = &mut out[(at - offset) as usize..(stop - offset) as usize];
+            match self.file_of(owner) {
+                Some(file) => read_to_eof(file, at, piece)?,
+                None => piece.fill(0),
+            }
+            at = stop;
+        }
+        Ok(())
+    }
+
+    /// Which layer each range of `[offset, end)` comes from, as
+    /// `qemu:allocation-depth` extents (capped, coalesced).
+    pub fn depths(&self, offset: u64, end: u64, extents_max: usize, out: &mut Vec<Extent>) {
+        let mut at = offset;
+        while at < end {
+            let (stop, owner) = self.run_from(at, end, false);
+            if !push_capped(out, Extent { length: stop - at, status: owner.depth() }, extents_max) {
+                return;
+            }
+            at = stop;
+        }
+    }
+
+    /// `base:allocation` of the composed view: each run scanned in the
+    /// layer it comes from. Blocking; for the lookup helper.
+    pub fn scan(&self, offset: u64, end: u64, extents_max: usize, out: &mut Vec<Extent>) -> std::io::Result<()> {
+        let end = end.min(self.size);
+        let mut at = offset;
+        while at < end && out.len() < extents_max {
+            let (stop, owner) = self.run_from(at, end, false);
+            let mut run = Vec::new();
+            match owner {
+                Owner::Nowhere => run.push(Extent { length: stop - at, status: HOLE }),
+                Owner::Lower(i) if self.lowers[i].file.is_block_device => {
+                    run.push(Extent { length: stop - at, status: DATA })
+                }
+                Owner::Lower(i) => {
+                    let lower = &self.lowers[i];
+                    let mut strategy = lower.strategy;
+                    let within = stop.min(lower.file.size);
+                    if at < within {
+                        scan_file(lower.file.buffered_fd(), at, within, extents_max, &mut strategy, &mut run)?;
+                    }
+                    // Past a short layer's end: zeroes nobody holds.
+                    if run.iter().map(|e| e.length).sum::<u64>() == within.saturating_sub(at) && within < stop {
+                        run.push(Extent { length: stop - within, status: HOLE });
+                    }
+                }
+                Owner::Top => {
+                    let mut strategy = self.top_strategy;
+                    scan_file(self.top.buffered_fd(), at, stop, extents_max, &mut strategy, &mut run)?;
+                }
+            }
+            let covered: u64 = run.iter().map(|e| e.length).sum();
+            for extent in run {
+                if !push_capped(out, extent, extents_max) {
+                    return Ok(());
+                }
+            }
+            if covered == 0 {
+                break;
+            }
+            at += covered;
+        }
+        Ok(())
+    }
+
+    /// `ctl commit`: copies every chunk the top holds into the layer right
+    /// below, durably, while serving. The top keeps its chunks, so the
+    /// composed view never changes and no read races with the copy; a
+    /// chunk written during the commit may reach the lower layer old or
+    /// new, and stays right in the top. Returns the chunks committed.
+    pub fn commit(&self) -> Result<usize, String> {
+        let _one_at_a_time = self.committing.lock().expect("commit lock");
+        let lower = &self.lowers[0];
+        let path = &lower.file.path;
+        let shown = path.display();
+        if lower.file.is_block_device || lower.file.size < self.size {
+            return Err(format!("{shown}: the layer below is shorter than the export; commit would not fit"));
+        }
+        let target = OpenOptions::new().write(true).open(path).map_err(|e| format!("{shown}: {e}"))?;
+        let source = buffered_file(&self.top);
+        let held: Vec<usize> = (0..self.states.len()).filter(|&c| self.is_present(c)).collect();
+        let mut buffer = Vec::new();
+        for &chunk in &held {
+            let (start, stop) = self.chunk_range(chunk);
+            buffer.resize((stop - start) as usize, 0);
+            source.read_exact_at(&mut buffer, start).map_err(|e| format!("{}: {e}", self.top.path.display()))?;
+            target.write_all_at(&buffer, start).map_err(|e| format!("{shown}: {e}"))?;
+        }
+        target.sync_data().map_err(|e| format!("{shown}: {e}"))?;
+        // Data before the record: a crash in between leaves the chunks
+        // unrecorded below, where the top still covers them.
+        if let Some(map) = &lower.map {
+            map.mark(&held).map_err(|e| format!("{}: {e}", map::path_for(path).display()))?;
+        }
+        Ok(held.len())
+    }
+}
+
+/// The top of a layered export: opened with its map, or both created (the
+/// map first, so a top file never exists without one after a crash).
+fn open_top(path: &Path, size: u64, read_only: bool, direct_io: bool) -> Result<(FileBackend, LayerMap), BackendError> {
+    let map_path = map::path_for(path);
+    if !path.exists() {
+        if read_only {
+            return Err(layer_error(path, "no such top layer (a read-only export does not create one)".into()));
+        }
+        let map = match LayerMap::create(&map_path, size) {
+            Ok(map) => map,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let map = LayerMap::open(&map_path, size, true).map_err(|m| layer_error(path, m))?;
+                if map.held().next().is_some() {
+                    let message = format!("the top layer is gone but {} records data in it", map_path.display());
+                    return Err(layer_error(path, message));
+                }
+                map
+            }
+            Err(e) => return Err(open_error(&map_path)(e)),
+        };
+        let file = OpenOptions::new().write(true).create_new(true).open(path).map_err(open_error(path))?;
+        file.set_len(size).map_err(open_error(path))?;
+        file.sync_all().map_err(open_error(path))?;
+        drop(map);
+    } else if !map_path.exists() {
+        let message = format!(
+            "has no layer map ({}), so which of its bytes are its own is unknown; use a new top file",
+            map_path.display()
+        );
+        return Err(layer_error(path, message));
+    }
+    let top = FileBackend::open(path, read_only, direct_io)?;
+    if top.is_block_device {
+        return Err(layer_error(path, "a top layer must be a regular file".into()));
+    }
+    let map = LayerMap::open(&map_path, top.size, !read_only).map_err(|m| layer_error(path, m))?;
+    Ok((top, map))
+}
+
+/// A sparse temporary file as the top, unlinked as soon as it is open.
+fn throwaway_top(size: u64, direct_io: bool) -> Result<FileBackend, BackendError> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::var_os("TMPDIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let name = format!("ringnbd-throwaway-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+    let path = dir.join(name);
+    let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(open_error(&path))?;
+    file.set_len(size).map_err(open_error(&path))?;
+    let top = FileBackend::open(&path, false, direct_io);
+    let _ = std::fs::remove_file(&path);
+    top
+}
+
+/// The top's buffered descriptor as a `File`, without taking ownership.
+fn buffered_file(file: &FileBackend) -> std::mem::ManuallyDrop<File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the descriptor stays open as long as `file`, which outlives
+    // the returned handle; ManuallyDrop keeps it from being closed twice.
+    std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(file.buffered_fd()) })
+}
+
+/// Reads `out.len()` bytes at `offset`, zeroes past the end of the file.
+fn read_to_eof(file: &FileBackend, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+    let handle = buffered_file(file);
+    let mut done = 0;
+    while done < out.len() {
+        match handle.read_at(&mut out[done..], offset + done as u64) {
+            Ok(0) => {
+                out[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
