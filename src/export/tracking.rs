@@ -45,7 +45,16 @@ pub fn open(backend: &Backend, options: &TrackOptions, read_only: bool) -> Resul
         // A snapshot's changes are the frozen copy it was made with.
         Backend::Snapshot(_) => return Ok(None),
         // The layers record what each holds, not when it changed.
-        Backend::Layered(_) => return Ok(None),
+        Backend::Layered(layers) => {
+            if options.files {
+                eprintln!(
+                    "ringnbd: {}: layered exports are not tracked (their layers record what each holds, not when \
+                     it changed); --track applies to the other exports",
+                    layers.top.path.display()
+                );
+            }
+            return Ok(None);
+        }
         Backend::File(_) if !options.files => return Ok(None),
         Backend::File(file) => file,
     };

@@ -139,6 +139,10 @@ impl Verbs {
 
     fn tracker<'a>(&self, export: &'a Export) -> Result<&'a Arc<Tracker>, ControlError> {
         export.image.track.as_ref().ok_or_else(|| {
+            if let Backend::Layered(_) = export.image.backend {
+                let message = format!("export {:?} is layered: layered exports are not tracked", export.info.name);
+                return error(ErrorKind::NotTracked, message);
+            }
             error(
                 ErrorKind::NotTracked,
                 format!("export {:?} does not track changes (start with --track)", export.info.name),

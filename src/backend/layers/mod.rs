@@ -508,3 +508,68 @@ fn read_to_eof(file: &FileBackend, offset: u64, out: &mut [u8]) -> std::io::Resu
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHUNK: u64 = CHUNK_BYTES;
+
+    /// A new top over mid (8 chunks, its map holding chunks 1 and 2) over
+    /// base (a plain raw image of 6 chunks, shorter than the export).
+    fn chain(tag: &str) -> (PathBuf, Layered) {
+        let dir = std::env::temp_dir().join(format!("ringnbd-layers-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (base, mid, top) = (dir.join("base"), dir.join("mid"), dir.join("top"));
+        std::fs::write(&base, vec![0xb0; (6 * CHUNK) as usize]).unwrap();
+        std::fs::write(&mid, vec![0x30; (8 * CHUNK) as usize]).unwrap();
+        LayerMap::create(&map::path_for(&mid), 8 * CHUNK).unwrap().mark(&[1, 2]).unwrap();
+        let spec = LayerSpec { top: Top::File(top), lowers: vec![mid, base] };
+        (dir, Layered::open(&spec, false, false).unwrap())
+    }
+
+    #[test]
+    fn reads_fall_through_to_the_first_layer_holding_each_chunk() {
+        let (dir, layers) = chain("owners");
+        assert_eq!(layers.size(), 8 * CHUNK, "sized as the first lower layer");
+        let mut depths = Vec::new();
+        layers.depths(0, layers.size(), 100, &mut depths);
+        let runs: Vec<(u64, u32)> = depths.iter().map(|e| (e.length, e.status)).collect();
+        // base up to chunk 6, mid in 1..3, nothing past the base's end.
+        assert_eq!(runs, vec![(CHUNK, 3), (2 * CHUNK, 2), (3 * CHUNK, 3), (2 * CHUNK, 0)]);
+
+        layers.prepare_mutation(CHUNK + 10, CHUNK + 20).unwrap();
+        layers.top_write(CHUNK + 10, &[0x70; 10]).unwrap();
+        let mut all = vec![0; layers.size() as usize];
+        layers.read_sync(0, &mut all, false).unwrap();
+        let expect = |at: u64| -> u8 {
+            match at {
+                a if (CHUNK + 10..CHUNK + 20).contains(&a) => 0x70,
+                a if (CHUNK..3 * CHUNK).contains(&a) => 0x30,
+                a if a < 6 * CHUNK => 0xb0,
+                _ => 0,
+            }
+        };
+        assert!(all.iter().enumerate().all(|(i, &b)| b == expect(i as u64)), "copy-up kept the chunk's old bytes");
+        assert_eq!(layers.chunks_copied_up(), 1);
+        assert_eq!(layers.run_from(0, layers.size(), false), (CHUNK, Owner::Lower(1)));
+        assert_eq!(layers.run_from(CHUNK, layers.size(), false), (2 * CHUNK, Owner::Top));
+        assert_eq!(layers.run_from(CHUNK, layers.size(), true), (3 * CHUNK, Owner::Lower(0)));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn whole_chunk_mutations_are_recorded_without_a_copy_and_survive_reopening() {
+        let (dir, layers) = chain("whole");
+        layers.prepare_mutation(3 * CHUNK, 5 * CHUNK).unwrap();
+        assert_eq!((layers.chunks_copied_up(), layers.top_chunks()), (0, 2));
+        layers.prepare_mutation(3 * CHUNK, 4 * CHUNK + 1).unwrap();
+        assert_eq!(layers.chunks_copied_up(), 0, "present chunks are never copied again");
+        drop(layers);
+        let spec = LayerSpec { top: Top::File(dir.join("top")), lowers: vec![dir.join("mid"), dir.join("base")] };
+        let again = Layered::open(&spec, true, false).unwrap();
+        assert_eq!(again.top_map.held().collect::<Vec<_>>(), vec![3, 4]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
