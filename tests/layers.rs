@@ -38,16 +38,6 @@ fn ctl_ok(control: &Path, args: &[&str]) -> Value {
     reply["result"].clone()
 }
 
-/// qemu-io commands run against `uri` (must succeed).
-fn qemu_io(uri: &str, commands: &[String]) {
-    let mut args = vec!["-f", "raw"];
-    for c in commands {
-        args.extend(["-c", c.as_str()]);
-    }
-    args.push(uri);
-    run_ok("qemu-io", &args);
-}
-
 /// A base image: a pattern in its first half, a hole, data near the end.
 fn base_image(path: &Path) {
     let uri_less = path.to_str().unwrap();

@@ -86,15 +86,6 @@ fn granules(offset: u64, length: u64) -> impl Iterator<Item = u64> {
     offset / G..(offset + length).div_ceil(G)
 }
 
-fn qemu_io(uri: &str, commands: &[String]) {
-    let mut args = vec!["-f", "raw"];
-    for c in commands {
-        args.extend(["-c", c.as_str()]);
-    }
-    args.push(uri);
-    run_ok("qemu-io", &args);
-}
-
 // --- the dirty-bitmap context with real clients ---------------------------------
 
 #[test]

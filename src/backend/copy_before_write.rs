@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use crate::meta::allocation::{Strategy, scan_file};
-use crate::proto::extent::{DATA, Extent, push_capped};
+use crate::proto::extent::{DATA, Extent, append_capped};
 use crate::proto::transmission::Command;
 use crate::proto::{Failure, NbdError};
 
@@ -294,16 +294,11 @@ impl CopyBeforeWrite {
                     continue; // scanned again from where it stands now
                 }
             }
-            let covered: u64 = run.iter().map(|e| e.length).sum();
-            for extent in run {
-                if !push_capped(out, extent, extents_max) {
-                    return Ok(());
-                }
+            match append_capped(out, run, extents_max) {
+                None => return Ok(()),
+                Some(0) => break,
+                Some(covered) => at += covered,
             }
-            if covered == 0 {
-                break;
-            }
-            at += covered;
         }
         if self.is_broken() { Err(io::Error::from_raw_os_error(libc::EIO)) } else { Ok(()) }
     }

@@ -37,6 +37,18 @@ pub fn push_capped(out: &mut Vec<Extent>, extent: Extent, extents_max: usize) ->
     true
 }
 
+/// Appends the consecutive extents of `run` under the cap: the bytes `run`
+/// covers, or None once the cap stopped it part-way.
+pub fn append_capped(out: &mut Vec<Extent>, run: Vec<Extent>, extents_max: usize) -> Option<u64> {
+    let covered = covered(&run);
+    for extent in run {
+        if !push_capped(out, extent, extents_max) {
+            return None;
+        }
+    }
+    Some(covered)
+}
+
 /// Total bytes described.
 pub fn covered(extents: &[Extent]) -> u64 {
     extents.iter().map(|e| e.length).sum()

@@ -298,6 +298,17 @@ pub fn run_ok(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs qemu-io `commands` (each a `-c` argument) against a raw `uri`, which
+/// must succeed.
+pub fn qemu_io(uri: &str, commands: &[String]) {
+    let mut args = vec!["-f", "raw"];
+    for c in commands {
+        args.extend(["-c", c.as_str()]);
+    }
+    args.push(uri);
+    run_ok("qemu-io", &args);
+}
+
 /// Runs a Python snippet with python3-libnbd; `args` become sys.argv[1:].
 pub fn python(script: &str, args: &[&str]) -> String {
     let mut full = vec!["-c", script];

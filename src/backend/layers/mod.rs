@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use crate::meta::allocation::{Strategy, scan_file};
 use crate::proto::Failure;
-use crate::proto::extent::{DATA, Extent, HOLE, push_capped};
+use crate::proto::extent::{DATA, Extent, HOLE, append_capped, push_capped};
 
 use super::{BackendError, FileBackend};
 pub use map::{CHUNK_BYTES, CHUNK_SHIFT, LayerMap};
@@ -384,16 +384,11 @@ impl Layered {
                     scan_file(self.top.buffered_fd(), at, stop, extents_max, &mut strategy, &mut run)?;
                 }
             }
-            let covered: u64 = run.iter().map(|e| e.length).sum();
-            for extent in run {
-                if !push_capped(out, extent, extents_max) {
-                    return Ok(());
-                }
+            match append_capped(out, run, extents_max) {
+                None => return Ok(()),
+                Some(0) => break,
+                Some(covered) => at += covered,
             }
-            if covered == 0 {
-                break;
-            }
-            at += covered;
         }
         Ok(())
     }
