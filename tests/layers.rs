@@ -19,6 +19,13 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 16 * MIB;
 
+/// Every byte of the export at `uri`, read by nbdcopy.
+fn read_all(uri: &str) -> Vec<u8> {
+    let out = Command::new("nbdcopy").args([uri, "-"]).output().unwrap();
+    assert!(out.status.success(), "nbdcopy {uri}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
 /// Adjacent runs with one status merged: servers may split runs where
 /// they like; the status of every byte is what must agree.
 fn merged(runs: Vec<(u64, u64, u64)>) -> Vec<(u64, u64, u64)> {
@@ -105,12 +112,9 @@ impl Drop for QemuNbd {
 fn assert_same_view(ours: &str, qemu: &str, what: &str) {
     let context = "qemu:allocation-depth";
     assert_eq!(merged(map(ours, context)), merged(map(qemu, context)), "{what}: {context} differs from qemu-nbd -A");
-    let a = Command::new("nbdcopy").args([ours, "-"]).output().unwrap();
-    let b = Command::new("nbdcopy").args([qemu, "-"]).output().unwrap();
-    assert!(a.status.success() && b.status.success());
-    assert_eq!(a.stdout.len() as u64, SIZE);
-    assert!(a.stdout == b.stdout, "{what}: data read through ringnbd differs from qemu-nbd's");
-    let data = a.stdout;
+    let (data, theirs_data) = (read_all(ours), read_all(qemu));
+    assert_eq!(data.len() as u64, SIZE);
+    assert!(data == theirs_data, "{what}: data read through ringnbd differs from qemu-nbd's");
     let (mine, theirs) = (map(ours, "base:allocation"), map(qemu, "base:allocation"));
     let status_at = |runs: &[(u64, u64, u64)], at: u64| -> (u64, u64) {
         let r = runs.iter().find(|r| r.0 <= at && at < r.0 + r.1).expect("maps cover the export");
@@ -184,16 +188,16 @@ fn a_raw_layer_chain_matches_the_qcow2_chain_and_commit_folds_the_top_down() {
     }
 
     // Commit: the middle layer then reads as the composed view.
-    let composed = Command::new("nbdcopy").args([&ours, "-"]).output().unwrap().stdout;
+    let composed = read_all(&ours);
     let status = ctl_ok(&control, &["status"]);
     let top_chunks = status["exports"][0]["layers"]["top_chunks"].as_u64().unwrap();
     assert!(top_chunks > 0);
     let committed = ctl_ok(&control, &["commit", "vm"]);
     assert_eq!(committed["chunks"].as_u64(), Some(top_chunks));
     assert_eq!(committed["into"].as_str(), Some(s(&mid).as_str()));
-    assert!(Command::new("nbdcopy").args([&ours, "-"]).output().unwrap().stdout == composed, "commit changes no view");
+    assert!(read_all(&ours) == composed, "commit changes no view");
     let folded = Server::start(&["-r", &format!("mid=layers:{},{}", s(&mid), s(&base))]);
-    let below = Command::new("nbdcopy").args([&folded.export_uri("mid"), "-"]).output().unwrap().stdout;
+    let below = read_all(&folded.export_uri("mid"));
     assert!(below == composed, "after commit the layer below equals the composed view");
     let (reply, code) = ctl_reply(&control, &["commit", "nope"]);
     assert_eq!((code, reply["error"]["kind"].as_str()), (1, Some("unknown-export")));
@@ -349,7 +353,7 @@ fn kill_9_during_copy_up_loses_no_acknowledged_write() {
         assert!(acknowledged > 0, "round {round}: some writes were acknowledged before the kill");
 
         let server = Server::start(&[&spec]);
-        let now = Command::new("nbdcopy").args([&server.export_uri(""), "-"]).output().unwrap().stdout;
+        let now = read_all(&server.export_uri(""));
         assert_eq!(now.len(), model.len());
         let unknown = pending.map_or(0..0, |(offset, length)| offset..offset + length);
         let lost = (0..model.len()).find(|i| !unknown.contains(i) && now[*i] != model[*i]);
@@ -397,11 +401,11 @@ fn a_throwaway_top_leaves_no_file_and_forgets_writes_unless_committed() {
     assert!(file_bytes(&base) == original, "a throwaway export never writes its image");
     {
         let server = Server::launch(&launch);
-        let now = Command::new("nbdcopy").args([&server.export_uri("disk"), "-"]).output().unwrap().stdout;
+        let now = read_all(&server.export_uri("disk"));
         assert!(now == original, "writes of an earlier run are gone");
         // Unless committed: then they are in the image.
         qemu_io(&server.export_uri("disk"), &writes);
-        let composed = Command::new("nbdcopy").args([&server.export_uri("disk"), "-"]).output().unwrap().stdout;
+        let composed = read_all(&server.export_uri("disk"));
         ctl_ok(&control, &["commit", "disk"]);
         assert!(file_bytes(&base) == composed, "commit writes the composed view into the image");
     }

@@ -107,6 +107,12 @@ impl FileBackend {
         self.buffered.as_raw_fd()
     }
 
+    /// The buffered descriptor, for positional I/O of any alignment off
+    /// the ring (layer copy-up and commit).
+    pub fn buffered_file(&self) -> &File {
+        &self.buffered
+    }
+
     /// Copies file bytes at `offset` into `target` (inline_io files only).
     pub fn read_inline(&self, offset: u64, target: &mut [u8]) -> io::Result<()> {
         debug_assert!(self.inline_io);

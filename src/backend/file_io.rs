@@ -13,7 +13,7 @@ use crate::proto::{Failure, NbdError};
 
 use super::block_locks::{BlockLocks, LockSet};
 use super::file::FileBackend;
-use super::io::{AlignedSpan, Data, IoMemory, Next, Op};
+use super::io::{AlignedSpan, Data, IoMemory, Next, Op, Plan};
 
 /// Bytes of the shared zero region the ZeroFill fallback writes from.
 pub const ZERO_FILL_BYTES_MAX: usize = 1 << 20;
@@ -148,21 +148,19 @@ pub struct FileIo<'a> {
     pub zeroes: &'a ZeroRegion,
 }
 
-impl FileIo<'_> {
-    pub fn start(&self, command: &Command, task: &mut FileTask, data: Data<'_>) -> Next {
+impl Plan<FileTask> for FileIo<'_> {
+    fn start(&self, command: &Command, task: &mut FileTask, data: Data<'_>) -> Next {
         let next =
             if self.file.inline_io { self.inline(command, task, data) } else { self.on_ring(command, task, data) };
         self.settle(task, next)
     }
 
-    /// Re-runs the request after a deferral.
-    pub fn resume(&self, command: &Command, task: &mut FileTask, data: Data<'_>) -> Next {
+    fn resume(&self, command: &Command, task: &mut FileTask, data: Data<'_>) -> Next {
         debug_assert_eq!(task.step, Step::WaitLocks);
         self.start(command, task, data)
     }
 
-    /// The result of the request's last operation.
-    pub fn on_result(&self, command: &Command, task: &mut FileTask, mut data: Data<'_>, result: i32) -> Next {
+    fn on_result(&self, command: &Command, task: &mut FileTask, mut data: Data<'_>, result: i32) -> Next {
         let result = with_faults(command, task, result);
         let next = if result < 0 {
             self.on_error(command, task, &mut data, -result)
@@ -171,7 +169,9 @@ impl FileIo<'_> {
         };
         self.settle(task, next)
     }
+}
 
+impl FileIo<'_> {
     /// Releases the locks of a request whose work is over.
     fn settle(&self, task: &mut FileTask, next: Next) -> Next {
         if matches!(next, Next::Finished(_)) && task.holds_locks() {

@@ -1,13 +1,15 @@
 //! The seam between backends and the engine: what a backend asks the engine
 //! to do for one request, in terms of storage operations rather than ring
 //! entries. The engine owns the ring, `user_data` and buffers; backends own
-//! the plan (which operation next, what a completion means). One request
+//! the plan ([`Plan`]: which operation next, what a completion means).
+//! `file_io` and `layers::io` are the plans today. One request
 //! may walk through several operations (read-modify-write, zeroing
 //! fallbacks, a sync for FUA), one at a time.
 
 use std::os::fd::RawFd;
 
 use crate::proto::Failure;
+use crate::proto::transmission::Command;
 
 /// Memory an operation reads from or writes into: part of a request's
 /// buffer, or a region the engine keeps for the backend. The engine keeps it
@@ -63,6 +65,17 @@ pub enum Next {
     Finished(Result<(), Failure>),
     /// Waiting for something another request holds; try again shortly.
     Defer,
+}
+
+/// A backend's plan for one request, driven by the engine: the first
+/// operation, the next one after a deferral, and what each result leads
+/// to. `T` is the per-request state the engine keeps with the request.
+pub trait Plan<T> {
+    fn start(&self, command: &Command, task: &mut T, data: Data<'_>) -> Next;
+    /// Re-runs the request after `Next::Defer`.
+    fn resume(&self, command: &Command, task: &mut T, data: Data<'_>) -> Next;
+    /// The result of the request's last operation.
+    fn on_result(&self, command: &Command, task: &mut T, data: Data<'_>, result: i32) -> Next;
 }
 
 /// A request's buffer as the backend sees it.

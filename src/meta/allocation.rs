@@ -314,8 +314,9 @@ fn fiemap(fd: RawFd, map: &mut Fiemap, start: u64, end: u64) -> io::Result<usize
 }
 
 fn seek(fd: RawFd, offset: u64, whence: i32) -> io::Result<u64> {
-    // SAFETY: lseek on an fd owned by the caller; the helper thread has its
-    // own descriptor, so moving its position disturbs nobody.
+    // SAFETY: lseek on an fd the caller keeps open. It moves the file
+    // position, which no I/O of the server uses (all of it is positional),
+    // so helpers sharing a descriptor disturb nobody.
     let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
     #[cfg(test)]
     tests::SEEKS.with(|seeks| seeks.set(seeks.get() + 1));

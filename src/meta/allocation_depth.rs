@@ -21,8 +21,10 @@ pub struct AllocationDepth {
 
 impl ContextSource for AllocationDepth {
     fn extents_bound(&self, length: u64, extents_max: usize) -> usize {
-        // Runs change at chunk boundaries, or where a short lower layer ends.
-        granular_bound(length, CHUNK_BYTES, extents_max).saturating_mul(2).min(extents_max)
+        // Runs change at chunk boundaries, or where a short lower layer ends
+        // (once per layer).
+        let Backend::Layered(layers) = &self.image.backend else { unreachable!("offered for layered exports only") };
+        (granular_bound(length, CHUNK_BYTES, usize::MAX) + layers.lowers.len()).min(extents_max)
     }
 
     fn gather(&self, query: &Query, out: &mut Vec<Extent>) -> Gathered {

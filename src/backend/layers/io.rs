@@ -8,7 +8,7 @@
 
 use crate::backend::block_locks::BlockLocks;
 use crate::backend::file_io::{FileIo, FileTask, ZeroRegion};
-use crate::backend::io::{Data, Next, Op};
+use crate::backend::io::{Data, Next, Op, Plan};
 use crate::proto::transmission::Command;
 use crate::proto::{Failure, NbdError};
 
@@ -30,12 +30,8 @@ fn on_top(command: &Command) -> Command {
     }
 }
 
-impl LayeredIo<'_> {
-    fn top(&self) -> FileIo<'_> {
-        FileIo { file: &self.layers.top, locks: self.locks, zeroes: self.zeroes }
-    }
-
-    pub fn start(&self, command: &Command, task: &mut FileTask, data: Data<'_>) -> Next {
+impl Plan<FileTask> for LayeredIo<'_> {
+    fn start(&self, command: &Command, task: &mut FileTask, data: Data<'_>) -> Next {
         match *command {
             Command::Read { length, .. } => self.read_on(task, data, task.span.head + length as usize),
             // Nothing to prefetch that would outlive O_DIRECT reads of the layers.
@@ -44,11 +40,11 @@ impl LayeredIo<'_> {
         }
     }
 
-    pub fn resume(&self, command: &Command, task: &mut FileTask, data: Data<'_>) -> Next {
+    fn resume(&self, command: &Command, task: &mut FileTask, data: Data<'_>) -> Next {
         self.top().resume(&on_top(command), task, data)
     }
 
-    pub fn on_result(&self, command: &Command, task: &mut FileTask, data: Data<'_>, result: i32) -> Next {
+    fn on_result(&self, command: &Command, task: &mut FileTask, data: Data<'_>, result: i32) -> Next {
         let Command::Read { length, .. } = *command else {
             return self.top().on_result(&on_top(command), task, data, result);
         };
@@ -69,6 +65,12 @@ impl LayeredIo<'_> {
             debug_assert!(at + result as u64 <= task.run_end);
         }
         self.read_on(task, data, task.span.head + length as usize)
+    }
+}
+
+impl LayeredIo<'_> {
+    fn top(&self) -> FileIo<'_> {
+        FileIo { file: &self.layers.top, locks: self.locks, zeroes: self.zeroes }
     }
 
     /// Reads runs until the buffer holds its first `needed` bytes, or one

@@ -5,9 +5,9 @@
 //! Bits are only ever set while serving, so the in-memory words are always
 //! a superset of the file's. Setting is write-ahead: [`LayerMap::mark`]
 //! returns once the new bits are durable, and the caller submits the data
-//! after that. Concurrent marks group-commit: each writes the current value
-//! of its words under a short lock (so a stale word never overwrites a
-//! newer one) and syncs outside it, where the file system merges them.
+//! after that. Each mark writes the current value of its words under a
+//! short lock (so a stale word never overwrites a newer one) and syncs
+//! outside it, so concurrent marks never queue their syncs behind a lock.
 
 use std::fs::{File, OpenOptions};
 use std::io;

@@ -21,7 +21,7 @@
 pub mod io;
 pub mod map;
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -255,6 +255,11 @@ impl Layered {
         let mut claimed = Vec::new();
         for chunk in chunks {
             let state = &self.states[chunk];
+            // The steady state: a load, no write to the shared line (a
+            // failing compare-exchange would still take it exclusively).
+            if state.load(Ordering::Acquire) == PRESENT {
+                continue;
+            }
             loop {
                 match state.compare_exchange(ABSENT, CLAIMED, Ordering::AcqRel, Ordering::Acquire) {
                     Ok(_) => {
@@ -308,7 +313,7 @@ impl Layered {
     /// Writes `data` at `offset` of the top through its buffered descriptor
     /// (any alignment), punching a hole for zeroes where the top can.
     fn top_write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        let file = buffered_file(&self.top);
+        let file = self.top.buffered_file();
         if self.top.can_punch_hole && data.iter().all(|&b| b == 0) {
             let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
             // SAFETY: fallocate on a descriptor we own; no memory involved.
@@ -407,7 +412,7 @@ impl Layered {
             return Err(format!("{shown}: the layer below is shorter than the export; commit would not fit"));
         }
         let target = OpenOptions::new().write(true).open(path).map_err(|e| format!("{shown}: {e}"))?;
-        let source = buffered_file(&self.top);
+        let source = self.top.buffered_file();
         let held: Vec<usize> = (0..self.states.len()).filter(|&c| self.is_present(c)).collect();
         let mut buffer = Vec::new();
         for &chunk in &held {
@@ -478,17 +483,9 @@ fn throwaway_top(size: u64, direct_io: bool) -> Result<FileBackend, BackendError
     top
 }
 
-/// The top's buffered descriptor as a `File`, without taking ownership.
-fn buffered_file(file: &FileBackend) -> std::mem::ManuallyDrop<File> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: the descriptor stays open as long as `file`, which outlives
-    // the returned handle; ManuallyDrop keeps it from being closed twice.
-    std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(file.buffered_fd()) })
-}
-
 /// Reads `out.len()` bytes at `offset`, zeroes past the end of the file.
 fn read_to_eof(file: &FileBackend, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-    let handle = buffered_file(file);
+    let handle = file.buffered_file();
     let mut done = 0;
     while done < out.len() {
         match handle.read_at(&mut out[done..], offset + done as u64) {

@@ -4,7 +4,7 @@
 
 use crate::backend::Backend;
 use crate::backend::file_io::FileIo;
-use crate::backend::io::Next;
+use crate::backend::io::{Data, Next, Plan};
 use crate::backend::layers::io::LayeredIo;
 use crate::faults;
 use crate::meta::context::{Gathered, Query};
@@ -27,6 +27,15 @@ enum FileCall {
     Start,
     Resume,
     Completed(i32),
+}
+
+/// One call into a backend's plan.
+fn drive<T>(plan: &impl Plan<T>, call: FileCall, command: &Command, task: &mut T, data: Data<'_>) -> Next {
+    match call {
+        FileCall::Start => plan.start(command, task, data),
+        FileCall::Resume => plan.resume(command, task, data),
+        FileCall::Completed(result) => plan.on_result(command, task, data, result),
+    }
 }
 
 impl Worker {
@@ -154,22 +163,13 @@ impl Worker {
         let image = &*conns[req.conn as usize].export.image;
         let command = req.command;
         let mut task = std::mem::take(&mut req.task);
+        let data = req.data();
         let next = match &image.backend {
             Backend::File(file) => {
-                let io = FileIo { file, locks: &image.locks, zeroes };
-                match call {
-                    FileCall::Start => io.start(&command, &mut task, req.data()),
-                    FileCall::Resume => io.resume(&command, &mut task, req.data()),
-                    FileCall::Completed(result) => io.on_result(&command, &mut task, req.data(), result),
-                }
+                drive(&FileIo { file, locks: &image.locks, zeroes }, call, &command, &mut task, data)
             }
             Backend::Layered(layers) => {
-                let io = LayeredIo { layers, locks: &image.locks, zeroes };
-                match call {
-                    FileCall::Start => io.start(&command, &mut task, req.data()),
-                    FileCall::Resume => io.resume(&command, &mut task, req.data()),
-                    FileCall::Completed(result) => io.on_result(&command, &mut task, req.data(), result),
-                }
+                drive(&LayeredIo { layers, locks: &image.locks, zeroes }, call, &command, &mut task, data)
             }
             Backend::Memory(_) | Backend::Snapshot(_) => unreachable!("only file and layered requests use the ring"),
         };
