@@ -90,8 +90,8 @@ pub struct FileTask {
     step: Step,
     /// Bytes of the current step done so far (short reads and writes).
     pub(super) progress: usize,
-    /// End (file offset) of the layer run a layered read is reading.
-    pub(super) run_end: u64,
+    /// A layered request's own progress (`layers::io`).
+    pub(super) layer: super::layers::io::LayerStep,
     /// Position in the WRITE_ZEROES fallback plan.
     zero_plan: u8,
     /// Next offset for ZeroFill.

@@ -172,6 +172,7 @@ impl Verbs {
                         "throwaway": l.throwaway,
                         "top_map": l.top_map_path().map(|p| p.display().to_string()),
                         "top_chunks": l.top_chunks(),
+                        "chunks_copied_up": l.chunks_copied_up(),
                         "chunk_bytes": crate::backend::layers::CHUNK_BYTES,
                         "lowers": l.lowers.iter().map(|lower| lower.file.path.display().to_string()).collect::<Vec<_>>(),
                     }),

@@ -3,14 +3,17 @@
 //! memory only.
 //!
 //! Bits are only ever set while serving, so the in-memory words are always
-//! a superset of the file's. Setting is write-ahead: [`LayerMap::mark`]
-//! returns once the new bits are durable, and the caller submits the data
-//! after that. Each mark writes the current value of its words under a
-//! short lock (so a stale word never overwrites a newer one) and syncs
-//! outside it, so concurrent marks never queue their syncs behind a lock.
+//! a superset of the file's. Setting is write-ahead: the caller submits the
+//! data only once the new bits are durable ([`LayerMap::record`] and a sync
+//! on the ring, or the blocking [`LayerMap::mark`]). Each record writes the
+//! current value of its words under a short lock (so a stale word never
+//! overwrites a newer one: the writes reach the page cache in lock order)
+//! and the sync happens outside it, so concurrent records never queue
+//! their syncs behind the lock.
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -115,21 +118,30 @@ impl LayerMap {
 
     /// Records that the layer holds `chunks` (ascending); durable on return.
     pub fn mark(&self, chunks: &[usize]) -> io::Result<()> {
+        match self.record(chunks)? {
+            Some(_) => self.file.as_ref().expect("a file to sync").sync_data(),
+            None => Ok(()),
+        }
+    }
+
+    /// Sets the bits of `chunks` (ascending) and writes them to the map
+    /// file; they are durable once the returned descriptor is synced (None:
+    /// in memory only). The write goes to the page cache, so it is short;
+    /// the sync is the caller's (on the ring).
+    pub fn record(&self, chunks: &[usize]) -> io::Result<Option<RawFd>> {
         for &chunk in chunks {
             self.words[chunk / 64].fetch_or(1 << (chunk % 64), Ordering::AcqRel);
         }
-        let Some(file) = &self.file else { return Ok(()) };
-        {
-            let _serial = self.write_lock.lock().expect("layer map lock");
-            let mut words: Vec<usize> = chunks.iter().map(|c| c / 64).collect();
-            words.dedup();
-            for run in runs(&words) {
-                let bytes: Vec<u8> =
-                    run.clone().flat_map(|w| self.words[w].load(Ordering::Acquire).to_le_bytes()).collect();
-                file.write_all_at(&bytes, HEADER_BYTES + 8 * run.start as u64)?;
-            }
+        let Some(file) = &self.file else { return Ok(None) };
+        let _serial = self.write_lock.lock().expect("layer map lock");
+        let mut words: Vec<usize> = chunks.iter().map(|c| c / 64).collect();
+        words.dedup();
+        for run in runs(&words) {
+            let bytes: Vec<u8> =
+                run.clone().flat_map(|w| self.words[w].load(Ordering::Acquire).to_le_bytes()).collect();
+            file.write_all_at(&bytes, HEADER_BYTES + 8 * run.start as u64)?;
         }
-        file.sync_data()
+        Ok(Some(file.as_raw_fd()))
     }
 
     /// Every chunk the layer holds, ascending.

@@ -10,14 +10,16 @@
 //! reads from below, as before). Trim and zeroes in the top hide what the
 //! layers below hold, so TRIM is a WRITE_ZEROES here.
 //!
-//! Each chunk of the top is absent, claimed (one worker copies it up and
-//! records it) or present. Present chunks are never copied again, so the
-//! steady state of a mutation is one atomic load per chunk.
+//! Each chunk of the top is absent, claimed (one request copies it up and
+//! records it, on the ring: `io`) or present. Present chunks are never
+//! copied again, so the steady state of a mutation is one atomic load per
+//! chunk.
 //!
 //! A lower layer with a map holds only the chunks in it; one without holds
 //! every byte up to its size (a plain raw image), and bytes past a lower
 //! layer's end read as zeroes, as qemu reads past a short backing file.
 
+pub mod copy_buffers;
 pub mod io;
 pub mod map;
 
@@ -28,7 +30,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use crate::meta::allocation::{Strategy, scan_file};
-use crate::proto::Failure;
 use crate::proto::extent::{DATA, Extent, HOLE, append_capped, push_capped};
 
 use super::{BackendError, FileBackend};
@@ -200,7 +201,7 @@ impl Layered {
         self.states[chunk].load(Ordering::Acquire) == PRESENT
     }
 
-    fn chunk_range(&self, chunk: usize) -> (u64, u64) {
+    pub(super) fn chunk_range(&self, chunk: usize) -> (u64, u64) {
         let start = (chunk as u64) << CHUNK_SHIFT;
         (start, (start + CHUNK_BYTES).min(self.size))
     }
@@ -235,7 +236,7 @@ impl Layered {
         (stop.min(end), owner)
     }
 
-    fn file_of(&self, owner: Owner) -> Option<&FileBackend> {
+    pub(super) fn file_of(&self, owner: Owner) -> Option<&FileBackend> {
         match owner {
             Owner::Top => Some(&self.top),
             Owner::Lower(i) => Some(&self.lowers[i].file),
@@ -243,107 +244,64 @@ impl Layered {
         }
     }
 
-    /// Before a mutation of `[offset, end)` is submitted: every chunk it
-    /// touches is in the top, complete and recorded durably. Blocking (a
-    /// chunk's first mutation pays a copy and two syncs; later ones a load).
-    pub fn prepare_mutation(&self, offset: u64, end: u64) -> Result<(), Failure> {
+    /// The chunks `[offset, end)` touches (empty when it lies past the end).
+    pub(super) fn chunks_of(&self, offset: u64, end: u64) -> std::ops::Range<usize> {
         let end = end.min(self.size);
         if offset >= end {
-            return Ok(());
+            return 0..0;
         }
-        let chunks = (offset >> CHUNK_SHIFT) as usize..((end - 1) >> CHUNK_SHIFT) as usize + 1;
-        let mut claimed = Vec::new();
-        for chunk in chunks {
-            let state = &self.states[chunk];
+        (offset >> CHUNK_SHIFT) as usize..((end - 1) >> CHUNK_SHIFT) as usize + 1
+    }
+
+    /// Claims the absent chunks of `*next..range.end` in ascending order,
+    /// advancing `*next`; false when another request is bringing one up
+    /// (the caller retries later, keeping what it claimed: claims are taken
+    /// in ascending order, so no two requests wait for each other). Sets
+    /// `*claimed` once this request claimed any.
+    pub(super) fn claim(&self, next: &mut usize, range: &std::ops::Range<usize>, claimed: &mut bool) -> bool {
+        while *next < range.end {
+            let state = &self.states[*next];
             // The steady state: a load, no write to the shared line (a
             // failing compare-exchange would still take it exclusively).
-            if state.load(Ordering::Acquire) == PRESENT {
-                continue;
-            }
-            loop {
+            if state.load(Ordering::Acquire) != PRESENT {
                 match state.compare_exchange(ABSENT, CLAIMED, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => {
-                        claimed.push(chunk);
-                        break;
-                    }
-                    Err(PRESENT) => break,
-                    // Another worker brings this chunk up: one copy and two syncs.
-                    Err(_) => std::thread::yield_now(),
+                    Ok(_) => *claimed = true,
+                    Err(PRESENT) => {}
+                    Err(_) => return false,
                 }
             }
+            *next += 1;
         }
-        if claimed.is_empty() {
-            return Ok(());
-        }
-        let result = self.bring_up(&claimed, offset, end);
-        let settled = if result.is_ok() { PRESENT } else { ABSENT };
-        for &chunk in &claimed {
-            self.states[chunk].store(settled, Ordering::Release);
-        }
-        result
+        true
     }
 
-    /// Copies the old content of the `chunks` the mutation covers only in
-    /// part into the top, makes it durable, then records every one of them.
-    fn bring_up(&self, chunks: &[usize], offset: u64, end: u64) -> Result<(), Failure> {
-        let failed = |what: &str, e: std::io::Error| {
-            eprintln!("ringnbd: {}: {what}: {e}", self.top.path.display());
-            Failure::from_errno(e.raw_os_error().unwrap_or(libc::EIO))
-        };
-        let mut buffer = Vec::new();
-        let mut copied = false;
-        for &chunk in chunks {
-            let (start, stop) = self.chunk_range(chunk);
-            if offset <= start && end >= stop {
-                continue; // the mutation replaces all of it
-            }
-            buffer.resize((stop - start) as usize, 0);
-            self.read_below_top(start, &mut buffer).map_err(|e| failed("reading a lower layer", e))?;
-            // Whatever an unrecorded, crashed mutation left in the top goes too.
-            self.top_write(start, &buffer).map_err(|e| failed("copying up", e))?;
-            self.copied_up.fetch_add(1, Ordering::Relaxed);
-            copied = true;
-        }
-        if copied {
-            self.top.sync().map_err(|e| failed("syncing copied-up data", e))?;
-        }
-        self.top_map.mark(chunks).map_err(|e| failed("recording chunks in the layer map", e))
+    /// Whether `chunk` is claimed; for a request that claimed through it,
+    /// that means claimed by that request (see [`Self::claim`]).
+    pub(super) fn is_claimed(&self, chunk: usize) -> bool {
+        self.states[chunk].load(Ordering::Acquire) == CLAIMED
     }
 
-    /// Writes `data` at `offset` of the top through its buffered descriptor
-    /// (any alignment), punching a hole for zeroes where the top can.
-    fn top_write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        let file = self.top.buffered_file();
-        if self.top.can_punch_hole && data.iter().all(|&b| b == 0) {
-            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-            // SAFETY: fallocate on a descriptor we own; no memory involved.
-            let rc = unsafe { libc::fallocate(self.top.buffered_fd(), mode, offset as i64, data.len() as i64) };
-            if rc == 0 {
-                return Ok(());
+    /// Writes the map bits of the claimed chunks of `range` (the caller's,
+    /// see [`Self::claim`]); they are durable once the returned descriptor
+    /// is synced (None: the map is in memory, nothing to sync).
+    pub(super) fn record(&self, range: std::ops::Range<usize>) -> std::io::Result<Option<std::os::fd::RawFd>> {
+        let claimed: Vec<usize> = range.filter(|&c| self.is_claimed(c)).collect();
+        self.top_map.record(&claimed)
+    }
+
+    /// Ends this request's claims in `range`: present after a durable
+    /// record, absent again after a failure.
+    pub(super) fn settle(&self, range: std::ops::Range<usize>, recorded: bool) {
+        let to = if recorded { PRESENT } else { ABSENT };
+        for chunk in range {
+            if self.is_claimed(chunk) {
+                self.states[chunk].store(to, Ordering::Release);
             }
         }
-        file.write_all_at(data, offset)
     }
 
-    /// Reads what the layers below the top hold at `[offset, offset + out.len())`.
-    fn read_below_top(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        self.read_sync(offset, out, true)
-    }
-
-    /// Blocking read of the composed view (or of what lies below the top).
-    pub fn read_sync(&self, offset: u64, out: &mut [u8], below_top: bool) -> std::io::Result<()> {
-        let end = offset + out.len() as u64;
-        let mut at = offset;
-        while at < end {
-            let (stop, owner) = self.run_from(at, end, below_top);
-            let piece = &mut out[(at - offset) as usize..(stop - offset) as usize];
-            match self.file_of(owner) {
-                Some(file) => read_to_eof(file, at, piece)?,
-                None => piece.fill(0),
-            }
-            at = stop;
-        }
-        Ok(())
+    pub(super) fn count_copy_up(&self) {
+        self.copied_up.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Which layer each range of `[offset, end)` comes from, as
@@ -484,7 +442,7 @@ fn throwaway_top(size: u64, direct_io: bool) -> Result<FileBackend, BackendError
 }
 
 /// Reads `out.len()` bytes at `offset`, zeroes past the end of the file.
-fn read_to_eof(file: &FileBackend, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+pub(super) fn read_to_eof(file: &FileBackend, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
     let handle = file.buffered_file();
     let mut done = 0;
     while done < out.len() {
@@ -525,39 +483,43 @@ mod tests {
     fn reads_fall_through_to_the_first_layer_holding_each_chunk() {
         let (dir, layers) = chain("owners");
         assert_eq!(layers.size(), 8 * CHUNK, "sized as the first lower layer");
-        let mut depths = Vec::new();
-        layers.depths(0, layers.size(), 100, &mut depths);
-        let runs: Vec<(u64, u32)> = depths.iter().map(|e| (e.length, e.status)).collect();
-        // base up to chunk 6, mid in 1..3, nothing past the base's end.
-        assert_eq!(runs, vec![(CHUNK, 3), (2 * CHUNK, 2), (3 * CHUNK, 3), (2 * CHUNK, 0)]);
-
-        layers.prepare_mutation(CHUNK + 10, CHUNK + 20).unwrap();
-        layers.top_write(CHUNK + 10, &[0x70; 10]).unwrap();
-        let mut all = vec![0; layers.size() as usize];
-        layers.read_sync(0, &mut all, false).unwrap();
-        let expect = |at: u64| -> u8 {
-            match at {
-                a if (CHUNK + 10..CHUNK + 20).contains(&a) => 0x70,
-                a if (CHUNK..3 * CHUNK).contains(&a) => 0x30,
-                a if a < 6 * CHUNK => 0xb0,
-                _ => 0,
-            }
+        let depths = |layers: &Layered| -> Vec<(u64, u32)> {
+            let mut out = Vec::new();
+            layers.depths(0, layers.size(), 100, &mut out);
+            out.iter().map(|e| (e.length, e.status)).collect()
         };
-        assert!(all.iter().enumerate().all(|(i, &b)| b == expect(i as u64)), "copy-up kept the chunk's old bytes");
-        assert_eq!(layers.chunks_copied_up(), 1);
+        // base up to chunk 6, mid in 1..3, nothing past the base's end.
+        assert_eq!(depths(&layers), vec![(CHUNK, 3), (2 * CHUNK, 2), (3 * CHUNK, 3), (2 * CHUNK, 0)]);
         assert_eq!(layers.run_from(0, layers.size(), false), (CHUNK, Owner::Lower(1)));
-        assert_eq!(layers.run_from(CHUNK, layers.size(), false), (2 * CHUNK, Owner::Top));
+        assert_eq!(layers.run_from(CHUNK, layers.size(), false), (3 * CHUNK, Owner::Lower(0)));
+        assert_eq!(layers.run_from(6 * CHUNK, layers.size(), false), (8 * CHUNK, Owner::Nowhere));
+
+        let (mut next, mut claimed) = (1, false);
+        assert!(layers.claim(&mut next, &(1..3), &mut claimed));
+        assert!(claimed && layers.is_claimed(1) && layers.is_claimed(2));
+        // Another request over chunk 2 waits while it is being brought up.
+        let (mut other, mut other_claimed) = (0, false);
+        assert!(!layers.claim(&mut other, &(0..3), &mut other_claimed));
+        assert_eq!(other, 1, "it keeps chunk 0 and stops at the claimed one");
+        assert_eq!(layers.run_from(CHUNK, layers.size(), false).1, Owner::Lower(0), "claimed is not yet the top's");
+        layers.settle(1..3, true);
+        assert!(layers.claim(&mut other, &(0..3), &mut other_claimed));
+        layers.settle(0..3, false);
+        assert_eq!(depths(&layers), vec![(CHUNK, 3), (2 * CHUNK, 1), (3 * CHUNK, 3), (2 * CHUNK, 0)]);
         assert_eq!(layers.run_from(CHUNK, layers.size(), true), (3 * CHUNK, Owner::Lower(0)));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
-    fn whole_chunk_mutations_are_recorded_without_a_copy_and_survive_reopening() {
-        let (dir, layers) = chain("whole");
-        layers.prepare_mutation(3 * CHUNK, 5 * CHUNK).unwrap();
-        assert_eq!((layers.chunks_copied_up(), layers.top_chunks()), (0, 2));
-        layers.prepare_mutation(3 * CHUNK, 4 * CHUNK + 1).unwrap();
-        assert_eq!(layers.chunks_copied_up(), 0, "present chunks are never copied again");
+    fn recorded_chunks_survive_reopening() {
+        let (dir, layers) = chain("record");
+        let (mut next, mut claimed) = (3, false);
+        assert!(layers.claim(&mut next, &(3..5), &mut claimed));
+        let fd = layers.record(3..5).unwrap().expect("a map file to sync");
+        // SAFETY: fdatasync on the map's descriptor, open for `layers`' life.
+        assert_eq!(unsafe { libc::fdatasync(fd) }, 0);
+        layers.settle(3..5, true);
+        assert_eq!(layers.top_chunks(), 2);
         drop(layers);
         let spec = LayerSpec { top: Top::File(dir.join("top")), lowers: vec![dir.join("mid"), dir.join("base")] };
         let again = Layered::open(&spec, true, false).unwrap();

@@ -55,14 +55,10 @@ impl Worker {
         let req = &mut self.requests[request as usize];
         let image = &self.conns[req.conn as usize].export.image;
         let command = req.command;
-        if let Some((offset, end)) = write_path::mutated_range(&command) {
-            let prepared = image.preserve(offset, end).and_then(|()| match &image.backend {
-                Backend::Layered(layers) => layers.prepare_mutation(offset, end),
-                _ => Ok(()),
-            });
-            if let Err(failure) = prepared {
-                return self.follow(request, Next::Finished(Err(failure)));
-            }
+        if let Some((offset, end)) = write_path::mutated_range(&command)
+            && let Err(failure) = image.preserve(offset, end)
+        {
+            return self.follow(request, Next::Finished(Err(failure)));
         }
         match &image.backend {
             Backend::Memory(memory) => {
@@ -158,7 +154,7 @@ impl Worker {
         // Borrow disjoint fields: the image is reached through its
         // connection without cloning the Arc, whose refcount every worker
         // would otherwise bounce between cores on each request.
-        let Worker { requests, conns, zeroes, .. } = self;
+        let Worker { requests, conns, zeroes, copies, .. } = self;
         let req = &mut requests[request as usize];
         let image = &*conns[req.conn as usize].export.image;
         let command = req.command;
@@ -169,7 +165,7 @@ impl Worker {
                 drive(&FileIo { file, locks: &image.locks, zeroes }, call, &command, &mut task, data)
             }
             Backend::Layered(layers) => {
-                drive(&LayeredIo { layers, locks: &image.locks, zeroes }, call, &command, &mut task, data)
+                drive(&LayeredIo { layers, locks: &image.locks, zeroes, copies }, call, &command, &mut task, data)
             }
             Backend::Memory(_) | Backend::Snapshot(_) => unreachable!("only file and layered requests use the ring"),
         };

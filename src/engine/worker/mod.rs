@@ -44,6 +44,7 @@ use super::request::Request;
 use super::ring::{Completion, REAP_BATCH_MAX, Ring};
 use super::user_data::Token;
 use crate::backend::file_io::ZeroRegion;
+use crate::backend::layers::copy_buffers::CopyBuffers;
 
 /// Every per-worker limit, set once at start.
 #[derive(Debug, Clone)]
@@ -89,6 +90,9 @@ pub struct Worker {
     index: usize,
     pool: BufferPool,
     zeroes: ZeroRegion,
+    /// Buffers layered mutations copy chunks up through; dropped after the
+    /// ring like `zeroes`.
+    copies: CopyBuffers,
     /// The distinct images behind the exports the server started with, by
     /// `Image::id`. Images added while serving (snapshot exports) are
     /// read-only: no mutation, so no gate or commit, ever reaches them.
@@ -167,6 +171,7 @@ impl Worker {
         }
         let pool = BufferPool::new(parts.budget, slots);
         let zeroes = ZeroRegion::new().map_err(EngineError::Buffers)?;
+        let copies = CopyBuffers::new().map_err(EngineError::Buffers)?;
         let lookups = LookupService::spawn(parts.index, Arc::clone(&parts.wake_fd)).map_err(EngineError::Helper)?;
         let images = crate::export::images(&parts.exports);
         debug_assert!(images.iter().enumerate().all(|(i, image)| image.id == i), "image ids are positions");
@@ -179,6 +184,7 @@ impl Worker {
             index: parts.index,
             pool,
             zeroes,
+            copies,
             gates: images.iter().map(|_| tracking::Gate::default()).collect(),
             commits: images.iter().map(|_| tracking::Commit::default()).collect(),
             commit_wanted: false,
