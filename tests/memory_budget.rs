@@ -142,7 +142,16 @@ fn thousands_of_closed_connections_leave_no_memory_behind() {
         let open = open_wave(&addr, connections);
         let busy = server.rss_kib();
         drop(open);
-        let settled = settles_below(&server, idle + LEFTOVER_KIB_MAX);
+        // The second wave waits for the bound it is held to: a worker
+        // trims its idle memory on its own schedule, and sampling the
+        // instant RSS fell under the first wave's looser bound caught it
+        // before that now and then (14 MiB once, 10 MiB a moment later).
+        // A leak never gets there, however long it waits.
+        let bound = match after.first() {
+            None => idle + LEFTOVER_KIB_MAX,
+            Some(first) => first + 1024,
+        };
+        let settled = settles_below(&server, bound);
         eprintln!(
             "wave {wave}: RSS with {connections} connections open: {busy} KiB; after closing: {settled} KiB (idle {idle} KiB)"
         );
