@@ -462,22 +462,6 @@ fn layer_errors_are_refused_clearly() {
     assert_eq!((code, reply["error"]["kind"].as_str()), (1, Some("not-layered")));
 }
 
-/// Writes 3000 bytes at the start of every 4 KiB stripe `s` of the first
-/// `stripes` with `s % writers == index`, in random order.
-const PY_STRIPES: &str = r#"
-import nbd, random, sys
-uri, index, writers, stripes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-mine = [s for s in range(stripes) if s % writers == index]
-random.Random(index).shuffle(mine)
-h = nbd.NBD()
-h.connect_uri(uri)
-data = bytes([(index + 1) * 0x11]) * 3000
-for s in mine:
-    h.pwrite(data, s * 4096)
-h.flush()
-print("ok")
-"#;
-
 #[test]
 fn concurrent_first_writes_to_shared_chunks_copy_each_up_once_and_lose_nothing() {
     if !require("nbdcopy") {
@@ -492,22 +476,9 @@ fn concurrent_first_writes_to_shared_chunks_copy_each_up_once_and_lose_nothing()
     let (writers, stripes) = (4, 8 * MIB / 4096);
     // Every stripe write covers part of a chunk that no one holds yet, and
     // the four writers (on both workers) race for each chunk.
-    let children: Vec<_> = (0..writers)
-        .map(|i| {
-            Command::new(PYTHON)
-                .args(["-c", PY_STRIPES, &server.export_uri(""), &i.to_string(), &writers.to_string()])
-                .arg(stripes.to_string())
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for child in children {
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok");
-    }
+    write_stripes(&server.export_uri(""), writers, stripes);
     for s in 0..stripes as usize {
-        expect[s * 4096..s * 4096 + 3000].fill(((s % writers) as u8 + 1) * 0x11);
+        expect[s * 4096..s * 4096 + 3000].fill(stripe_byte(s, writers));
     }
     let now = read_all(&server.export_uri(""));
     let differs = (0..now.len()).find(|&i| now[i] != expect[i]);

@@ -608,3 +608,33 @@ fn snapshots_can_be_taken_at_start_for_scripts_without_the_control_socket() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("--snapshot x: no tracked read-write file export"), "{text}");
 }
+
+#[test]
+fn racing_first_writes_on_both_workers_preserve_each_chunk_once_and_only_old_data() {
+    if !clients_present() {
+        return;
+    }
+    let dir = TempDir::new("snapshot-race");
+    let (server, control, live) = serve_pattern_a(&dir.0, &[]);
+    ctl_ok(&control, &["snapshot", "create", "disk", "s"]);
+    // Four writers race for every 64 KiB chunk of the 16 MiB image: each
+    // chunk's first write copies it, and a second copier would copy B.
+    let (writers, stripes) = (4, 16 * MIB / 4096);
+    write_stripes(&live, writers, stripes);
+    let out = dir.path("snapshot.raw");
+    run_ok("nbdcopy", &[&export_uri(&server, "disk@s"), out.to_str().unwrap()]);
+    let frozen = std::fs::read(&out).unwrap();
+    assert!(frozen.iter().all(|&b| b == A), "the snapshot holds only the data of its instant");
+    let listed = ctl_ok(&control, &["snapshot", "list"]);
+    let snapshot = &listed["snapshots"][0];
+    assert_eq!(snapshot["broken"], Value::Bool(false));
+    assert_eq!(snapshot["scratch_bytes"].as_u64(), Some(16 * MIB), "every chunk copied exactly once");
+    let now = dir.path("live.raw");
+    run_ok("nbdcopy", &[&live, now.to_str().unwrap()]);
+    let now = std::fs::read(&now).unwrap();
+    for s in 0..stripes as usize {
+        let stripe = &now[s * 4096..(s + 1) * 4096];
+        assert!(stripe[..3000].iter().all(|&b| b == stripe_byte(s, writers)), "stripe {s} as written");
+        assert!(stripe[3000..].iter().all(|&b| b == A), "the rest of stripe {s} as it was");
+    }
+}

@@ -19,9 +19,9 @@
 //! snapshot (its reads fail with EIO) or, if so configured, fails the live
 //! mutation with ENOSPC instead.
 //!
-//! The copies and the snapshot's reads are blocking pread/pwrite calls on
-//! the worker: correct, but a worker copying a chunk stalls its other
-//! connections for that long.
+//! The copies run on the ring, as operations of the mutation's own plan
+//! (`preserving_io`), through the worker's copy buffers. The snapshot's
+//! own reads are blocking preads on the worker.
 
 use std::fs::File;
 use std::io;
@@ -38,6 +38,17 @@ use crate::proto::{Failure, NbdError};
 /// Granularity of preservation: 64 KiB.
 pub const CHUNK_SHIFT: u32 = 16;
 const CHUNK_BYTES: u64 = 1 << CHUNK_SHIFT;
+
+/// What [`CopyBeforeWrite::claim`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Nothing to do: preserved already, or the snapshot is broken.
+    Preserved,
+    /// The caller copies it, then releases it.
+    Mine,
+    /// Another request is copying it: try again shortly.
+    Busy,
+}
 
 const UNTOUCHED: u8 = 0;
 const COPYING: u8 = 1;
@@ -77,6 +88,12 @@ pub struct CopyBeforeWrite {
     /// Bytes of old data written to scratch (holes not counted).
     used: AtomicU64,
     broken: AtomicBool,
+}
+
+impl std::fmt::Debug for CopyBeforeWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyBeforeWrite").field("name", &self.name).finish_non_exhaustive()
+    }
 }
 
 impl CopyBeforeWrite {
@@ -149,69 +166,75 @@ impl CopyBeforeWrite {
         }
     }
 
-    /// Before a mutation of `[offset, end)` of the live image is submitted:
-    /// makes sure the old data of every chunk it touches is preserved.
-    /// Fails only under [`ScratchFull::FailWrites`] when scratch is full.
-    pub fn preserve(&self, offset: u64, end: u64) -> Result<(), Failure> {
-        let mut buffer = Vec::new();
-        for chunk in self.chunks(offset, end) {
-            if self.is_broken() {
-                return Ok(());
-            }
-            let state = &self.states[chunk];
-            // The steady state: a load, no write to the shared line.
-            if state.load(Ordering::Acquire) == PRESERVED {
-                continue;
-            }
-            loop {
-                match state.compare_exchange(UNTOUCHED, COPYING, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => {
-                        let copied = self.copy(chunk, &mut buffer);
-                        let failed = copied.is_err();
-                        // Released even when the copy failed, so nobody waits forever:
-                        // a failure either broke the snapshot or fails this write.
-                        state.store(if failed { UNTOUCHED } else { PRESERVED }, Ordering::Release);
-                        copied?;
-                        break;
-                    }
-                    Err(PRESERVED) => break,
-                    // Another worker copies this chunk: one read and write.
-                    Err(_) if self.is_broken() => return Ok(()),
-                    Err(_) => std::thread::yield_now(),
-                }
-            }
+    /// Takes `chunk` for preserving, for a mutation about to change it.
+    /// A broken snapshot needs nothing preserved.
+    pub fn claim(&self, chunk: usize) -> Claim {
+        let state = &self.states[chunk];
+        // The steady state: a load, no write to the shared line.
+        if self.is_broken() || state.load(Ordering::Acquire) == PRESERVED {
+            return Claim::Preserved;
         }
-        Ok(())
+        match state.compare_exchange(UNTOUCHED, COPYING, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => Claim::Mine,
+            Err(PRESERVED) => Claim::Preserved,
+            Err(_) if self.is_broken() => Claim::Preserved,
+            Err(_) => Claim::Busy,
+        }
     }
 
-    fn copy(&self, chunk: usize, buffer: &mut Vec<u8>) -> Result<(), Failure> {
-        let (start, end) = self.chunk_range(chunk);
-        buffer.resize((end - start) as usize, 0);
-        if let Err(e) = self.live.read_exact_at(buffer, start) {
-            self.break_snapshot(&format!("reading old data at {start}: {e}"));
-            return Ok(());
+    /// Whether the old data `old` of a chunk the caller claimed goes to the
+    /// scratch file: not when it is all zeroes (the scratch file's hole
+    /// reads the same) or when there is no room and the snapshot breaks
+    /// instead. Fails only under [`ScratchFull::FailWrites`].
+    pub fn admit(&self, old: &[u8]) -> Result<bool, Failure> {
+        if old.iter().all(|&b| b == 0) {
+            return Ok(false);
         }
-        if buffer.iter().all(|&b| b == 0) {
-            return Ok(()); // the scratch file's hole reads the same
-        }
-        let len = buffer.len() as u64;
+        let len = old.len() as u64;
         let used = self.used.fetch_add(len, Ordering::Relaxed) + len;
-        if used > self.policy.bytes_max {
-            self.used.fetch_sub(len, Ordering::Relaxed);
-            return match self.policy.when_full {
-                ScratchFull::BreakSnapshot => {
-                    self.break_snapshot(&format!("scratch space full at {} bytes", self.policy.bytes_max));
-                    Ok(())
-                }
-                ScratchFull::FailWrites => {
-                    Err(NbdError::NoSpc.because("the snapshot's scratch space is full; the write would destroy it"))
-                }
-            };
+        if used <= self.policy.bytes_max {
+            return Ok(true);
         }
-        if let Err(e) = self.scratch.write_all_at(buffer, start) {
-            self.break_snapshot(&format!("writing scratch at {start}: {e}"));
+        self.used.fetch_sub(len, Ordering::Relaxed);
+        match self.policy.when_full {
+            ScratchFull::BreakSnapshot => {
+                self.break_snapshot(&format!("scratch space full at {} bytes", self.policy.bytes_max));
+                Ok(false)
+            }
+            ScratchFull::FailWrites => {
+                Err(NbdError::NoSpc.because("the snapshot's scratch space is full; the write would destroy it"))
+            }
         }
-        Ok(())
+    }
+
+    /// A copy of a claimed chunk failed: the snapshot cannot be trusted.
+    pub fn copy_failed(&self, why: &str) {
+        self.break_snapshot(why);
+    }
+
+    /// Ends the caller's claim: preserved (also after a failure that broke
+    /// the snapshot), or untouched again when the mutation is refused.
+    pub fn release(&self, chunk: usize, preserved: bool) {
+        self.states[chunk].store(if preserved { PRESERVED } else { UNTOUCHED }, Ordering::Release);
+    }
+
+    /// The chunks `[offset, end)` of the live image touches.
+    pub fn chunks_of(&self, offset: u64, end: u64) -> std::ops::Range<usize> {
+        self.chunks(offset, end)
+    }
+
+    /// File range of `chunk`.
+    pub fn range_of(&self, chunk: usize) -> (u64, u64) {
+        self.chunk_range(chunk)
+    }
+
+    /// Where old data is read from (the live image, buffered) and written to.
+    pub fn live_fd(&self) -> std::os::fd::RawFd {
+        self.live.as_raw_fd()
+    }
+
+    pub fn scratch_fd(&self) -> std::os::fd::RawFd {
+        self.scratch.as_raw_fd()
     }
 
     /// Runs a request on the snapshot export (read-only: validation has
@@ -326,6 +349,30 @@ mod tests {
         (dir, writer, cbw)
     }
 
+    /// Preserves `[offset, end)` the way `preserving_io` does, with blocking calls.
+    fn preserve(cbw: &CopyBeforeWrite, offset: u64, end: u64) -> Result<(), Failure> {
+        for chunk in cbw.chunks_of(offset, end) {
+            match cbw.claim(chunk) {
+                Claim::Preserved => continue,
+                Claim::Busy => panic!("one thread, no one else copies"),
+                Claim::Mine => {}
+            }
+            let (start, stop) = cbw.range_of(chunk);
+            let mut old = vec![0; (stop - start) as usize];
+            cbw.live.read_exact_at(&mut old, start).unwrap();
+            match cbw.admit(&old) {
+                Ok(true) => cbw.scratch.write_all_at(&old, start).unwrap(),
+                Ok(false) => {}
+                Err(failure) => {
+                    cbw.release(chunk, false);
+                    return Err(failure);
+                }
+            }
+            cbw.release(chunk, true);
+        }
+        Ok(())
+    }
+
     const ROOMY: ScratchPolicy = ScratchPolicy { bytes_max: u64::MAX, when_full: ScratchFull::BreakSnapshot };
 
     #[test]
@@ -333,7 +380,7 @@ mod tests {
         let size = 4 * CHUNK_BYTES + 100;
         let (dir, live, cbw) = fixture("old", size, ROOMY);
         for (offset, len) in [(10, 20), (CHUNK_BYTES - 5, 10), (4 * CHUNK_BYTES + 50, 50)] {
-            cbw.preserve(offset, offset + len).unwrap();
+            preserve(&cbw, offset, offset + len).unwrap();
             live.write_all_at(&vec![0xb2; len as usize], offset).unwrap();
         }
         let mut all = vec![0; size as usize];
@@ -354,11 +401,11 @@ mod tests {
             ScratchPolicy { bytes_max: CHUNK_BYTES, when_full: ScratchFull::BreakSnapshot },
         );
         live.write_all_at(&vec![0; CHUNK_BYTES as usize], 0).unwrap();
-        cbw.preserve(0, 1).unwrap();
+        preserve(&cbw, 0, 1).unwrap();
         assert_eq!(cbw.scratch_bytes(), 0, "zeroes are not copied");
-        cbw.preserve(CHUNK_BYTES, CHUNK_BYTES + 1).unwrap();
+        preserve(&cbw, CHUNK_BYTES, CHUNK_BYTES + 1).unwrap();
         assert!(!cbw.is_broken());
-        cbw.preserve(2 * CHUNK_BYTES, 2 * CHUNK_BYTES + 1).unwrap();
+        preserve(&cbw, 2 * CHUNK_BYTES, 2 * CHUNK_BYTES + 1).unwrap();
         assert!(cbw.is_broken(), "the second copy does not fit");
         assert_eq!(cbw.read(0, &mut [0; 10]).unwrap_err().code, NbdError::Io);
         std::fs::remove_dir_all(dir).unwrap();
@@ -368,11 +415,11 @@ mod tests {
             4 * CHUNK_BYTES,
             ScratchPolicy { bytes_max: CHUNK_BYTES, when_full: ScratchFull::FailWrites },
         );
-        cbw.preserve(0, 1).unwrap();
-        assert_eq!(cbw.preserve(CHUNK_BYTES, CHUNK_BYTES + 1).unwrap_err().code, NbdError::NoSpc);
-        cbw.preserve(0, 10).unwrap(); // already preserved: no copy needed
+        preserve(&cbw, 0, 1).unwrap();
+        assert_eq!(preserve(&cbw, CHUNK_BYTES, CHUNK_BYTES + 1).unwrap_err().code, NbdError::NoSpc);
+        preserve(&cbw, 0, 10).unwrap(); // already preserved: no copy needed
         assert!(!cbw.is_broken());
-        assert_eq!(cbw.preserve(CHUNK_BYTES, CHUNK_BYTES + 1).unwrap_err().code, NbdError::NoSpc, "still untouched");
+        assert_eq!(preserve(&cbw, CHUNK_BYTES, CHUNK_BYTES + 1).unwrap_err().code, NbdError::NoSpc, "still untouched");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -92,6 +92,8 @@ pub struct FileTask {
     pub(super) progress: usize,
     /// A layered request's own progress (`layers::io`).
     pub(super) layer: super::layers::io::LayerStep,
+    /// A mutation's preserving for snapshots (`preserving_io`).
+    pub(super) preserve: super::preserving_io::PreserveStep,
     /// Position in the WRITE_ZEROES fallback plan.
     zero_plan: u8,
     /// Next offset for ZeroFill.
@@ -113,6 +115,12 @@ impl FileTask {
     pub fn holds_locks(&self) -> bool {
         !self.locks.is_empty()
     }
+
+    /// The request is preserving old data for snapshots before it runs
+    /// (so the engine drives it through `preserving_io`).
+    pub fn is_preserving(&self) -> bool {
+        self.preserve.preserving()
+    }
 }
 
 /// Zeroing strategies in order of preference; `ZeroFill` is the slow last
@@ -130,6 +138,14 @@ pub fn client_range(command: &Command) -> (u64, u64) {
             (offset, offset + u64::from(length))
         }
         _ => (0, 0),
+    }
+}
+
+/// The bytes a WRITE, WRITE_ZEROES or TRIM changes.
+pub fn mutated_range(command: &Command) -> Option<(u64, u64)> {
+    match command {
+        Command::Write { .. } | Command::WriteZeroes { .. } | Command::Trim { .. } => Some(client_range(command)),
+        _ => None,
     }
 }
 

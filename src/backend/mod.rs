@@ -10,6 +10,7 @@ pub mod file_io;
 pub mod io;
 pub mod layers;
 pub mod memory;
+pub mod preserving_io;
 
 use std::path::PathBuf;
 

@@ -3,13 +3,12 @@
 //! worker a request arrives on.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use crate::backend::block_locks::BlockLocks;
 use crate::backend::{Backend, CopyBeforeWrite};
 use crate::meta::base_allocation::Scanner;
 use crate::meta::extent_cache::ExtentCache;
-use crate::proto::Failure;
 use crate::track::Tracker;
 
 pub struct Image {
@@ -63,14 +62,19 @@ impl Image {
         self.any_preserving.store(!list.is_empty(), Ordering::Release);
     }
 
-    /// Before a mutation of `[offset, end)` is submitted: the old data is
-    /// preserved for every copy-before-write snapshot (blocking copies).
-    pub fn preserve(&self, offset: u64, end: u64) -> Result<(), Failure> {
+    /// The image has copy-before-write snapshots (one load, no lock).
+    pub fn has_snapshots(&self) -> bool {
+        self.any_preserving.load(Ordering::Acquire)
+    }
+
+    /// The copy-before-write snapshots whose old data every mutation must
+    /// preserve before it runs (`backend::preserving_io`); None, without
+    /// touching the lock, when there are none.
+    pub fn snapshots(&self) -> Option<RwLockReadGuard<'_, Vec<Arc<CopyBeforeWrite>>>> {
         if !self.any_preserving.load(Ordering::Acquire) {
-            return Ok(());
+            return None;
         }
-        let list = self.preserving.read().expect("preserving lock");
-        list.iter().try_for_each(|snapshot| snapshot.preserve(offset, end))
+        Some(self.preserving.read().expect("preserving lock"))
     }
 
     /// Mutations must wait for their marks to be durable (the tracker has a

@@ -309,6 +309,46 @@ pub fn qemu_io(uri: &str, commands: &[String]) {
     run_ok("qemu-io", &args);
 }
 
+/// Writes 3000 bytes at the start of every 4 KiB stripe `s` of the first
+/// `stripes` with `s % writers == index`, in random order.
+const PY_STRIPES: &str = r#"
+import nbd, random, sys
+uri, index, writers, stripes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+mine = [s for s in range(stripes) if s % writers == index]
+random.Random(index).shuffle(mine)
+h = nbd.NBD()
+h.connect_uri(uri)
+data = bytes([(index + 1) * 0x11]) * 3000
+for s in mine:
+    h.pwrite(data, s * 4096)
+h.flush()
+print("ok")
+"#;
+
+/// `writers` libnbd clients at once, each writing its stripes
+/// ([`PY_STRIPES`]): client `i` writes stripe `s` when `s % writers == i`,
+/// with the byte [`stripe_byte`].
+pub fn write_stripes(uri: &str, writers: usize, stripes: u64) {
+    let children: Vec<_> = (0..writers)
+        .map(|i| {
+            Command::new(PYTHON)
+                .args(["-c", PY_STRIPES, uri, &i.to_string(), &writers.to_string(), &stripes.to_string()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok", "a stripe writer failed");
+    }
+}
+
+/// The byte [`write_stripes`] writes into stripe `s`.
+pub fn stripe_byte(s: usize, writers: usize) -> u8 {
+    ((s % writers) as u8 + 1) * 0x11
+}
+
 /// Runs a Python snippet with python3-libnbd; `args` become sys.argv[1:].
 pub fn python(script: &str, args: &[&str]) -> String {
     let mut full = vec!["-c", script];

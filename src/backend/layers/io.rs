@@ -17,7 +17,7 @@
 //! after one load per chunk.
 
 use crate::backend::block_locks::BlockLocks;
-use crate::backend::file_io::{FileIo, FileTask, ZeroRegion};
+use crate::backend::file_io::{FileIo, FileTask, ZeroRegion, mutated_range as mutated};
 use crate::backend::io::{Data, Next, Op, Plan};
 use crate::proto::transmission::Command;
 use crate::proto::{Failure, NbdError};
@@ -78,17 +78,6 @@ fn on_top(command: &Command) -> Command {
             Command::WriteZeroes { offset, length, fua, no_hole: false, fast: false }
         }
         other => other,
-    }
-}
-
-/// The bytes a mutation changes.
-fn mutated(command: &Command) -> Option<(u64, u64)> {
-    match *command {
-        Command::Write { offset, length, .. } => Some((offset, offset + u64::from(length))),
-        Command::WriteZeroes { offset, length, .. } | Command::Trim { offset, length, .. } => {
-            Some((offset, offset + length))
-        }
-        _ => None,
     }
 }
 

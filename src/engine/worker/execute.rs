@@ -3,9 +3,10 @@
 //! through the lookup helper when a source needs a blocking scan).
 
 use crate::backend::Backend;
-use crate::backend::file_io::FileIo;
+use crate::backend::file_io::{FileIo, mutated_range};
 use crate::backend::io::{Data, Next, Plan};
 use crate::backend::layers::io::LayeredIo;
+use crate::backend::preserving_io::PreservingIo;
 use crate::faults;
 use crate::meta::context::{Gathered, Query};
 use crate::proto::Failure;
@@ -16,7 +17,6 @@ use super::super::block_status;
 use super::super::lookup::{LookupDone, LookupJob};
 use super::super::ops;
 use super::super::user_data::Token;
-use super::super::write_path;
 use super::Worker;
 
 /// Job vectors a worker keeps for reuse (one per lookup in flight at once).
@@ -55,11 +55,6 @@ impl Worker {
         let req = &mut self.requests[request as usize];
         let image = &self.conns[req.conn as usize].export.image;
         let command = req.command;
-        if let Some((offset, end)) = write_path::mutated_range(&command)
-            && let Err(failure) = image.preserve(offset, end)
-        {
-            return self.follow(request, Next::Finished(Err(failure)));
-        }
         match &image.backend {
             Backend::Memory(memory) => {
                 let result = memory.execute(&command, req.data().bytes);
@@ -162,7 +157,21 @@ impl Worker {
         let data = req.data();
         let next = match &image.backend {
             Backend::File(file) => {
-                drive(&FileIo { file, locks: &image.locks, zeroes }, call, &command, &mut task, data)
+                let io = FileIo { file, locks: &image.locks, zeroes };
+                // A mutation that starts while the image has copy-before-write
+                // snapshots preserves their old data first, and keeps that
+                // plan until it has.
+                let preserving = match call {
+                    FileCall::Start => mutated_range(&command).is_some() && image.has_snapshots(),
+                    _ => task.is_preserving(),
+                };
+                if preserving {
+                    let list = image.snapshots();
+                    let snapshots = list.as_deref().map_or(&[][..], Vec::as_slice);
+                    drive(&PreservingIo { inner: io, snapshots, copies }, call, &command, &mut task, data)
+                } else {
+                    drive(&io, call, &command, &mut task, data)
+                }
             }
             Backend::Layered(layers) => {
                 drive(&LayeredIo { layers, locks: &image.locks, zeroes, copies }, call, &command, &mut task, data)
