@@ -20,19 +20,17 @@
 //! mutation with ENOSPC instead.
 //!
 //! The copies run on the ring, as operations of the mutation's own plan
-//! (`preserving_io`), through the worker's copy buffers. The snapshot's
-//! own reads are blocking preads on the worker.
+//! (`preserving_io`), through the worker's copy buffers, and so do the
+//! snapshot's own reads (`snapshot_io`).
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use crate::meta::allocation::{Strategy, scan_file};
 use crate::proto::extent::{DATA, Extent, append_capped};
-use crate::proto::transmission::Command;
 use crate::proto::{Failure, NbdError};
 
 /// Granularity of preservation: 64 KiB.
@@ -237,23 +235,18 @@ impl CopyBeforeWrite {
         self.scratch.as_raw_fd()
     }
 
-    /// Runs a request on the snapshot export (read-only: validation has
-    /// refused mutations before they get here).
-    pub fn execute(&self, command: &Command, data: &mut [u8]) -> Result<(), Failure> {
-        match *command {
-            Command::Read { offset, length, .. } => self.read(offset, &mut data[..length as usize]),
-            Command::Flush | Command::Cache { .. } => Ok(()),
-            _ => Err(NbdError::Perm.because("snapshots are read-only")),
-        }
+    /// log2 of the chunk size.
+    pub fn chunk_shift(&self) -> u32 {
+        CHUNK_SHIFT
     }
 
-    fn is_preserved(&self, chunk: usize) -> bool {
+    pub fn is_preserved(&self, chunk: usize) -> bool {
         self.states[chunk].load(Ordering::Acquire) == PRESERVED
     }
 
     /// The run of chunks from the one holding `at` that share its state,
     /// cut at `end`: `(stop, preserved)`, with `stop` the byte after it.
-    fn run_from(&self, at: u64, end: u64) -> (u64, bool) {
+    pub fn run_from(&self, at: u64, end: u64) -> (u64, bool) {
         let first = (at >> CHUNK_SHIFT) as usize;
         let state = self.is_preserved(first);
         let mut last = first;
@@ -267,8 +260,12 @@ impl CopyBeforeWrite {
     }
 
     /// Reads the snapshot's `[offset, offset + out.len())`, one read per
-    /// run of chunks in one state.
+    /// run of chunks in one state, with blocking calls: the reference the
+    /// unit tests check preservation with (the server reads through
+    /// `snapshot_io`, the same way on the ring).
+    #[cfg(test)]
     pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), Failure> {
+        use std::os::unix::fs::FileExt;
         const BROKEN: Failure = NbdError::Io.because("the snapshot is broken (see the server log)");
         let failed = |e: io::Error| Failure::from_errno(errno(&e));
         let end = (offset + out.len() as u64).min(self.size);
@@ -327,12 +324,15 @@ impl CopyBeforeWrite {
     }
 }
 
+#[cfg(test)]
 fn errno(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::FileExt;
+
     use super::*;
 
     fn fixture(tag: &str, size: u64, policy: ScratchPolicy) -> (PathBuf, File, CopyBeforeWrite) {

@@ -94,6 +94,8 @@ pub struct FileTask {
     pub(super) layer: super::layers::io::LayerStep,
     /// A mutation's preserving for snapshots (`preserving_io`).
     pub(super) preserve: super::preserving_io::PreserveStep,
+    /// A snapshot export's read (`snapshot_io`).
+    pub(super) snap: super::snapshot_io::SnapshotStep,
     /// Position in the WRITE_ZEROES fallback plan.
     zero_plan: u8,
     /// Next offset for ZeroFill.

@@ -11,6 +11,7 @@ pub mod io;
 pub mod layers;
 pub mod memory;
 pub mod preserving_io;
+pub mod snapshot_io;
 
 use std::path::PathBuf;
 

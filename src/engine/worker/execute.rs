@@ -7,6 +7,7 @@ use crate::backend::file_io::{FileIo, mutated_range};
 use crate::backend::io::{Data, Next, Plan};
 use crate::backend::layers::io::LayeredIo;
 use crate::backend::preserving_io::PreservingIo;
+use crate::backend::snapshot_io::SnapshotIo;
 use crate::faults;
 use crate::meta::context::{Gathered, Query};
 use crate::proto::Failure;
@@ -60,11 +61,7 @@ impl Worker {
                 let result = memory.execute(&command, req.data().bytes);
                 self.follow(request, Next::Finished(result))
             }
-            Backend::Snapshot(snapshot) => {
-                let result = snapshot.execute(&command, req.data().bytes);
-                self.follow(request, Next::Finished(result))
-            }
-            Backend::File(_) | Backend::Layered(_) => self.file_step(request, FileCall::Start),
+            Backend::File(_) | Backend::Layered(_) | Backend::Snapshot(_) => self.file_step(request, FileCall::Start),
         }
     }
 
@@ -176,7 +173,8 @@ impl Worker {
             Backend::Layered(layers) => {
                 drive(&LayeredIo { layers, locks: &image.locks, zeroes, copies }, call, &command, &mut task, data)
             }
-            Backend::Memory(_) | Backend::Snapshot(_) => unreachable!("only file and layered requests use the ring"),
+            Backend::Snapshot(snapshot) => drive(&SnapshotIo { snapshot }, call, &command, &mut task, data),
+            Backend::Memory(_) => unreachable!("memory requests run inline"),
         };
         req.task = task;
         self.follow(request, next);
