@@ -128,9 +128,11 @@ impl PreservingIo<'_> {
         let (offset, end) = mutated(command).expect("a mutation");
         let step = &mut task.preserve;
         // A snapshot deleted meanwhile shifts the list: start over (chunks
-        // already preserved cost a load each).
+        // already preserved cost a load each). None is added while this
+        // request is in flight (a snapshot is cut with the image's
+        // mutations drained), so an address seen again is the same one.
         let same = self.snapshots.get(step.snapshot_at).map(|s| Arc::as_ptr(s) as usize);
-        if step.snapshot_at > 0 && same != Some(step.snapshot_id) {
+        if step.snapshot_id != 0 && same != Some(step.snapshot_id) {
             step.snapshot_at = 0;
             step.chunk_at = self.snapshots.first().map(|s| s.chunks_of(offset, end).start).unwrap_or_default();
         }
@@ -139,6 +141,11 @@ impl PreservingIo<'_> {
             let range = snapshot.chunks_of(offset, end);
             while step.chunk_at < range.end {
                 let chunk = step.chunk_at;
+                // The steady state: one load, no buffer taken.
+                if snapshot.is_broken() || snapshot.is_preserved(chunk) {
+                    step.chunk_at += 1;
+                    continue;
+                }
                 // Only a copier holds a buffer, so waiting for one never
                 // waits on a waiter.
                 let Some(slot) = self.copies.take() else { return Next::Defer };
