@@ -5,6 +5,7 @@
 
 pub mod block_locks;
 pub mod copy_before_write;
+pub mod copy_buffers;
 pub mod file;
 pub mod file_io;
 pub mod io;

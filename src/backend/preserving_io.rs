@@ -12,9 +12,9 @@
 use std::sync::Arc;
 
 use super::copy_before_write::{Claim, CopyBeforeWrite};
+use super::copy_buffers::CopyBuffers;
 use super::file_io::{FileIo, FileTask, mutated_range as mutated};
 use super::io::{Data, Next, Op, Plan};
-use super::layers::copy_buffers::CopyBuffers;
 use crate::proto::transmission::Command;
 
 pub struct PreservingIo<'a> {

@@ -22,8 +22,8 @@ use crate::backend::io::{Data, Next, Op, Plan};
 use crate::proto::transmission::Command;
 use crate::proto::{Failure, NbdError};
 
-use super::copy_buffers::CopyBuffers;
 use super::{CHUNK_BYTES, Layered};
+use crate::backend::copy_buffers::CopyBuffers;
 
 pub struct LayeredIo<'a> {
     pub layers: &'a Layered,

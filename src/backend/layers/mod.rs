@@ -19,7 +19,6 @@
 //! every byte up to its size (a plain raw image), and bytes past a lower
 //! layer's end read as zeroes, as qemu reads past a short backing file.
 
-pub mod copy_buffers;
 pub mod io;
 pub mod map;
 

@@ -43,8 +43,8 @@ use super::handoff::WorkerMessage;
 use super::request::Request;
 use super::ring::{Completion, REAP_BATCH_MAX, Ring};
 use super::user_data::Token;
+use crate::backend::copy_buffers::CopyBuffers;
 use crate::backend::file_io::ZeroRegion;
-use crate::backend::layers::copy_buffers::CopyBuffers;
 
 /// Every per-worker limit, set once at start.
 #[derive(Debug, Clone)]

@@ -1,6 +1,6 @@
-//! Memory for copy-up: a worker's few chunk-sized buffers that layered
-//! mutations borrow while they read a chunk's old content from below and
-//! write it into the top on the ring. Page-aligned (one anonymous mapping),
+//! Memory for copies on the ring: a worker's few chunk-sized buffers that
+//! mutations borrow while they copy a chunk's old content (up into a
+//! layered export's top, or into a snapshot's scratch file). Page-aligned (one anonymous mapping),
 //! so O_DIRECT accepts them; a request holds one from its first copy-up
 //! read until its last copy-up write completes, and waits (defers) while
 //! all are taken. The worker owns them and drops them after its ring.
@@ -10,7 +10,7 @@ use std::ptr::NonNull;
 
 use crate::backend::io::IoMemory;
 
-use super::CHUNK_BYTES;
+use super::layers::CHUNK_BYTES;
 
 /// Buffers per worker: copy-ups in flight at once on one worker.
 pub const COPY_BUFFERS: usize = 16;
