@@ -17,4 +17,5 @@ pub mod meta;
 pub mod net;
 pub mod proto;
 pub mod server;
+pub mod tls;
 pub mod track;

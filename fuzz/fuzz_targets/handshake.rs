@@ -10,8 +10,8 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use ringnbd::net::negotiate::{Observer, TimedStream, negotiate};
-use ringnbd::proto::handshake::{BlockSize, ExportInfo, HandshakeLimits};
+use ringnbd::net::negotiate::{Observer, Terms, TimedStream, negotiate};
+use ringnbd::proto::handshake::{BlockSize, ExportInfo, HandshakeLimits, OpenGate};
 use ringnbd::proto::wire::*;
 
 /// Reads come in pieces whose sizes the first bytes of the input choose.
@@ -60,8 +60,11 @@ fn exports() -> Vec<ExportInfo> {
         flags: TF_HAS_FLAGS | flags,
         block_size: BlockSize { minimum: 1, preferred: 4096, maximum: 1 << 25 },
         contexts: ["base:allocation", "qemu:dirty-bitmap:mon", "ringnbd:era"].map(String::from).to_vec(),
+        tls_only: false,
     };
-    vec![export("disk", TF_SEND_FLUSH | TF_SEND_TRIM), export("ro", TF_READ_ONLY)]
+    let mut secret = export("secret", TF_SEND_FLUSH);
+    secret.tls_only = true;
+    vec![export("disk", TF_SEND_FLUSH | TF_SEND_TRIM), export("ro", TF_READ_ONLY), secret]
 }
 
 /// Walks the server's output: greeting, then option replies; a trailing
@@ -91,7 +94,10 @@ fuzz_target!(|data: &[u8]| {
     let limits = HandshakeLimits { options_max: 64, option_bytes_max: 8192, option_discard_bytes_max: 16384 };
     let mut stream = Chunked { sizes, next_size: 0, input, written: Vec::new() };
     let shutdown = AtomicBool::new(false);
-    let observer = Observer { progressed: &|| {}, refused: &|_| {} };
-    let _ = negotiate(&mut stream, &exports, limits, Duration::from_secs(3600), &shutdown, &observer);
+    let observer = Observer { progressed: &|| {}, refused: &|_| {}, tls_started: &|_| {} };
+    // "secret" is TLS-only, so the SELECTIVETLS paths are fuzzed
+    // too (STARTTLS itself is refused: no credentials here).
+    let terms = Terms { exports: &exports, limits, timeout: Duration::from_secs(3600), tls: None, gate: &OpenGate };
+    let _ = negotiate(&mut stream, &terms, &shutdown, &observer);
     check_framing(&stream.written);
 });

@@ -12,7 +12,8 @@ pub mod ctl;
 pub mod export_spec;
 
 use crate::export::{ExportOptions, ExportSpec, TrackOptions};
-use crate::server::ServerConfig;
+use crate::server::{SecurityConfig, ServerConfig};
+use crate::tls::{CredentialSource, TlsMode};
 use export_spec::parse_size;
 
 /// Serve files, block devices or sparse memory over NBD, on io_uring.
@@ -185,6 +186,45 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
+    /// STARTTLS: off, on (offered), or require (every option before it is
+    /// refused). Defaults to on when credentials are given (doc/tls.md).
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub tls: Option<TlsMode>,
+
+    /// X.509 credentials: DIR holds ca-cert.pem, server-cert.pem,
+    /// server-key.pem and optionally ca-crl.pem (nbdkit's and qemu's layout).
+    #[arg(long, value_name = "DIR", conflicts_with = "tls_psk")]
+    pub tls_certificates: Option<PathBuf>,
+
+    /// Require client certificates signed by ca-cert.pem.
+    #[arg(long, requires = "tls_certificates")]
+    pub tls_verify_peer: bool,
+
+    /// PSK credentials in GnuTLS keys.psk format (username:hexkey per line,
+    /// made by psktool). Needs a build with `--features psk`.
+    #[arg(long, value_name = "FILE")]
+    pub tls_psk: Option<PathBuf>,
+
+    /// Serve EXPORT only over TLS (others stay open to plaintext clients
+    /// under --tls on). Repeatable.
+    #[arg(long, value_name = "EXPORT")]
+    pub tls_only: Vec<String>,
+
+    /// Allow-list rule, for all exports or for EXPORT: dn:SUBJECT,
+    /// psk:USER, addr:IP[/PREFIX], uid:N. Repeatable (doc/tls.md).
+    #[arg(long, value_name = "[EXPORT=]RULE")]
+    pub allow: Vec<String>,
+
+    /// Most transmission connections at once, overall or for EXPORT.
+    /// Repeatable.
+    #[arg(long, value_name = "[EXPORT=]N")]
+    pub max_connections: Vec<String>,
+
+    /// Most transmission connections from one client address (one IP, or
+    /// one uid on Unix sockets).
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_address: Option<usize>,
+
     /// Log connections and protocol errors to stderr.
     #[arg(short, long)]
     pub verbose: bool,
@@ -335,7 +375,28 @@ impl Cli {
         if self.cpus.as_ref().is_some_and(|c| c.0.len() > 1024) && self.threads.is_none() {
             return Err("--cpus lists more than 1024 cores; give --threads".into());
         }
+        let credentials = self.tls_certificates.is_some() || self.tls_psk.is_some();
+        if matches!(self.tls, Some(TlsMode::On | TlsMode::Require)) && !credentials {
+            return Err("--tls on|require needs --tls-certificates DIR or --tls-psk FILE".into());
+        }
+        if !self.tls_only.is_empty() && self.tls_mode() == TlsMode::Off {
+            return Err("--tls-only needs TLS (--tls-certificates or --tls-psk, and not --tls off)".into());
+        }
         Ok(())
+    }
+
+    /// `--tls`, defaulting to on when credentials are given.
+    pub fn tls_mode(&self) -> TlsMode {
+        let credentials = self.tls_certificates.is_some() || self.tls_psk.is_some();
+        self.tls.unwrap_or(if credentials { TlsMode::On } else { TlsMode::Off })
+    }
+
+    fn tls_credentials(&self) -> Option<CredentialSource> {
+        match (&self.tls_certificates, &self.tls_psk) {
+            (Some(dir), _) => Some(CredentialSource::X509 { dir: dir.clone(), verify_peer: self.tls_verify_peer }),
+            (None, Some(file)) => Some(CredentialSource::Psk { file: file.clone() }),
+            (None, None) => None,
+        }
     }
 
     pub fn server_config(&self) -> ServerConfig {
@@ -368,6 +429,14 @@ impl Cli {
                     ScratchFullArg::Break => ScratchFull::BreakSnapshot,
                     ScratchFullArg::FailWrites => ScratchFull::FailWrites,
                 },
+            },
+            security: SecurityConfig {
+                tls_mode: self.tls_mode(),
+                credentials: self.tls_credentials(),
+                tls_only: self.tls_only.clone(),
+                allow: self.allow.clone(),
+                max_connections: self.max_connections.clone(),
+                max_connections_per_address: self.max_connections_per_address,
             },
             worker: WorkerConfig {
                 ring_entries: self.ring_entries,

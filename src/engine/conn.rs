@@ -16,10 +16,12 @@ use slab::Slab;
 
 use crate::export::Export;
 use crate::meta::context::SelectedContext;
+use crate::net::access::Slot;
 use crate::proto::transmission::{ReplyMode, RequestLimits};
 
 use super::buffers::Refusal;
 use super::request::{Request, advance_sent};
+use super::tls_transport::TlsTransport;
 
 /// Holds many pipelined headers and small WRITE payloads per receive.
 pub const RECV_BUFFER_BYTES: usize = 256 * 1024;
@@ -164,6 +166,12 @@ pub struct Conn {
     /// Requests parsed so far.
     pub requests_seen: u64,
     pub close_reason: Option<CloseReason>,
+    /// Encryption below the plaintext paths, for a client that negotiated
+    /// STARTTLS.
+    pub tls: Option<Box<TlsTransport>>,
+    /// The connection's place under the connection limits (given back when
+    /// the connection is dropped).
+    pub slot: Option<Slot>,
 }
 
 impl Conn {
@@ -207,6 +215,8 @@ impl Conn {
             opened_at: now,
             requests_seen: 0,
             close_reason: None,
+            tls: None,
+            slot: None,
         }
     }
 
@@ -275,23 +285,9 @@ impl Conn {
     /// `insert_request`): a reallocation would move them under the kernel.
     pub fn build_send(&mut self, requests: &Slab<Request>) -> Option<*const libc::msghdr> {
         let mut count = 0;
-        let mut skip = self.send_skip;
-        'requests: for &id in &self.send_queue {
-            let request = &requests[id as usize];
-            for &segment in request.segments() {
-                let part = request.segment_bytes(segment);
-                if skip >= part.len() {
-                    skip -= part.len();
-                    continue;
-                }
-                if count == SEND_IOVECS_MAX {
-                    break 'requests;
-                }
-                let rest = &part[skip..];
-                skip = 0;
-                self.iovecs[count] = libc::iovec { iov_base: rest.as_ptr() as *mut _, iov_len: rest.len() };
-                count += 1;
-            }
+        for rest in unsent(&self.send_queue, self.send_skip, requests).take(SEND_IOVECS_MAX) {
+            self.iovecs[count] = libc::iovec { iov_base: rest.as_ptr() as *mut _, iov_len: rest.len() };
+            count += 1;
         }
         if count == 0 {
             return None;
@@ -299,6 +295,12 @@ impl Conn {
         self.message.msg_iov = self.iovecs.as_mut_ptr();
         self.message.msg_iovlen = count;
         Some(&*self.message)
+    }
+
+    /// The queued reply bytes not yet sent, in wire order (what TLS
+    /// encrypts instead of gathering).
+    pub fn unsent<'a>(&'a self, requests: &'a Slab<Request>) -> impl Iterator<Item = &'a [u8]> {
+        unsent(&self.send_queue, self.send_skip, requests)
     }
 
     /// Accounts for `sent` bytes; returns how many queue entries are done
@@ -309,4 +311,25 @@ impl Conn {
         self.send_skip = skip;
         done
     }
+}
+
+/// The parts of queued replies still to go, skipping the first `skip`
+/// bytes (already on the wire).
+fn unsent<'a>(queue: &'a VecDeque<u32>, skip: usize, requests: &'a Slab<Request>) -> impl Iterator<Item = &'a [u8]> {
+    let mut skip = skip;
+    queue
+        .iter()
+        .flat_map(move |&id| {
+            let request = &requests[id as usize];
+            request.segments().iter().map(move |&segment| request.segment_bytes(segment))
+        })
+        .filter_map(move |part| {
+            if skip >= part.len() {
+                skip -= part.len();
+                return None;
+            }
+            let rest = &part[skip..];
+            skip = 0;
+            Some(rest)
+        })
 }

@@ -9,7 +9,9 @@ use crossbeam_channel::Sender;
 
 use crate::export::Export;
 use crate::meta::context::{ContextSource, SelectedContext};
+use crate::net::access::Slot;
 use crate::proto::handshake::{ExportInfo, Negotiated};
+use crate::tls::channel::Parts;
 
 /// The exports as one handshake sees them: their negotiation facts and,
 /// per export, the source answering each context it lists (parallel to
@@ -55,6 +57,10 @@ pub struct NewConnection {
     /// The core the socket's packets arrive on (SO_INCOMING_CPU), or for a
     /// Unix socket the core its handshake ended on; None if unknown.
     pub incoming_cpu: Option<usize>,
+    /// The TLS session, if the client upgraded with STARTTLS.
+    pub tls: Option<Parts>,
+    /// Its place under the connection limits, given back when it closes.
+    pub slot: Option<Slot>,
 }
 
 /// What a worker receives on its channel (each send is followed by a write

@@ -11,6 +11,7 @@ pub mod ops;
 pub mod request;
 pub mod ring;
 pub mod sparse_read;
+pub mod tls_transport;
 pub mod user_data;
 pub mod worker;
 pub mod write_path;

@@ -109,6 +109,7 @@ impl Export {
             block_size: flags::block_size(backend, options.payload_bytes_max, options.strict_alignment),
             // Filled in per handshake by the catalog: they change.
             contexts: Vec::new(),
+            tls_only: false,
         };
         Self { info, image, read_only: options.read_only }
     }

@@ -23,13 +23,16 @@ use std::time::{Duration, Instant};
 use crate::engine::handoff::{NewConnection, Offers};
 use crate::proto::handshake::{HandshakeLimits, Negotiated};
 
+use super::access::{AccessPolicy, ClientGate, ConnectionLimits, Peer, Slot};
 use super::admission::{Handshakes, Ticket};
 use super::listener::Listener;
-use super::negotiate::{NegotiateError, Observer, TimedStream, negotiate};
+use super::negotiate::{NegotiateError, Observer, Terms, TimedStream, negotiate};
 use crate::export::Export;
 use crate::meta::context::SelectedContext;
 use crate::proto::handshake::Refusal;
 use crate::proto::wire::option_name;
+use crate::tls::channel::Parts;
+use crate::tls::{TlsServer, TlsSession};
 
 /// Where negotiated connections go: implemented by the server's worker set.
 pub trait Dispatch: Send + Sync {
@@ -39,7 +42,7 @@ pub trait Dispatch: Send + Sync {
 pub struct AcceptConfig {
     /// What each handshake negotiates over (taken when it starts).
     pub offers: Arc<dyn Offers>,
-    pub limits: HandshakeLimits,
+    pub limits_handshake: HandshakeLimits,
     pub handshake_timeout: Duration,
     /// Concurrent handshakes; beyond it the oldest idle one is shed (see
     /// `net::admission`).
@@ -47,6 +50,10 @@ pub struct AcceptConfig {
     pub verbose: bool,
     /// Set when the server stops: handshakes in progress get ERR_SHUTDOWN.
     pub shutdown: Arc<AtomicBool>,
+    /// STARTTLS, when `--tls` is on or required.
+    pub tls: Option<Arc<TlsServer>>,
+    pub access: AccessPolicy,
+    pub limits: Arc<ConnectionLimits>,
 }
 
 /// Handshake threads kept waiting for a socket once theirs is done.
@@ -275,6 +282,32 @@ impl Socket {
             Socket::Unix(_, path) => path.clone(),
         }
     }
+
+    /// What access rules match against.
+    fn peer_facts(&self) -> Peer {
+        let (ip, uid) = match self {
+            Socket::Tcp(_, peer) => (Some(peer.ip()), None),
+            Socket::Unix(s, _) => (None, peer_uid(s.as_raw_fd())),
+        };
+        let address = match (ip, uid) {
+            (Some(ip), _) => ip.to_string(),
+            (None, Some(uid)) => format!("uid {uid}"),
+            (None, None) => self.peer(),
+        };
+        Peer { ip, uid, address }
+    }
+}
+
+/// The uid of a Unix-socket client, as the kernel recorded it at connect.
+fn peer_uid(fd: RawFd) -> Option<u32> {
+    // SAFETY: ucred is plain data; all-zero is a valid value.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a live local.
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len)
+    };
+    (rc == 0).then_some(cred.uid)
 }
 
 /// Runs `first`, then later sockets while it is one of the kept threads.
@@ -288,20 +321,21 @@ fn handshake_thread(first: Job, kept: &KeptThreads, config: &AcceptConfig, dispa
 
 fn handshake(socket: Socket, ticket: Ticket, config: &AcceptConfig, dispatch: &dyn Dispatch) {
     let peer = socket.peer();
+    let facts = socket.peer_facts();
     let (result, fd): (Result<_, NegotiateError>, OwnedFd) = match socket {
         Socket::Tcp(mut s, _) => {
             let _ = s.set_nodelay(true);
-            (run(&mut s, config, &ticket, &peer), s.into())
+            (run(&mut s, config, &ticket, &peer, facts), s.into())
         }
-        Socket::Unix(mut s, _) => (run(&mut s, config, &ticket, &peer), s.into()),
+        Socket::Unix(mut s, _) => (run(&mut s, config, &ticket, &peer, facts), s.into()),
     };
     // Deregister before the descriptor is closed or handed on (see
     // `admission`): from here nobody else may shut it down.
     drop(ticket);
     match result {
-        Ok(Some((negotiated, export, contexts))) => {
+        Ok(Some(Agreed { negotiated, export, contexts, tls, slot })) => {
             let incoming_cpu = incoming_cpu(&fd).or_else(current_cpu);
-            dispatch.dispatch(NewConnection { socket: fd, negotiated, export, contexts, peer, incoming_cpu })
+            dispatch.dispatch(NewConnection { socket: fd, negotiated, export, contexts, peer, incoming_cpu, tls, slot })
         }
         Ok(None) => {}
         Err(e) if config.verbose => eprintln!("ringnbd: handshake with {peer}: {e}"),
@@ -339,27 +373,61 @@ fn current_cpu() -> Option<usize> {
     (cpu >= 0).then_some(cpu as usize)
 }
 
-/// What a handshake agreed on: the options, the export, its contexts.
-type Agreed = (Negotiated, Arc<Export>, Vec<SelectedContext>);
+/// What a handshake agreed on: the options, the export, its contexts, the
+/// TLS session if any, and the connection's place under the limits.
+struct Agreed {
+    negotiated: Negotiated,
+    export: Arc<Export>,
+    contexts: Vec<SelectedContext>,
+    tls: Option<Parts>,
+    slot: Option<Slot>,
+}
 
 fn run<S: TimedStream>(
     stream: &mut S,
     config: &AcceptConfig,
     ticket: &Ticket,
     peer: &str,
+    facts: Peer,
 ) -> Result<Option<Agreed>, NegotiateError> {
+    let offer = config.offers.current();
+    let gate = ClientGate {
+        exports: &offer.exports,
+        policy: &config.access,
+        limits: &config.limits,
+        peer: facts,
+        identity: Default::default(),
+        slot: Default::default(),
+    };
     let progressed = || ticket.progressed();
+    // Refusals are always logged: an access or limit refusal is something
+    // an operator needs to see, and each costs one line per option.
     let refused = |r: &Refusal| {
-        if config.verbose {
+        if config.verbose || r.reply == crate::proto::wire::REP_ERR_POLICY {
             eprintln!("ringnbd: {peer}: refused {}: {}", option_name(r.option), r.reason);
         }
     };
-    let observer = Observer { progressed: &progressed, refused: &refused };
-    let offer = config.offers.current();
-    let negotiated =
-        negotiate(stream, &offer.exports, config.limits, config.handshake_timeout, &config.shutdown, &observer)?;
-    Ok(negotiated.map(|n| {
-        let (contexts, export) = (offer.selected(&n), offer.export(&n));
-        (n, export, contexts)
+    let tls_started = |session: &dyn TlsSession| {
+        let identity = session.identity();
+        if config.verbose {
+            eprintln!("ringnbd: {peer}: {} with {identity}", session.describe());
+        }
+        *gate.identity.borrow_mut() = Some(identity);
+    };
+    let observer = Observer { progressed: &progressed, refused: &refused, tls_started: &tls_started };
+    let terms = Terms {
+        exports: &offer.exports,
+        limits: config.limits_handshake,
+        timeout: config.handshake_timeout,
+        tls: config.tls.as_deref(),
+        gate: &gate,
+    };
+    let outcome = negotiate(stream, &terms, &config.shutdown, &observer)?;
+    Ok(outcome.map(|o| Agreed {
+        contexts: offer.selected(&o.negotiated),
+        export: offer.export(&o.negotiated),
+        negotiated: o.negotiated,
+        tls: o.tls,
+        slot: gate.slot.take(),
     }))
 }

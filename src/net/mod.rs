@@ -2,6 +2,7 @@
 //! connection is handed to an io_uring worker.
 
 pub mod accept;
+pub mod access;
 pub mod admission;
 pub mod listener;
 pub mod negotiate;

@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::proto::handshake::{
-    ExportInfo, Handshake, HandshakeError, HandshakeLimits, Negotiated, Progress, Refusal, Want,
+    ExportGate, ExportInfo, Handshake, HandshakeError, HandshakeLimits, Negotiated, Progress, Refusal, TlsOffer, Want,
 };
+use crate::tls::channel::{Parts, TlsChannel};
+use crate::tls::{TlsError, TlsMode, TlsServer, TlsSession};
 
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -24,6 +26,26 @@ pub enum NegotiateError {
     /// The client broke the protocol badly enough to be dropped.
     #[error(transparent)]
     Protocol(#[from] HandshakeError),
+    /// The TLS handshake after STARTTLS failed (the spec says: terminate).
+    #[error("TLS handshake: {0}")]
+    Tls(String),
+}
+
+/// What a client negotiates against: the exports, the limits, TLS, and the
+/// gate deciding which exports this client may use.
+pub struct Terms<'a> {
+    pub exports: &'a [ExportInfo],
+    pub limits: HandshakeLimits,
+    pub timeout: Duration,
+    pub tls: Option<&'a TlsServer>,
+    pub gate: &'a dyn ExportGate,
+}
+
+/// A finished negotiation: what was agreed, and the TLS session if the
+/// client upgraded (with the ciphertext it sent that is not yet read).
+pub struct Outcome {
+    pub negotiated: Negotiated,
+    pub tls: Option<Parts>,
 }
 
 /// A socket whose read and write timeouts can be set (TCP or Unix).
@@ -86,45 +108,130 @@ pub struct Observer<'a> {
     pub progressed: &'a dyn Fn(),
     /// An option was refused (for the log).
     pub refused: &'a dyn Fn(&Refusal),
+    /// The TLS handshake finished; the gate may now learn who the client is.
+    pub tls_started: &'a dyn Fn(&dyn TlsSession),
+}
+
+/// The connection as negotiation sees it: plaintext, then maybe TLS.
+enum Link<'s, S: TimedStream> {
+    Plain(&'s mut S),
+    Tls(TlsChannel<'s, S>),
+}
+
+impl<S: TimedStream> Read for Link<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.read(buf),
+            Link::Tls(c) => c.read(buf),
+        }
+    }
+}
+
+impl<S: TimedStream> Write for Link<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.write(buf),
+            Link::Tls(c) => c.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Link::Plain(s) => s.flush(),
+            Link::Tls(c) => c.flush(),
+        }
+    }
+}
+
+impl<S: TimedStream> TimedStream for Link<'_, S> {
+    fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Link::Plain(s) => s.set_timeouts(timeout),
+            Link::Tls(c) => c.socket.set_timeouts(timeout),
+        }
+    }
+}
+
+impl<'s, S: TimedStream> Link<'s, S> {
+    fn into_tls_parts(self) -> Option<Parts> {
+        match self {
+            Link::Plain(_) => None,
+            Link::Tls(c) => Some(c.into_parts()),
+        }
+    }
+}
+
+fn offer(tls: Option<&TlsServer>) -> TlsOffer {
+    match tls.map(|t| t.mode) {
+        None | Some(TlsMode::Off) => TlsOffer::Off,
+        Some(TlsMode::On) => TlsOffer::On,
+        Some(TlsMode::Require) => TlsOffer::Require,
+    }
+}
+
+/// STARTTLS was acknowledged: the TLS handshake, under the deadline.
+fn upgrade<'s, S: TimedStream>(
+    link: Link<'s, S>,
+    tls: &TlsServer,
+    deadline: &mut Deadline,
+    observer: &Observer<'_>,
+) -> Result<Link<'s, S>, NegotiateError> {
+    let Link::Plain(socket) = link else {
+        return Err(NegotiateError::Tls("STARTTLS twice".into()));
+    };
+    let session = tls.session().map_err(|e: TlsError| NegotiateError::Tls(e.to_string()))?;
+    deadline.arm(socket)?;
+    let mut channel = TlsChannel::new(socket, session);
+    channel.handshake().map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => NegotiateError::Deadline,
+        _ => NegotiateError::Tls(e.to_string()),
+    })?;
+    (observer.progressed)();
+    (observer.tls_started)(channel.session());
+    Ok(Link::Tls(channel))
 }
 
 /// Negotiates; returns None if the client aborted.
 /// Once `shutdown` is set, remaining options are refused with ERR_SHUTDOWN.
 pub fn negotiate<S: TimedStream>(
     stream: &mut S,
-    exports: &[ExportInfo],
-    limits: HandshakeLimits,
-    timeout: Duration,
+    terms: &Terms<'_>,
     shutdown: &AtomicBool,
     observer: &Observer<'_>,
-) -> Result<Option<Negotiated>, NegotiateError> {
+) -> Result<Option<Outcome>, NegotiateError> {
     let progressed = observer.progressed;
-    let mut deadline = Deadline { at: Instant::now() + timeout, armed: None };
-    let mut machine = Handshake::new(exports, limits);
+    let mut deadline = Deadline { at: Instant::now() + terms.timeout, armed: None };
+    let mut machine = Handshake::with_policy(terms.exports, terms.limits, offer(terms.tls), terms.gate);
+    let mut link = Link::Plain(stream);
     let mut out = Vec::with_capacity(256);
     machine.greeting(&mut out);
-    send(stream, &mut out, &mut deadline)?;
+    send(&mut link, &mut out, &mut deadline)?;
     let mut input = Vec::new();
     loop {
         match machine.want() {
             Want::Bytes(n) => {
                 input.resize(n, 0);
-                receive(stream, &mut input, &mut deadline, progressed)?;
+                receive(&mut link, &mut input, &mut deadline, progressed)?;
                 if shutdown.load(Ordering::Acquire) {
                     machine.set_shutting_down();
                 }
                 let progress = machine.feed(&input, &mut out)?;
                 machine.take_refusals().iter().for_each(observer.refused);
                 match progress {
-                    Progress::Continue => send(stream, &mut out, &mut deadline)?,
+                    Progress::Continue => send(&mut link, &mut out, &mut deadline)?,
+                    Progress::StartTls => {
+                        send(&mut link, &mut out, &mut deadline)?;
+                        let tls = terms.tls.expect("STARTTLS is accepted only when TLS is configured");
+                        link = upgrade(link, tls, &mut deadline, observer)?;
+                        machine.tls_started();
+                    }
                     Progress::Ready(negotiated) => {
-                        send(stream, &mut out, &mut deadline)?;
-                        stream.set_timeouts(None)?;
-                        return Ok(Some(negotiated));
+                        send(&mut link, &mut out, &mut deadline)?;
+                        link.set_timeouts(None)?;
+                        return Ok(Some(Outcome { negotiated, tls: link.into_tls_parts() }));
                     }
                     Progress::Aborted => {
                         // The client may close before reading the ACK.
-                        let _ = send(stream, &mut out, &mut deadline);
+                        let _ = send(&mut link, &mut out, &mut deadline);
                         return Ok(None);
                     }
                 }
@@ -133,12 +240,12 @@ pub fn negotiate<S: TimedStream>(
                 let mut scratch = [0u8; DISCARD_CHUNK_BYTES];
                 while n > 0 {
                     let chunk = n.min(DISCARD_CHUNK_BYTES);
-                    receive(stream, &mut scratch[..chunk], &mut deadline, progressed)?;
+                    receive(&mut link, &mut scratch[..chunk], &mut deadline, progressed)?;
                     n -= chunk;
                 }
                 machine.discarded(&mut out);
                 machine.take_refusals().iter().for_each(observer.refused);
-                send(stream, &mut out, &mut deadline)?;
+                send(&mut link, &mut out, &mut deadline)?;
             }
         }
     }

@@ -35,6 +35,44 @@ pub struct ExportInfo {
     /// Names of the metadata contexts the export offers now, each one
     /// selectable.
     pub contexts: Vec<String>,
+    /// Served only over TLS (SELECTIVETLS): hidden from LIST and refused
+    /// with ERR_TLS_REQD until the client has upgraded.
+    pub tls_only: bool,
+}
+
+/// Whether STARTTLS is offered, and whether it is required (FORCEDTLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsOffer {
+    #[default]
+    Off,
+    On,
+    Require,
+}
+
+/// The server's say on whether this client may use an export: access
+/// rules and connection limits, which depend on who the client is and on
+/// every other connection, so they live outside this machine. Methods take
+/// `&self`: the driver changes what the gate knows (the client's TLS
+/// identity) while the machine holds it.
+pub trait ExportGate {
+    /// Whether the client may see and ask about `export`; `Err` says why
+    /// not (for the log), and the option gets ERR_POLICY.
+    fn check(&self, export: usize) -> Result<(), String>;
+    /// GO or EXPORT_NAME: takes the client's connection slot for `export`
+    /// (connection limits), or says why it cannot.
+    fn claim(&self, export: usize) -> Result<(), String>;
+}
+
+/// Lets every client use every export (unit tests, fuzzing, the default).
+pub struct OpenGate;
+
+impl ExportGate for OpenGate {
+    fn check(&self, _: usize) -> Result<(), String> {
+        Ok(())
+    }
+    fn claim(&self, _: usize) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Every bound on a client's negotiation, in one place.
@@ -87,6 +125,10 @@ pub enum Progress {
     Continue,
     /// Negotiation finished; transmission starts after `out` is sent.
     Ready(Negotiated),
+    /// STARTTLS was accepted: send `out` (its ACK) in plaintext, run the
+    /// TLS handshake, call [`Handshake::tls_started`], and go on through
+    /// TLS.
+    StartTls,
     /// The client sent ABORT; send `out` (best effort) and close.
     Aborted,
 }
@@ -119,6 +161,14 @@ pub enum HandshakeError {
     /// EXPORT_NAME while the server shuts down (it cannot carry ERR_SHUTDOWN).
     #[error("server shutting down")]
     ShuttingDown,
+    /// EXPORT_NAME before STARTTLS where TLS is required, or for a TLS-only
+    /// export (it cannot carry ERR_TLS_REQD).
+    #[error("EXPORT_NAME without TLS")]
+    TlsRequired,
+    /// EXPORT_NAME for an export the client may not use (it cannot carry
+    /// ERR_POLICY).
+    #[error("EXPORT_NAME refused: {0}")]
+    Refused(String),
     /// `feed` was called with a different number of bytes than wanted.
     #[error("fed {got} bytes, wanted {wanted}")]
     Driver { wanted: usize, got: usize },
@@ -146,6 +196,10 @@ enum State {
 pub struct Handshake<'a> {
     exports: &'a [ExportInfo],
     limits: HandshakeLimits,
+    tls: TlsOffer,
+    /// STARTTLS succeeded; every option since came through TLS.
+    tls_active: bool,
+    gate: &'a dyn ExportGate,
     state: State,
     fixed_newstyle: bool,
     no_zeroes: bool,
@@ -170,10 +224,23 @@ pub struct Refusal {
 }
 
 impl<'a> Handshake<'a> {
+    /// A machine without TLS whose clients may use every export.
     pub fn new(exports: &'a [ExportInfo], limits: HandshakeLimits) -> Self {
+        Self::with_policy(exports, limits, TlsOffer::Off, &OpenGate)
+    }
+
+    pub fn with_policy(
+        exports: &'a [ExportInfo],
+        limits: HandshakeLimits,
+        tls: TlsOffer,
+        gate: &'a dyn ExportGate,
+    ) -> Self {
         Self {
             exports,
             limits,
+            tls,
+            tls_active: false,
+            gate,
             state: State::ClientFlags,
             fixed_newstyle: false,
             no_zeroes: false,
@@ -190,6 +257,21 @@ impl<'a> Handshake<'a> {
     /// which tells the client to disconnect cleanly.
     pub fn set_shutting_down(&mut self) {
         self.shutting_down = true;
+    }
+
+    /// The TLS handshake after STARTTLS succeeded. Everything negotiated
+    /// before it is forgotten, as the spec requires: a man in the middle
+    /// could have injected it.
+    pub fn tls_started(&mut self) {
+        self.tls_active = true;
+        self.structured = false;
+        self.extended = false;
+        self.meta = None;
+    }
+
+    /// Whether options now come through TLS.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
     }
 
     /// The options refused since the last call, oldest first.
@@ -303,6 +385,15 @@ impl<'a> Handshake<'a> {
             self.refuse(out, option, REP_ERR_SHUTDOWN, "server is shutting down", "server is shutting down".into());
             return Ok(Progress::Continue);
         }
+        let tls_missing = self.tls == TlsOffer::Require && !self.tls_active;
+        if tls_missing && !matches!(option, OPT_ABORT | OPT_STARTTLS) {
+            if option == OPT_EXPORT_NAME {
+                return Err(HandshakeError::TlsRequired);
+            }
+            let reason = "TLS is required (send STARTTLS first)";
+            self.refuse(out, option, REP_ERR_TLS_REQD, reason, reason.into());
+            return Ok(Progress::Continue);
+        }
         match option {
             OPT_EXPORT_NAME => return self.export_name(data, out),
             OPT_ABORT => {
@@ -313,9 +404,7 @@ impl<'a> Handshake<'a> {
             OPT_INFO | OPT_GO => return Ok(self.info_or_go(option, data, out)),
             OPT_LIST => self.list(data, out),
             OPT_STARTTLS if !data.is_empty() => self.no_data_allowed(out, option),
-            OPT_STARTTLS => {
-                self.refuse(out, option, REP_ERR_POLICY, "TLS is not configured", "TLS is not configured".into())
-            }
+            OPT_STARTTLS => return Ok(self.start_tls(out)),
             OPT_STRUCTURED_REPLY => self.structured_reply(data, out),
             OPT_EXTENDED_HEADERS => self.extended_headers(data, out),
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta_context(option, data, out),
@@ -330,6 +419,10 @@ impl<'a> Handshake<'a> {
         }
         let name = String::from_utf8_lossy(data);
         let export = self.find_export(&name).ok_or_else(|| HandshakeError::UnknownExport(name.into_owned()))?;
+        if self.exports[export].tls_only && !self.tls_active {
+            return Err(HandshakeError::TlsRequired);
+        }
+        self.gate.check(export).and_then(|()| self.gate.claim(export)).map_err(HandshakeError::Refused)?;
         let negotiated = self.negotiated(export, false);
         out.put_u64(self.exports[export].size);
         out.put_u16(negotiated.flags);
@@ -354,6 +447,20 @@ impl<'a> Handshake<'a> {
             self.refuse(out, option, REP_ERR_UNKNOWN, "no such export", reason);
             return Progress::Continue;
         };
+        if self.exports[export].tls_only && !self.tls_active {
+            let reason = format!("export {:?} is served only over TLS", self.exports[export].name);
+            self.refuse(out, option, REP_ERR_TLS_REQD, "this export needs TLS", reason);
+            return Progress::Continue;
+        }
+        let admitted = match option {
+            OPT_GO => self.gate.check(export).and_then(|()| self.gate.claim(export)),
+            _ => self.gate.check(export),
+        };
+        if let Err(why) = admitted {
+            let reason = format!("export {:?}: {why}", self.exports[export].name);
+            self.refuse(out, option, REP_ERR_POLICY, "access to this export is refused", reason);
+            return Progress::Continue;
+        }
         let wants = |code| request.info_codes.contains(&code);
         let info = &self.exports[export];
         let negotiated = self.negotiated(export, wants(INFO_BLOCK_SIZE));
@@ -389,7 +496,10 @@ impl<'a> Handshake<'a> {
         if !data.is_empty() {
             return self.no_data_allowed(out, OPT_LIST);
         }
-        for export in self.exports {
+        for (index, export) in self.exports.iter().enumerate() {
+            if !self.visible(index) {
+                continue;
+            }
             let mut payload = Vec::with_capacity(4 + export.name.len() + export.description.len());
             payload.put_u32(export.name.len() as u32);
             payload.extend_from_slice(export.name.as_bytes());
@@ -452,6 +562,10 @@ impl<'a> Handshake<'a> {
             let reason = format!("meta contexts of unknown export {:?}", request.export);
             return self.refuse(out, option, REP_ERR_UNKNOWN, "no such export", reason);
         };
+        if let Err(why) = self.usable(export) {
+            let reason = format!("meta contexts of export {:?}: {why}", request.export);
+            return self.refuse(out, option, REP_ERR_POLICY, "access to this export is refused", reason);
+        }
         let names = &self.exports[export].contexts;
         let chosen = meta::match_queries(mode, &request.queries, names);
         if mode == QueryMode::Set && chosen.len() > meta::SELECTED_MAX {
@@ -472,6 +586,34 @@ impl<'a> Handshake<'a> {
             self.meta = Some((export, chosen));
         }
         option_reply(out, option, REP_ACK, &[]);
+    }
+
+    fn start_tls(&mut self, out: &mut Vec<u8>) -> Progress {
+        let option = OPT_STARTTLS;
+        if self.tls == TlsOffer::Off {
+            let message = "TLS is not configured";
+            self.refuse(out, option, REP_ERR_POLICY, message, message.into());
+        } else if self.tls_active {
+            let message = "TLS is already in use";
+            self.refuse(out, option, REP_ERR_INVALID, message, message.into());
+        } else {
+            option_reply(out, option, REP_ACK, &[]);
+            return Progress::StartTls;
+        }
+        Progress::Continue
+    }
+
+    /// Whether LIST shows `export` and META_CONTEXT answers for it, and if
+    /// not, why.
+    fn usable(&self, export: usize) -> Result<(), String> {
+        if self.exports[export].tls_only && !self.tls_active {
+            return Err("served only over TLS".into());
+        }
+        self.gate.check(export)
+    }
+
+    fn visible(&self, export: usize) -> bool {
+        self.usable(export).is_ok()
     }
 
     fn no_data_allowed(&mut self, out: &mut Vec<u8>, option: u32) {

@@ -16,6 +16,7 @@ fn export(name: &str, description: &str, size: u64, flags: u16, block_size: Bloc
         flags,
         block_size,
         contexts: vec!["base:allocation".to_owned()],
+        tls_only: false,
     }
 }
 
@@ -932,4 +933,131 @@ fn selecting_more_contexts_than_a_request_mask_holds_is_too_big() {
     assert_eq!(meta_contexts(&c.set_meta("disk", &queries[..64])).len(), 64, "64 fit");
     let rs = c.cont(OPT_LIST_META_CONTEXT, &meta_data("disk", &[]));
     assert_eq!(meta_contexts(&rs).len(), 70, "LIST has no such cap");
+}
+
+// --- TLS modes and the export gate ----------------------------------------------
+
+fn with_policy<'a>(exports: &'a [ExportInfo], tls: TlsOffer, gate: &'a dyn ExportGate) -> Client<'a> {
+    let mut c = Client { hs: Handshake::with_policy(exports, HandshakeLimits::default(), tls, gate), out: vec![] };
+    assert_eq!(c.hs.feed(&BOTH_CLIENT_FLAGS.to_be_bytes(), &mut c.out), Ok(Progress::Continue));
+    c
+}
+
+fn reply_type(rs: &[(u32, u32, Vec<u8>)]) -> u32 {
+    assert_eq!(rs.len(), 1, "one reply: {rs:?}");
+    rs[0].1
+}
+
+#[test]
+fn forced_tls_refuses_everything_but_starttls_and_abort_then_forgets_earlier_state() {
+    let ex = exports();
+    let mut c = with_policy(&ex, TlsOffer::Require, &OpenGate);
+    for option in [OPT_STRUCTURED_REPLY, OPT_EXTENDED_HEADERS, OPT_LIST, 0x7654_3210] {
+        assert_eq!(reply_type(&c.cont(option, &[])), REP_ERR_TLS_REQD, "option {option}");
+    }
+    assert_eq!(reply_type(&c.cont(OPT_INFO, &info_data("disk", &[]))), REP_ERR_TLS_REQD);
+    assert_eq!(reply_type(&c.cont(OPT_GO, &info_data("disk", &[]))), REP_ERR_TLS_REQD);
+    assert_eq!(reply_type(&c.cont(OPT_SET_META_CONTEXT, &meta_data("disk", &["base:"]))), REP_ERR_TLS_REQD);
+    // STARTTLS with data is malformed, whatever the mode.
+    assert_eq!(reply_type(&c.cont(OPT_STARTTLS, b"x")), REP_ERR_INVALID);
+    assert_eq!(c.opt(OPT_STARTTLS, &[]), Ok(Progress::StartTls));
+    assert_eq!(replies(&c.out), vec![ack(OPT_STARTTLS)]);
+    c.hs.tls_started();
+    assert!(c.hs.tls_active());
+    // A second STARTTLS is INVALID; other options now work.
+    assert_eq!(reply_type(&c.cont(OPT_STARTTLS, &[])), REP_ERR_INVALID);
+    assert_eq!(reply_type(&c.cont(OPT_STRUCTURED_REPLY, &[])), REP_ACK);
+    let (negotiated, _) = c.go("disk", &[]);
+    assert_eq!(negotiated.reply_mode, ReplyMode::Structured);
+}
+
+#[test]
+fn forced_tls_disconnects_export_name_before_tls() {
+    let ex = exports();
+    let mut c = with_policy(&ex, TlsOffer::Require, &OpenGate);
+    assert_eq!(c.opt(OPT_EXPORT_NAME, b"disk"), Err(HandshakeError::TlsRequired));
+}
+
+#[test]
+fn state_negotiated_before_starttls_does_not_survive_it() {
+    let ex = exports();
+    let mut c = with_policy(&ex, TlsOffer::On, &OpenGate);
+    assert_eq!(reply_type(&c.cont(OPT_EXTENDED_HEADERS, &[])), REP_ACK);
+    let rs = c.set_meta("disk", &["base:allocation"]);
+    assert_eq!(meta_contexts(&rs).len(), 1);
+    assert_eq!(c.opt(OPT_STARTTLS, &[]), Ok(Progress::StartTls));
+    c.hs.tls_started();
+    // Extended headers and the context selection are gone: a SET_META
+    // now needs structured replies first, and GO gives simple replies.
+    assert_eq!(reply_type(&c.cont(OPT_SET_META_CONTEXT, &meta_data("disk", &["base:allocation"]))), REP_ERR_INVALID);
+    let (negotiated, _) = c.go("disk", &[]);
+    assert_eq!(negotiated.reply_mode, ReplyMode::Simple);
+    assert!(negotiated.contexts.is_empty());
+}
+
+#[test]
+fn optional_tls_lets_plaintext_clients_through_and_tls_off_refuses_starttls() {
+    let ex = exports();
+    let mut c = with_policy(&ex, TlsOffer::On, &OpenGate);
+    c.go("disk", &[]);
+    let mut c = with_policy(&ex, TlsOffer::Off, &OpenGate);
+    assert_eq!(reply_type(&c.cont(OPT_STARTTLS, &[])), REP_ERR_POLICY);
+}
+
+#[test]
+fn tls_only_exports_are_hidden_and_refused_until_tls() {
+    let mut ex = exports();
+    ex[1].tls_only = true;
+    let mut c = with_policy(&ex, TlsOffer::On, &OpenGate);
+    let listed: Vec<_> = c.cont(OPT_LIST, &[]).into_iter().filter(|r| r.1 == REP_SERVER).collect();
+    assert_eq!(listed.len(), 1, "only the open export is listed");
+    assert_eq!(reply_type(&c.cont(OPT_INFO, &info_data("other", &[]))), REP_ERR_TLS_REQD);
+    assert_eq!(reply_type(&c.cont(OPT_GO, &info_data("other", &[]))), REP_ERR_TLS_REQD);
+    assert_eq!(c.opt(OPT_STARTTLS, &[]), Ok(Progress::StartTls));
+    c.hs.tls_started();
+    let listed: Vec<_> = c.cont(OPT_LIST, &[]).into_iter().filter(|r| r.1 == REP_SERVER).collect();
+    assert_eq!(listed.len(), 2);
+    c.go("other", &[]);
+    let mut c = with_policy(&ex, TlsOffer::On, &OpenGate);
+    assert_eq!(c.opt(OPT_EXPORT_NAME, b"other"), Err(HandshakeError::TlsRequired));
+}
+
+/// Refuses "other" and counts claims.
+struct Gate {
+    claims: std::cell::Cell<u32>,
+}
+
+impl ExportGate for Gate {
+    fn check(&self, export: usize) -> Result<(), String> {
+        if export == 1 { Err("not for you".into()) } else { Ok(()) }
+    }
+    fn claim(&self, _: usize) -> Result<(), String> {
+        self.claims.set(self.claims.get() + 1);
+        if self.claims.get() > 1 { Err("full".into()) } else { Ok(()) }
+    }
+}
+
+#[test]
+fn the_gate_refuses_with_policy_hides_from_list_and_claims_only_at_go() {
+    let ex = exports();
+    let gate = Gate { claims: Default::default() };
+    let mut c = with_policy(&ex, TlsOffer::Off, &gate);
+    let listed: Vec<_> = c.cont(OPT_LIST, &[]).into_iter().filter(|r| r.1 == REP_SERVER).collect();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(reply_type(&c.cont(OPT_INFO, &info_data("other", &[]))), REP_ERR_POLICY);
+    assert_eq!(reply_type(&c.cont(OPT_GO, &info_data("other", &[]))), REP_ERR_POLICY);
+    assert_eq!(reply_type(&c.cont(OPT_LIST_META_CONTEXT, &meta_data("other", &[]))), REP_ERR_POLICY);
+    let refusals = c.hs.take_refusals();
+    assert!(refusals.iter().all(|r| r.reason.contains("not for you")), "{refusals:?}");
+    // INFO does not claim; GO does.
+    let rs = c.cont(OPT_INFO, &info_data("disk", &[]));
+    assert_eq!(rs.last(), Some(&ack(OPT_INFO)));
+    assert_eq!(gate.claims.get(), 0);
+    c.go("disk", &[]);
+    assert_eq!(gate.claims.get(), 1);
+    // A full gate refuses the next client's GO with POLICY, and its
+    // EXPORT_NAME with a disconnect.
+    let mut c = with_policy(&ex, TlsOffer::Off, &gate);
+    assert_eq!(reply_type(&c.cont(OPT_GO, &info_data("disk", &[]))), REP_ERR_POLICY);
+    assert!(matches!(c.opt(OPT_EXPORT_NAME, b"disk"), Err(HandshakeError::Refused(_))));
 }

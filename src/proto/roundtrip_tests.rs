@@ -173,6 +173,7 @@ proptest! {
             flags: TF_HAS_FLAGS | TF_SEND_FLUSH,
             block_size: BlockSize { minimum: 1, preferred: 4096, maximum: 1 << 25 },
             contexts: vec!["base:allocation".to_owned()],
+            tls_only: false,
         }];
         let base_allocation = base_allocation && framing_max != Framing::Simple;
         let export = if known { "disk" } else { "nope" }.to_owned();

@@ -4,6 +4,7 @@
 
 mod banner;
 mod control_verbs;
+mod security;
 mod system;
 mod workers;
 
@@ -27,6 +28,7 @@ use crate::net::listener::{Listener, NetError};
 use crate::proto::handshake::HandshakeLimits;
 use crate::track::ImageStat;
 
+pub use security::SecurityConfig;
 use system::{block_signals, eventfd, raise_file_limit, signal, system, wait_for_signal};
 use workers::spawn_workers;
 
@@ -43,6 +45,9 @@ pub enum ServerError {
     /// A `--snapshot` could not be taken.
     #[error("--snapshot {spec}: {message}")]
     Snapshot { spec: String, message: String },
+    /// TLS credentials, access rules or connection limits are unusable.
+    #[error("{0}")]
+    Security(String),
 }
 
 #[derive(Debug, Clone)]
@@ -65,11 +70,14 @@ pub struct ServerConfig {
     pub snapshot_scratch: ScratchPolicy,
     /// `--snapshot [EXPORT=]NAME` values: snapshots taken at start.
     pub snapshots: Vec<String>,
+    /// TLS, allow-lists and connection limits.
+    pub security: SecurityConfig,
     pub worker: WorkerConfig,
     pub verbose: bool,
 }
 
-pub fn serve(config: ServerConfig, exports: Vec<Export>) -> Result<(), ServerError> {
+pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<(), ServerError> {
+    let security = config.security.resolve(&mut exports).map_err(ServerError::Security)?;
     // Before any thread exists: the control socket is bound under a narrowed umask.
     let control_listener = config.control.clone().map(crate::control::bind).transpose()?;
     let signals = block_signals();
@@ -103,11 +111,14 @@ pub fn serve(config: ServerConfig, exports: Vec<Export>) -> Result<(), ServerErr
 
     let accept_config = Arc::new(AcceptConfig {
         offers: Arc::clone(&catalog) as Arc<dyn Offers>,
-        limits: HandshakeLimits::default(),
+        limits_handshake: HandshakeLimits::default(),
         handshake_timeout: config.handshake_timeout,
         handshakes_max: config.handshakes_max,
         verbose: config.verbose,
         shutdown: Arc::clone(&shutdown),
+        tls: security.tls.clone(),
+        access: security.access,
+        limits: security.limits,
     });
     let stop = eventfd()?;
     let stop_fd = stop.as_raw_fd();
@@ -133,7 +144,12 @@ pub fn serve(config: ServerConfig, exports: Vec<Export>) -> Result<(), ServerErr
     };
 
     banner::print_banner(&config, &exports, &uris);
-    let signal_number = wait_for_signal(&signals);
+    let signal_number = loop {
+        match wait_for_signal(&signals) {
+            libc::SIGHUP => reload_credentials(security.tls.as_deref()),
+            other => break other,
+        }
+    };
     eprintln!("ringnbd: signal {signal_number}: finishing in-flight requests");
 
     shutdown.store(true, Ordering::Release);
@@ -235,5 +251,16 @@ fn wait_past_modification_time(metadata: &std::fs::Metadata) {
             return;
         }
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// SIGHUP: new handshakes use credentials read afresh; connections already
+/// encrypted keep theirs. A directory that no longer loads leaves the old
+/// credentials in use.
+fn reload_credentials(tls: Option<&crate::tls::TlsServer>) {
+    match tls.map(crate::tls::TlsServer::reload) {
+        None => eprintln!("ringnbd: SIGHUP: no TLS credentials to reload"),
+        Some(Ok(())) => eprintln!("ringnbd: SIGHUP: TLS credentials reloaded"),
+        Some(Err(e)) => eprintln!("ringnbd: SIGHUP: keeping the old TLS credentials: {e}"),
     }
 }

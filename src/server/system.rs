@@ -25,7 +25,7 @@ pub(super) fn signal(fd: &OwnedFd) {
     unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
-/// Blocks SIGINT/SIGTERM in this thread (and every thread it spawns later)
+/// Blocks SIGINT/SIGTERM/SIGHUP in this thread (and every thread it spawns later)
 /// so that `wait_for_signal` receives them synchronously.
 pub(super) fn block_signals() -> libc::sigset_t {
     // SAFETY: sigset manipulation on a local, then a mask change for this thread.
@@ -34,6 +34,7 @@ pub(super) fn block_signals() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }

@@ -33,6 +33,14 @@ impl Worker {
     pub(super) fn on_recv(&mut self, id: u32, result: i32) {
         let conn = &mut self.conns[id as usize];
         conn.recv_in_flight = false;
+        let result = match conn.tls.is_some() && conn.closing != Closing::Hard {
+            true => match self.tls_received(id, result) {
+                Some(plaintext) => plaintext,
+                None => return,
+            },
+            false => result,
+        };
+        let conn = &mut self.conns[id as usize];
         if result <= 0 || conn.closing == Closing::Hard {
             // EOF, reset, cancelled or dropped: a partly received WRITE is
             // abandoned (its buffer is free now that no receive targets it).
@@ -161,9 +169,49 @@ impl Worker {
         }
     }
 
-    fn post_recv(&mut self, id: u32) {
+    /// A TLS connection's receive completed: decrypts into the place a
+    /// plain receive would have filled. Returns the plaintext bytes landed
+    /// there (0: the client closed, negative: an error), or None when the
+    /// connection was dealt with here (more ciphertext needed, or broken).
+    fn tls_received(&mut self, id: u32, result: i32) -> Option<i32> {
+        let tls = self.conns[id as usize].tls.as_mut().expect("a TLS connection");
+        let nop = tls.completed(result);
+        if !nop && result <= 0 {
+            return Some(result);
+        }
+        let (target, len) = self.plaintext_target(id);
+        // SAFETY: the target is the free part of the receive buffer or of
+        // the WRITE's own buffer (`plaintext_target`), owned by this
+        // connection, and no receive into it is in flight (this one just
+        // completed, and it received ciphertext elsewhere).
+        let target = unsafe { std::slice::from_raw_parts_mut(target, len) };
         let conn = &mut self.conns[id as usize];
-        let (target, len) = match conn.payload_request {
+        let tls = conn.tls.as_mut().expect("a TLS connection");
+        match tls.deliver(target) {
+            Ok(0) if tls.peer_closed() => Some(0),
+            Ok(0) => {
+                // A partial record, or a handshake message (key update)
+                // that may want an answer.
+                if tls.wants_write() {
+                    self.flush_send(id);
+                }
+                self.post_recv(id);
+                None
+            }
+            Ok(n) => Some(n as i32),
+            Err(e) => {
+                self.protocol_violation(id, &e);
+                None
+            }
+        }
+    }
+
+    /// Where received plaintext goes next: the rest of the WRITE payload
+    /// being received, or the free part of the receive buffer (no more
+    /// than a rejected request's payload still to skip).
+    fn plaintext_target(&mut self, id: u32) -> (*mut u8, usize) {
+        let conn = &mut self.conns[id as usize];
+        match conn.payload_request {
             Some(request) => {
                 let req = &mut self.requests[request as usize];
                 let at = req.task.span.head + req.payload_received;
@@ -177,11 +225,41 @@ impl Worker {
                 let len = if conn.drain > 0 { (conn.drain as usize).min(free) } else { free };
                 (target, len)
             }
-        };
+        }
+    }
+
+    fn post_recv(&mut self, id: u32) {
+        if self.conns[id as usize].tls.is_some() {
+            return self.post_tls_recv(id);
+        }
+        let (target, len) = self.plaintext_target(id);
+        let conn = &mut self.conns[id as usize];
         conn.recv_in_flight = true;
         let entry = opcode::Recv::new(types::Fd(conn.fd()), target, len.min(u32::MAX as usize) as u32)
             .build()
             .user_data(Token::Recv { conn: id }.encode());
+        self.push(entry);
+    }
+
+    /// Receives ciphertext, or, when plaintext is already decrypted and
+    /// waiting, posts a NOP that completes as if it had been received.
+    fn post_tls_recv(&mut self, id: u32) {
+        let conn = &mut self.conns[id as usize];
+        let fd = conn.fd();
+        let tls = conn.tls.as_mut().expect("a TLS connection");
+        let ready = match tls.ready() {
+            Ok(ready) => ready,
+            Err(e) => return self.protocol_violation(id, &e),
+        };
+        tls.posting(ready);
+        let token = Token::Recv { conn: id }.encode();
+        let entry = if ready {
+            opcode::Nop::new().build().user_data(token)
+        } else {
+            let (target, len) = tls.receive_target();
+            opcode::Recv::new(types::Fd(fd), target, len as u32).build().user_data(token)
+        };
+        conn.recv_in_flight = true;
         self.push(entry);
     }
 

@@ -13,6 +13,7 @@ use crate::proto::transmission::RequestLimits;
 
 use super::super::conn::{CloseReason, Closing, Conn};
 use super::super::handoff::{NewConnection, WorkerMessage};
+use super::super::tls_transport::TlsTransport;
 use super::super::user_data::Token;
 use super::SPARE_RECEIVE_BUFFERS_MAX;
 use super::Worker;
@@ -66,7 +67,10 @@ impl Worker {
             self.now,
             self.spare_receive_buffers.pop().unwrap_or_default(),
         );
-        let id = self.conns.insert(Box::new(conn)) as u32;
+        let mut conn = Box::new(conn);
+        conn.tls = new.tls.map(|parts| Box::new(TlsTransport::new(parts)));
+        conn.slot = new.slot;
+        let id = self.conns.insert(conn) as u32;
         self.arm_housekeeping();
         self.pump(id);
     }
@@ -150,6 +154,20 @@ impl Worker {
 
     /// Frees a closing connection once the kernel holds none of its memory.
     pub(super) fn release_if_idle(&mut self, id: u32) {
+        let conn = &mut self.conns[id as usize];
+        let idle = !conn.recv_in_flight && !conn.send_in_flight && conn.inflight == 0;
+        // A TLS connection closing cleanly says so (close_notify) before its
+        // socket closes, so the client can tell the end from a truncation.
+        if conn.closing == Closing::Graceful
+            && idle
+            && let Some(tls) = conn.tls.as_mut()
+            && tls.queue_close_notify()
+        {
+            self.flush_send(id);
+            if self.conns[id as usize].send_in_flight {
+                return;
+            }
+        }
         let conn = &self.conns[id as usize];
         let idle = !conn.recv_in_flight && !conn.send_in_flight && conn.inflight == 0;
         if conn.closing != Closing::Open && idle {

@@ -51,10 +51,13 @@ impl Worker {
         self.flush_send(id);
     }
 
-    fn flush_send(&mut self, id: u32) {
+    pub(super) fn flush_send(&mut self, id: u32) {
         let conn = &mut self.conns[id as usize];
         if conn.send_in_flight {
             return;
+        }
+        if conn.tls.is_some() {
+            return self.flush_tls_send(id);
         }
         let Some(message) = conn.build_send(&self.requests) else { return };
         conn.send_in_flight = true;
@@ -63,6 +66,29 @@ impl Worker {
             .build()
             .user_data(Token::Send { conn: id }.encode());
         self.push(entry);
+    }
+
+    /// Encrypts what a plain send would gather and sends the ciphertext.
+    fn flush_tls_send(&mut self, id: u32) {
+        let conn = &mut self.conns[id as usize];
+        let mut tls = conn.tls.take().expect("a TLS connection");
+        let staged = tls.stage(conn.unsent(&self.requests));
+        conn.tls = Some(tls);
+        match staged {
+            Ok(None) => {}
+            Ok(Some((bytes, len))) => {
+                conn.send_in_flight = true;
+                let entry = opcode::Send::new(types::Fd(conn.fd()), bytes, len.min(u32::MAX as usize) as u32)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(Token::Send { conn: id }.encode());
+                self.push(entry);
+            }
+            Err(e) => {
+                conn.closing_because(CloseReason::ProtocolViolation(e.to_string()));
+                self.hard_close(id);
+            }
+        }
     }
 
     pub(super) fn on_send(&mut self, id: u32, result: i32) {
@@ -78,7 +104,15 @@ impl Worker {
             return self.release_if_idle(id);
         }
         conn.last_progress = self.now;
-        let done = conn.sent(result as usize, &self.requests);
+        let sent = match conn.tls.as_mut() {
+            None => result as usize,
+            Some(tls) => match tls.sent(result as usize) {
+                Some(plaintext) => plaintext,
+                // The rest of the ciphertext goes first.
+                None => return self.flush_send(id),
+            },
+        };
+        let done = conn.sent(sent, &self.requests);
         for _ in 0..done {
             let request = self.conns[id as usize].send_queue.pop_front().expect("counted by sent()");
             self.free_request(request);
