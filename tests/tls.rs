@@ -686,3 +686,76 @@ fn address_rules_and_connection_limits_answer_policy() {
     }
     second.disconnect();
 }
+
+/// PSK in GnuTLS's keys.psk format, through the OpenSSL backend.
+#[cfg(feature = "psk")]
+mod psk {
+    use super::*;
+
+    fn psktool(file: &Path, user: &str) {
+        run_ok("psktool", &["-u", user, "-p", &file.display().to_string()]);
+    }
+
+    fn psk_uri(server: &Server, user: &str, export: &str, keys: &Path) -> String {
+        format!("nbds://{user}@localhost:{}/{export}?tls-psk-file={}", server.port.unwrap(), keys.display())
+    }
+
+    #[test]
+    fn psk_clients_of_libnbd_and_qemu_get_in_and_wrong_keys_do_not() {
+        if !tools() || !require("psktool") {
+            return;
+        }
+        let dir = TempDir::new("psk");
+        let keys = dir.path("keys.psk");
+        psktool(&keys, "alice");
+        psktool(&keys, "bob");
+        let server = Server::start(&[
+            "-v",
+            "--tls",
+            "require",
+            "--tls-psk",
+            &keys.display().to_string(),
+            "--allow",
+            "backup=psk:alice",
+            "disk=memory:32M",
+            "backup=memory:8M",
+        ]);
+        let info = run_ok("nbdinfo", &[&psk_uri(&server, "alice", "disk", &keys)]);
+        assert!(info.contains("with TLS"), "{info}");
+        // Data both ways through nbdcopy.
+        let source = dir.path("source.img");
+        let data = make_source(&source, 32 << 20, 3);
+        run_ok("nbdcopy", &[&source.display().to_string(), &psk_uri(&server, "bob", "disk", &keys)]);
+        let back = dir.path("back.img");
+        run_ok("nbdcopy", &[&psk_uri(&server, "alice", "disk", &keys), &back.display().to_string()]);
+        assert!(file_bytes(&back) == data, "data read back over PSK differs");
+        // qemu's tls-creds-psk reads DIR/keys.psk.
+        let object = format!("tls-creds-psk,id=tls0,endpoint=client,dir={},username=alice", dir.0.display());
+        let compare = run_ok(
+            "qemu-img",
+            &[
+                "compare",
+                "--object",
+                &object,
+                "--image-opts",
+                &qemu_image_opts(&server, "disk"),
+                &format!("driver=file,filename={}", source.display()),
+            ],
+        );
+        assert!(compare.contains("identical"), "{compare}");
+        // The allow-list: alice may use "backup", bob may not.
+        run_ok("nbdinfo", &["--size", &psk_uri(&server, "alice", "backup", &keys)]);
+        assert!(!run("nbdinfo", &["--size", &psk_uri(&server, "bob", "backup", &keys)]).status.success());
+        assert!(log_shows(&server, "PSK user \"bob\" is not on the allow-list"), "{}", log_of(&server));
+        // A wrong key and an unknown user fail the TLS handshake.
+        let wrong = dir.path("wrong.psk");
+        psktool(&wrong, "alice");
+        assert!(!run("nbdinfo", &["--size", &psk_uri(&server, "alice", "disk", &wrong)]).status.success());
+        let stranger = dir.path("stranger.psk");
+        psktool(&stranger, "mallory");
+        assert!(!run("nbdinfo", &["--size", &psk_uri(&server, "mallory", "disk", &stranger)]).status.success());
+        assert!(log_shows(&server, "mallory"), "{}", log_of(&server));
+        // And the server still serves.
+        run_ok("nbdinfo", &["--size", &psk_uri(&server, "alice", "disk", &keys)]);
+    }
+}

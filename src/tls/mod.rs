@@ -7,6 +7,8 @@
 //! library encrypts a connection. See doc/tls.md.
 
 pub mod channel;
+#[cfg(feature = "psk")]
+pub mod psk;
 pub mod session;
 pub mod x509;
 
