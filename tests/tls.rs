@@ -308,6 +308,37 @@ fn client_certificates_are_verified_and_subjects_authorised() {
     assert!(!anonymous.status.success(), "a client without a certificate must be refused under --tls-verify-peer");
     server_still_serves(&server, &client);
 
+    // A revoked certificate (ca-crl.pem in the server's directory) is
+    // refused, while another from the same CA still gets in.
+    let revoking = Pki::new();
+    revoking.issue("ca", "stranger", "client", &["cn = revoked"], false);
+    let crl_info = revoking.path("crl.info");
+    template(&crl_info, &["crl_next_update = 30", "crl_number = 1"]);
+    certtool(&[
+        "--generate-crl",
+        "--load-ca-privkey",
+        &revoking.dir("ca/ca-key.pem"),
+        "--load-ca-certificate",
+        &revoking.dir("ca/ca-cert.pem"),
+        "--load-certificate",
+        &revoking.dir("stranger/client-cert.pem"),
+        "--template",
+        &crl_info.display().to_string(),
+        "--outfile",
+        &revoking.dir("server/ca-crl.pem"),
+    ]);
+    let crl = Server::start(&[
+        "--tls",
+        "require",
+        "--tls-certificates",
+        &revoking.dir("server"),
+        "--tls-verify-peer",
+        "disk=memory:8M",
+    ]);
+    run_ok("nbdinfo", &["--size", &tls_uri(&crl, "disk", &revoking.dir("client"))]);
+    let revoked = run("nbdinfo", &["--size", &tls_uri(&crl, "disk", &revoking.dir("stranger"))]);
+    assert!(!revoked.status.success(), "a revoked client certificate must be refused");
+
     // A subject not on the allow-list gets ERR_POLICY for that export only.
     let pki_other_subject = Pki::new();
     pki_other_subject.issue("ca", "client", "client", &["cn = intruder"], false);
@@ -755,6 +786,22 @@ mod psk {
         psktool(&stranger, "mallory");
         assert!(!run("nbdinfo", &["--size", &psk_uri(&server, "mallory", "disk", &stranger)]).status.success());
         assert!(log_shows(&server, "mallory"), "{}", log_of(&server));
+        // libnbd's own PSK calls, as backup tools use them.
+        let script = r#"
+import nbd, sys
+h = nbd.NBD()
+h.set_tls(nbd.TLS_REQUIRE)
+h.set_tls_psk_file(sys.argv[2])
+h.set_tls_username("bob")
+h.connect_tcp("localhost", sys.argv[1])
+assert h.get_tls_negotiated()
+h.pwrite(b"psk" * 1000, 4096)
+assert h.pread(3000, 4096) == b"psk" * 1000
+h.shutdown()
+print("ok")
+"#;
+        let port = server.port.unwrap().to_string();
+        assert_eq!(python(script, &[&port, &keys.display().to_string()]).trim(), "ok");
         // And the server still serves.
         run_ok("nbdinfo", &["--size", &psk_uri(&server, "alice", "disk", &keys)]);
     }

@@ -26,6 +26,8 @@ pub const CIPHER_IN_BYTES: usize = 64 * 1024;
 /// Plaintext encrypted into one send: enough to amortise the send, small
 /// enough that a large READ reply does not double its memory at once.
 pub const PLAIN_PER_SEND_MAX: usize = 256 * 1024;
+/// The most plaintext one TLS record carries (RFC 8446 section 5.1).
+const RECORD_PLAINTEXT_BYTES: usize = 16 * 1024;
 
 pub struct TlsTransport {
     session: Box<dyn TlsSession>,
@@ -39,6 +41,8 @@ pub struct TlsTransport {
     out_sent: usize,
     /// Reply plaintext whose ciphertext is in `cipher_out`.
     plain_staged: usize,
+    /// Small reply parts gathered into one record (see `pack`).
+    packing: Vec<u8>,
     close_notify_queued: bool,
 }
 
@@ -54,6 +58,7 @@ impl TlsTransport {
             cipher_out: Vec::new(),
             out_sent: 0,
             plain_staged: 0,
+            packing: Vec::with_capacity(RECORD_PLAINTEXT_BYTES),
             close_notify_queued: false,
         }
     }
@@ -133,20 +138,52 @@ impl TlsTransport {
         if !self.sending() {
             self.cipher_out.clear();
             self.out_sent = 0;
+            // The session's own records (a key update answer) go first.
+            self.session.take_ciphertext(&mut self.cipher_out)?;
             let mut staged = 0;
             for part in replies {
                 let take = part.len().min(PLAIN_PER_SEND_MAX - staged);
-                self.session.write_plain(&part[..take])?;
+                self.pack(&part[..take])?;
                 staged += take;
                 if staged == PLAIN_PER_SEND_MAX {
                     break;
                 }
+            }
+            if !self.packing.is_empty() {
+                self.session.encrypt_into(&self.packing, &mut self.cipher_out)?;
+                self.packing.clear();
             }
             self.plain_staged = staged;
             self.session.take_ciphertext(&mut self.cipher_out)?;
         }
         let rest = &self.cipher_out[self.out_sent..];
         Ok((!rest.is_empty()).then_some((rest.as_ptr(), rest.len())))
+    }
+
+    /// Encrypts `part` in full records where it can. Each write to the
+    /// session is at least one record, and the client pays for every
+    /// record it decrypts (a 4 KiB READ reply as header and data would be
+    /// two), so small parts are packed together first; a large part tops
+    /// up the packed record and goes in whole records straight from its
+    /// buffer, so only the pieces at record edges are copied.
+    fn pack(&mut self, mut part: &[u8]) -> Result<(), TlsError> {
+        if self.packing.len() + part.len() < RECORD_PLAINTEXT_BYTES {
+            self.packing.extend_from_slice(part);
+            return Ok(());
+        }
+        if !self.packing.is_empty() {
+            let top_up = RECORD_PLAINTEXT_BYTES - self.packing.len();
+            self.packing.extend_from_slice(&part[..top_up]);
+            self.session.encrypt_into(&self.packing, &mut self.cipher_out)?;
+            self.packing.clear();
+            part = &part[top_up..];
+        }
+        let whole = part.len() - part.len() % RECORD_PLAINTEXT_BYTES;
+        if whole > 0 {
+            self.session.encrypt_into(&part[..whole], &mut self.cipher_out)?;
+        }
+        self.packing.extend_from_slice(&part[whole..]);
+        Ok(())
     }
 
     /// `n` bytes of ciphertext went out. Returns the reply plaintext they

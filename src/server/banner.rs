@@ -5,6 +5,7 @@ use std::sync::Arc;
 use crate::export::Export;
 
 use super::ServerConfig;
+use crate::tls::{CredentialSource, TlsMode};
 
 pub(super) fn print_banner(config: &ServerConfig, exports: &[Arc<Export>], uris: &[String]) {
     use std::io::Write;
@@ -21,9 +22,33 @@ pub(super) fn print_banner(config: &ServerConfig, exports: &[Arc<Export>], uris:
         let _ = writeln!(out, "{uri}");
     }
     if let Some(uri) = uris.first() {
-        let _ = writeln!(out, "connect with: nbdinfo {uri}");
+        let _ = writeln!(out, "connect with: {}", connect_hint(config, uri));
     }
     let _ = out.flush();
+}
+
+/// How a client reaches the first listener: with TLS, the `nbds` form
+/// libnbd tools take, naming what the client must bring.
+fn connect_hint(config: &ServerConfig, uri: &str) -> String {
+    let security = &config.security;
+    let tls_uri = |user: &str, query: &str| {
+        let (scheme, rest) = uri.split_once("://").unwrap_or(("nbd", uri));
+        let scheme = if scheme == "nbd+unix" { "nbds+unix" } else { "nbds" };
+        let join = if rest.contains('?') { '&' } else { '?' };
+        format!("nbdinfo '{scheme}://{user}{rest}{join}{query}'")
+    };
+    match (&security.credentials, security.tls_mode) {
+        (_, TlsMode::Off) | (None, _) => format!("nbdinfo {uri}"),
+        (Some(CredentialSource::X509 { .. }), mode) => format!(
+            "{}  (DIR: ca-cert.pem, client-cert.pem, client-key.pem; TLS {mode:?}, doc/tls.md)",
+            tls_uri("", "tls-certificates=DIR")
+        ),
+        (Some(CredentialSource::Psk { file }), mode) => format!(
+            "{}  (a line of {}; TLS {mode:?}, doc/tls.md)",
+            tls_uri("USER@", "tls-psk-file=FILE"),
+            file.display()
+        ),
+    }
 }
 
 /// 1 GiB, 64 MiB, 1.5 KiB: the largest binary unit that keeps a number >= 1.

@@ -9,6 +9,7 @@
 pub mod channel;
 #[cfg(feature = "psk")]
 pub mod psk;
+mod rustls_session;
 pub mod session;
 pub mod x509;
 

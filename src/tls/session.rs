@@ -64,6 +64,14 @@ pub trait TlsSession: Send {
     /// Encrypts all of `data` as application data.
     fn write_plain(&mut self, data: &[u8]) -> Result<(), TlsError>;
 
+    /// Encrypts all of `data`, appending the ciphertext to `out` after any
+    /// the session had waiting: the transmission path, where a session
+    /// that can encrypt in place saves a copy of every byte.
+    fn encrypt_into(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), TlsError> {
+        self.write_plain(data)?;
+        self.take_ciphertext(out)
+    }
+
     /// Appends every byte of ciphertext waiting to go to the peer
     /// (handshake messages, records, alerts, key updates) to `out`.
     fn take_ciphertext(&mut self, out: &mut Vec<u8>) -> Result<(), TlsError>;
