@@ -130,6 +130,42 @@ fn qemu_image_opts(server: &Server, export: &str) -> String {
     format!("driver=nbd,host=localhost,port={},export={export},tls-creds=tls0", server.port.unwrap())
 }
 
+/// `qemu-img compare` of `export` through the TLS credentials `object`
+/// against the file `expected`: they must be identical.
+fn qemu_img_compare(object: &str, server: &Server, export: &str, expected: &Path) {
+    let file = format!("driver=file,filename={}", expected.display());
+    let opts = qemu_image_opts(server, export);
+    let compare = run_ok("qemu-img", &["compare", "--object", object, "--image-opts", &opts, &file]);
+    assert!(compare.contains("identical"), "{compare}");
+}
+
+/// A libnbd script with `connect()` defined: TLS required, certificates
+/// from argv[2], the URI in argv[1].
+fn tls_script(body: &str) -> String {
+    format!(
+        r#"
+import nbd, sys
+def connect(meta=None):
+    h = nbd.NBD()
+    h.set_tls(nbd.TLS_REQUIRE)
+    h.set_tls_certificates(sys.argv[2])
+    h.set_uri_allow_local_file(True)
+    if meta:
+        h.add_meta_context(meta)
+    h.connect_uri(sys.argv[1])
+    return h
+{body}"#
+    )
+}
+
+/// A server with X.509 credentials from `dir` under `--tls MODE`, and
+/// `rest` after them.
+fn tls_server(mode: &str, dir: &str, rest: &[&str]) -> Server {
+    let mut args = vec!["--tls", mode, "--tls-certificates", dir];
+    args.extend_from_slice(rest);
+    Server::start(&args)
+}
+
 fn log_of(server: &Server) -> String {
     std::fs::read_to_string(&server.log).unwrap_or_default()
 }
@@ -191,30 +227,14 @@ fn x509_require_serves_every_client_and_keeps_the_data() {
     expected.resize(64 << 20, 0);
     expected[50 << 20..53 << 20].fill(0x5a);
     std::fs::write(&source, &expected).unwrap();
-    let compare = run_ok(
-        "qemu-img",
-        &[
-            "compare",
-            "--object",
-            &object,
-            "--image-opts",
-            &qemu_image_opts(&server, "disk"),
-            &format!("driver=file,filename={}", source.display()),
-        ],
-    );
-    assert!(compare.contains("identical"), "{compare}");
+    qemu_img_compare(&object, &server, "disk", &source);
 
     // libnbd: pipelined unaligned writes and large reads through one
     // connection, with structured replies, extended headers if the
     // library has them, and base:allocation.
     let script = r#"
-import nbd, sys, random
-h = nbd.NBD()
-h.set_tls(nbd.TLS_REQUIRE)
-h.set_tls_certificates(sys.argv[2])
-h.set_uri_allow_local_file(True)
-h.add_meta_context("base:allocation")
-h.connect_uri(sys.argv[1])
+import random
+h = connect(meta="base:allocation")
 assert h.get_tls_negotiated()
 rng = random.Random(5)
 before = bytearray(h.pread(32 << 20, 0) + h.pread(32 << 20, 32 << 20))
@@ -231,7 +251,7 @@ assert "base:allocation" in seen
 h.shutdown()
 print("ok")
 "#;
-    assert_eq!(python(script, &[&tls_uri(&server, "disk", &client), &client]).trim(), "ok");
+    assert_eq!(python(&tls_script(script), &[&tls_uri(&server, "disk", &client), &client]).trim(), "ok");
     assert!(log_shows(&server, "TLSv1_3"), "{}", log_of(&server));
 }
 
@@ -250,7 +270,7 @@ fn fio_reads_and_writes_over_nbds() {
         .status()
         .unwrap();
     assert!(status.success());
-    let server = Server::start(&["--tls", "require", "--tls-certificates", &pki.dir("server"), "disk=memory:64M"]);
+    let server = tls_server("require", &pki.dir("server"), &["disk=memory:64M"]);
     let uri = format!("nbds://localhost:{}/disk", server.port.unwrap());
     let out = Command::new("fio")
         .env("HOME", home.0.as_os_str())
@@ -281,19 +301,19 @@ fn client_certificates_are_verified_and_subjects_authorised() {
     }
     let pki = Pki::new();
     let allow = format!("backup=dn:{CLIENT_SUBJECT}");
-    let server = Server::start(&[
-        "--tls",
+    let server = tls_server(
         "require",
-        "--tls-certificates",
         &pki.dir("server"),
-        "--tls-verify-peer",
-        "--allow",
-        &allow,
-        "disk=memory:8M",
-        "backup=memory:8M",
-        "--allow",
-        "backup=addr:127.0.0.0/8",
-    ]);
+        &[
+            "--tls-verify-peer",
+            "--allow",
+            &allow,
+            "disk=memory:8M",
+            "backup=memory:8M",
+            "--allow",
+            "backup=addr:127.0.0.0/8",
+        ],
+    );
     let client = pki.dir("client");
     // The right certificate reaches both exports.
     run_ok("nbdinfo", &["--size", &tls_uri(&server, "backup", &client)]);
@@ -327,14 +347,7 @@ fn client_certificates_are_verified_and_subjects_authorised() {
         "--outfile",
         &revoking.dir("server/ca-crl.pem"),
     ]);
-    let crl = Server::start(&[
-        "--tls",
-        "require",
-        "--tls-certificates",
-        &revoking.dir("server"),
-        "--tls-verify-peer",
-        "disk=memory:8M",
-    ]);
+    let crl = tls_server("require", &revoking.dir("server"), &["--tls-verify-peer", "disk=memory:8M"]);
     run_ok("nbdinfo", &["--size", &tls_uri(&crl, "disk", &revoking.dir("client"))]);
     let revoked = run("nbdinfo", &["--size", &tls_uri(&crl, "disk", &revoking.dir("stranger"))]);
     assert!(!revoked.status.success(), "a revoked client certificate must be refused");
@@ -342,17 +355,11 @@ fn client_certificates_are_verified_and_subjects_authorised() {
     // A subject not on the allow-list gets ERR_POLICY for that export only.
     let pki_other_subject = Pki::new();
     pki_other_subject.issue("ca", "client", "client", &["cn = intruder"], false);
-    let other = Server::start(&[
-        "--tls",
+    let other = tls_server(
         "require",
-        "--tls-certificates",
         &pki_other_subject.dir("server"),
-        "--tls-verify-peer",
-        "--allow",
-        "backup=dn:CN=backup-host",
-        "disk=memory:8M",
-        "backup=memory:8M",
-    ]);
+        &["--tls-verify-peer", "--allow", "backup=dn:CN=backup-host", "disk=memory:8M", "backup=memory:8M"],
+    );
     let intruder = pki_other_subject.dir("client");
     run_ok("nbdinfo", &["--size", &tls_uri(&other, "disk", &intruder)]);
     let refused = run("nbdinfo", &["--size", &tls_uri(&other, "backup", &intruder)]);
@@ -374,7 +381,7 @@ fn wrong_ca_and_expired_certificates_are_refused() {
     // The client trusts another CA: the server certificate does not verify.
     let wrong = TempDir::new("tls-wrong-ca");
     std::fs::copy(pki.path("other-ca/ca-cert.pem"), wrong.path("ca-cert.pem")).unwrap();
-    let server = Server::start(&["--tls", "require", "--tls-certificates", &pki.dir("server"), "disk=memory:8M"]);
+    let server = tls_server("require", &pki.dir("server"), &["disk=memory:8M"]);
     let out = run("nbdinfo", &["--size", &tls_uri(&server, "disk", &wrong.0.display().to_string())]);
     assert!(!out.status.success());
     server_still_serves(&server, &pki.dir("client"));
@@ -396,7 +403,7 @@ fn wrong_ca_and_expired_certificates_are_refused() {
     std::fs::copy(old.path("ca/ca-cert.pem"), old.path("server/ca-cert.pem")).unwrap();
     std::fs::create_dir_all(old.path("client")).unwrap();
     std::fs::copy(old.path("ca/ca-cert.pem"), old.path("client/ca-cert.pem")).unwrap();
-    let stale = Server::start(&["--tls", "require", "--tls-certificates", &old.dir("server"), "disk=memory:8M"]);
+    let stale = tls_server("require", &old.dir("server"), &["disk=memory:8M"]);
     let out = run("nbdinfo", &["--size", &tls_uri(&stale, "disk", &old.dir("client"))]);
     assert!(!out.status.success(), "an expired server certificate must not be accepted");
     drop(expired);
@@ -481,7 +488,7 @@ fn state_before_starttls_is_forgotten_and_a_second_starttls_is_invalid() {
         return;
     }
     let pki = Pki::new();
-    let server = Server::start(&["--tls", "on", "--tls-certificates", &pki.dir("server"), "disk=memory:8M"]);
+    let server = tls_server("on", &pki.dir("server"), &["disk=memory:8M"]);
     let port = server.port.unwrap().to_string();
     let out = python(PY_STARTTLS, &["127.0.0.1", &port, &format!("{}/ca-cert.pem", pki.dir("ca")), "fresh"]);
     let (ack, invalid) = (1u32.to_string(), ((1u32 << 31) | 3).to_string());
@@ -498,7 +505,7 @@ fn plaintext_options_under_require_get_tls_reqd_and_export_name_disconnects() {
         return;
     }
     let pki = Pki::new();
-    let server = Server::start(&["--tls", "require", "--tls-certificates", &pki.dir("server"), "disk=memory:8M"]);
+    let server = tls_server("require", &pki.dir("server"), &["disk=memory:8M"]);
     let mut c = Raw::handshake(&server.addr(), C_FIXED_NEWSTYLE | C_NO_ZEROES);
     let tls_reqd = (1u32 << 31) | 5;
     for option in [OPT_LIST, OPT_STRUCTURED_REPLY, 0x0765_4321] {
@@ -521,16 +528,7 @@ fn tls_only_exports_need_tls_under_tls_on() {
         return;
     }
     let pki = Pki::new();
-    let server = Server::start(&[
-        "--tls",
-        "on",
-        "--tls-certificates",
-        &pki.dir("server"),
-        "--tls-only",
-        "secret",
-        "open=memory:8M",
-        "secret=memory:8M",
-    ]);
+    let server = tls_server("on", &pki.dir("server"), &["--tls-only", "secret", "open=memory:8M", "secret=memory:8M"]);
     run_ok("nbdinfo", &["--size", &server.export_uri("open")]);
     let mut c = Raw::handshake(&server.addr(), C_FIXED_NEWSTYLE | C_NO_ZEROES);
     assert_eq!(c.info_or_go(OPT_INFO, "secret").unwrap_err(), (1u32 << 31) | 5);
@@ -566,12 +564,8 @@ fn broken_tls_clients_are_dropped_without_disturbing_others() {
     let client = pki.dir("client");
     // A long-lived TLS client runs I/O throughout.
     let steady = r#"
-import nbd, sys, time
-h = nbd.NBD()
-h.set_tls(nbd.TLS_REQUIRE)
-h.set_tls_certificates(sys.argv[2])
-h.set_uri_allow_local_file(True)
-h.connect_uri(sys.argv[1])
+import time
+h = connect()
 deadline = time.time() + 6
 i = 0
 while time.time() < deadline:
@@ -583,8 +577,11 @@ h.shutdown()
 print("ok", i)
 "#;
     let uri = tls_uri(&server, "disk", &client);
-    let child =
-        Command::new(PYTHON).args(["-c", steady, &uri, &client]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let child = Command::new(PYTHON)
+        .args(["-c", &tls_script(steady), &uri, &client])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let port = server.port.unwrap().to_string();
     let ca = format!("{}/ca-cert.pem", pki.dir("ca"));
     assert_eq!(python(PY_STARTTLS, &["127.0.0.1", &port, &ca, "garbage"]).trim(), "closed");
@@ -611,17 +608,12 @@ fn sighup_reloads_certificates_without_dropping_connections() {
     for f in ["ca-cert.pem", "server-cert.pem", "server-key.pem"] {
         std::fs::copy(pki.path(&format!("server/{f}")), live.path(f)).unwrap();
     }
-    let server =
-        Server::start(&["--tls", "require", "--tls-certificates", &live.0.display().to_string(), "disk=memory:8M"]);
+    let server = tls_server("require", &live.0.display().to_string(), &["disk=memory:8M"]);
     let client = pki.dir("client");
     // A connection opened with the old certificate stays usable.
     let holder = r#"
-import nbd, sys, time
-h = nbd.NBD()
-h.set_tls(nbd.TLS_REQUIRE)
-h.set_tls_certificates(sys.argv[2])
-h.set_uri_allow_local_file(True)
-h.connect_uri(sys.argv[1])
+import time
+h = connect()
 h.pwrite(b"A" * 4096, 0)
 sys.stdout.write("connected\n"); sys.stdout.flush()
 sys.stdin.readline()
@@ -630,7 +622,7 @@ h.shutdown()
 print("ok")
 "#;
     let mut child = Command::new(PYTHON)
-        .args(["-c", holder, &tls_uri(&server, "disk", &client), &client])
+        .args(["-c", &tls_script(holder), &tls_uri(&server, "disk", &client), &client])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -762,18 +754,7 @@ mod psk {
         assert!(file_bytes(&back) == data, "data read back over PSK differs");
         // qemu's tls-creds-psk reads DIR/keys.psk.
         let object = format!("tls-creds-psk,id=tls0,endpoint=client,dir={},username=alice", dir.0.display());
-        let compare = run_ok(
-            "qemu-img",
-            &[
-                "compare",
-                "--object",
-                &object,
-                "--image-opts",
-                &qemu_image_opts(&server, "disk"),
-                &format!("driver=file,filename={}", source.display()),
-            ],
-        );
-        assert!(compare.contains("identical"), "{compare}");
+        qemu_img_compare(&object, &server, "disk", &source);
         // The allow-list: alice may use "backup", bob may not.
         run_ok("nbdinfo", &["--size", &psk_uri(&server, "alice", "backup", &keys)]);
         assert!(!run("nbdinfo", &["--size", &psk_uri(&server, "bob", "backup", &keys)]).status.success());
