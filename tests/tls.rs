@@ -445,6 +445,27 @@ if mode == "garbage":
     except (ConnectionResetError, socket.timeout) as e:
         print("closed" if isinstance(e, ConnectionResetError) else "timeout")
     sys.exit(0)
+if mode == "trickle":
+    # A real ClientHello, one byte every 0.3 s: each read makes progress,
+    # so only the deadline over the whole handshake stops it.
+    inner = ssl.create_default_context(cafile=ca)
+    inner.check_hostname = False
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    bio = inner.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    try:
+        bio.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = outgoing.read()
+    import time
+    try:
+        for b in hello:
+            s.sendall(bytes([b]))
+            time.sleep(0.3)
+        print("finished")
+    except (BrokenPipeError, ConnectionResetError):
+        print("closed")
+    sys.exit(0)
 if mode == "stall":
     s.sendall(b"\x16\x03\x01\x02\x00")    # a ClientHello header, then nothing
     try:
@@ -589,6 +610,11 @@ print("ok", i)
     let started = Instant::now();
     assert_eq!(python(PY_STARTTLS, &["127.0.0.1", &port, &ca, "stall"]).trim(), "closed");
     assert!(started.elapsed() < Duration::from_secs(15));
+    // Trickling a ClientHello byte by byte: cut off at the deadline too,
+    // not one timeout per byte.
+    let started = Instant::now();
+    assert_eq!(python(PY_STARTTLS, &["127.0.0.1", &port, &ca, "trickle"]).trim(), "closed");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
     // A truncated record in transmission: that connection closes.
     python(PY_STARTTLS, &["127.0.0.1", &port, &ca, "truncate"]);
     let out = child.wait_with_output().unwrap();

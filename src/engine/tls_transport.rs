@@ -26,6 +26,9 @@ pub const CIPHER_IN_BYTES: usize = 64 * 1024;
 /// Plaintext encrypted into one send: enough to amortise the send, small
 /// enough that a large READ reply does not double its memory at once.
 pub const PLAIN_PER_SEND_MAX: usize = 256 * 1024;
+/// A ciphertext buffer larger than this is dropped when its connection
+/// is idle (`trim`).
+const CIPHER_OUT_KEPT_BYTES: usize = 64 * 1024;
 /// The most plaintext one TLS record carries (RFC 8446 section 5.1).
 const RECORD_PLAINTEXT_BYTES: usize = 16 * 1024;
 
@@ -202,6 +205,16 @@ impl TlsTransport {
     /// update answer, an alert).
     pub fn wants_write(&self) -> bool {
         self.session.wants_write()
+    }
+
+    /// Gives back the ciphertext buffer of an idle connection once a large
+    /// reply grew it: a thousand idle TLS clients must not each keep the
+    /// quarter megabyte their last READ needed. Only between sends.
+    pub fn trim(&mut self) {
+        if !self.sending() && self.cipher_out.capacity() > CIPHER_OUT_KEPT_BYTES {
+            self.cipher_out = Vec::new();
+            self.out_sent = 0;
+        }
     }
 
     /// Queues close_notify once; returns whether it was queued now.

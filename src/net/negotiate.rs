@@ -181,7 +181,7 @@ fn upgrade<'s, S: TimedStream>(
     let session = tls.session().map_err(|e: TlsError| NegotiateError::Tls(e.to_string()))?;
     deadline.arm(socket)?;
     let mut channel = TlsChannel::new(socket, session);
-    channel.handshake().map_err(|e| match e.kind() {
+    channel.handshake(deadline.at).map_err(|e| match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => NegotiateError::Deadline,
         _ => NegotiateError::Tls(e.to_string()),
     })?;

@@ -5,6 +5,7 @@
 //! with the socket, so no byte the client sent is lost.
 
 use std::io::{self, Read, Write};
+use std::time::Instant;
 
 use super::session::{TlsError, TlsSession};
 
@@ -34,14 +35,19 @@ impl<'s, S: Read + Write> TlsChannel<'s, S> {
         Self { socket, session, unfed: Vec::new(), out: Vec::new() }
     }
 
-    /// Runs the TLS handshake to its end. On failure the alert (if the
-    /// session made one) is sent before the error is returned, so the
-    /// client learns why.
-    pub fn handshake(&mut self) -> io::Result<()> {
+    /// Runs the TLS handshake to its end, failing with `TimedOut` once
+    /// `deadline` has passed (each read is bounded by the socket timeout,
+    /// so a client trickling its hello byte by byte is still cut off). On
+    /// failure the alert (if the session made one) is sent before the error
+    /// is returned, so the client learns why.
+    pub fn handshake(&mut self, deadline: Instant) -> io::Result<()> {
         while self.session.is_handshaking() {
             self.flush_ciphertext()?;
             if !self.session.is_handshaking() {
                 break;
+            }
+            if Instant::now() >= deadline {
+                return Err(io::ErrorKind::TimedOut.into());
             }
             if let Err(e) = self.receive() {
                 let _ = self.flush_ciphertext();

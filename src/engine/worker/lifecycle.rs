@@ -231,6 +231,14 @@ impl Worker {
             );
             self.hard_close(id);
         }
+        for (_, conn) in self.conns.iter_mut() {
+            if !conn.send_in_flight
+                && conn.send_queue.is_empty()
+                && let Some(tls) = conn.tls.as_mut()
+            {
+                tls.trim();
+            }
+        }
         let Worker { pool, ring, .. } = self;
         let holds_memory = pool.housekeeping(ring);
         if self.released_since_trim >= TRIM_AFTER_RELEASES {
