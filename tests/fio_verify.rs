@@ -46,7 +46,9 @@ fn fio_verify(transport: Transport, backing: Backing, total: u64, extra: &[&str]
     }
     let dir = TempDir::new("fio");
     let file = dir.path("disk.raw");
-    let shm = ShmFile(std::path::PathBuf::from(format!("/dev/shm/ringnbd-fio-{}-{total}", std::process::id())));
+    // Only the tmpfs case owns a /dev/shm file: tests run in parallel in one
+    // process, so a guard in every case would delete a neighbour's image.
+    let mut shm = None;
     let export = match backing {
         Backing::Memory => "disk=memory:128M".to_string(),
         Backing::File => {
@@ -54,8 +56,12 @@ fn fio_verify(transport: Transport, backing: Backing, total: u64, extra: &[&str]
             format!("disk={}", file.display())
         }
         Backing::TmpfsFile => {
-            sparse_file(&shm.0, 128 * MIB);
-            format!("disk={}", shm.0.display())
+            let path =
+                std::path::PathBuf::from(format!("/dev/shm/ringnbd-fio-{}-{total}-{transport:?}", std::process::id()));
+            sparse_file(&path, 128 * MIB);
+            let export = format!("disk={}", path.display());
+            shm = Some(ShmFile(path));
+            export
         }
     };
     let mut server = Server::start(&[&export]);
