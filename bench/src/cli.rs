@@ -42,7 +42,8 @@ pub enum HeadersArg {
 #[derive(Debug, Parser)]
 #[command(name = "ringnbd-bench", version, max_term_width = 100)]
 pub struct Args {
-    /// nbd://HOST[:PORT]/[EXPORT] or nbd+unix:///[EXPORT]?socket=PATH
+    /// nbd://HOST[:PORT]/[EXPORT] or nbd+unix:///[EXPORT]?socket=PATH; nbds:// and
+    /// nbds+unix:// for TLS (?tls-certificates=DIR, else $HOME/.pki/libnbd)
     pub uri: String,
 
     /// Workload.

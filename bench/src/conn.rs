@@ -26,6 +26,7 @@ use io_uring::{opcode, squeue, types};
 use crate::engine::EngineError;
 use crate::job::{Completion, Issue, Job};
 use crate::send_batch;
+use crate::tls::{Records, Socket};
 use crate::user_data::{self, Op};
 use ringnbd::proto::client::codec::{self, Command, Framing, REQUEST_BYTES_MAX, Request};
 use ringnbd::proto::client::handshake::Session;
@@ -122,10 +123,16 @@ pub struct Conn {
     parser: ReplyParser,
     /// Requests awaiting a reply.
     awaiting: usize,
+    /// A TLS failure found while building an operation, reported by the
+    /// next completion.
+    tls_error: Option<String>,
+    /// The record layer of an `nbds://` connection.
+    tls: Option<Box<Records>>,
 }
 
 impl Conn {
-    pub fn new(fd: OwnedFd, global: usize, session: &Session, iodepth: usize, data_bytes: usize) -> Conn {
+    pub fn new(socket: Socket, global: usize, session: &Session, iodepth: usize, data_bytes: usize) -> Conn {
+        let Socket { fd, tls } = socket;
         assert!(iodepth > 0 && iodepth <= SLOTS_MAX);
         let stride = HEADER_ROOM_BYTES + data_bytes;
         let now = Instant::now();
@@ -161,7 +168,8 @@ impl Conn {
             staging: vec![0; STAGING_BYTES],
             staging_start: 0,
             staging_end: 0,
-            staging_recv_bytes_max: if data_bytes as u64 >= DIRECT_RECV_BYTES_MIN {
+            // TLS decrypts into staging: there is no receiving in place.
+            staging_recv_bytes_max: if data_bytes as u64 >= DIRECT_RECV_BYTES_MIN && tls.is_none() {
                 HEADER_RECV_BYTES
             } else {
                 STAGING_BYTES
@@ -171,6 +179,8 @@ impl Conn {
             eof: false,
             parser: ReplyParser::new(session.framing, session.context_id),
             awaiting: 0,
+            tls_error: None,
+            tls: tls.map(|conn| Box::new(Records::new(conn))),
         }
     }
 
@@ -259,7 +269,8 @@ impl Conn {
         if self.send_in_flight {
             return None;
         }
-        if self.batch_next == self.batch.len() {
+        let resending = self.tls.as_ref().is_some_and(|r| r.sending());
+        if self.batch_next == self.batch.len() && !resending {
             if self.send_queue.is_empty() {
                 return None;
             }
@@ -274,6 +285,28 @@ impl Conn {
                 self.iovecs.push(libc::iovec { iov_base: base.cast(), iov_len: s.header_bytes + payload });
                 self.batch.push(slot);
             }
+        }
+        if let Some(records) = self.tls.as_mut() {
+            // The whole batch is encrypted at once; a short send resends
+            // the rest of its ciphertext.
+            let buffer = &self.buffer;
+            let parts = self.iovecs[self.batch_next..].iter().map(|iov| {
+                let start = iov.iov_base as usize - buffer.as_ptr() as usize;
+                &buffer[start..start + iov.iov_len]
+            });
+            let (bytes, len) = match records.stage(parts) {
+                Ok(staged) => staged,
+                Err(e) => {
+                    self.tls_error = Some(e.to_string());
+                    return None;
+                }
+            };
+            self.send_in_flight = true;
+            let entry = opcode::Send::new(types::Fd(self.fd.as_raw_fd()), bytes, len as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(user_data::encode(Op::Send, conn));
+            return Some(entry);
         }
         let pending = &mut self.iovecs[self.batch_next..];
         self.msghdr.msg_iov = pending.as_mut_ptr();
@@ -296,7 +329,14 @@ impl Conn {
                 errno => Err(self.socket_error("send", errno)),
             };
         }
-        let completed = send_batch::consume(&mut self.iovecs[self.batch_next..], result as usize);
+        let plaintext = match self.tls.as_mut() {
+            None => result as usize,
+            Some(records) => match records.sent(result as usize) {
+                Some(plaintext) => plaintext,
+                None => return Ok(()),
+            },
+        };
+        let completed = send_batch::consume(&mut self.iovecs[self.batch_next..], plaintext);
         for i in self.batch_next..self.batch_next + completed {
             let slot = self.batch[i];
             let s = &mut self.slots[slot];
@@ -315,6 +355,22 @@ impl Conn {
             return None;
         }
         let fd = types::Fd(self.fd.as_raw_fd());
+        if let Some(records) = self.tls.as_mut() {
+            let next = match records.next_recv() {
+                Ok(next) => next,
+                Err(e) => {
+                    self.tls_error = Some(e.to_string());
+                    return None;
+                }
+            };
+            self.recv_in_flight = true;
+            self.recv_target = RecvTarget::Staging;
+            let entry = match next {
+                Some((pointer, length)) => opcode::Recv::new(fd, pointer, length as u32).build(),
+                None => opcode::Nop::new().build(),
+            };
+            return Some(entry.user_data(user_data::encode(Op::Recv, conn)));
+        }
         let direct = self
             .parser
             .pending_data()
@@ -366,6 +422,44 @@ impl Conn {
     ) -> Result<Option<ServerFailure>, EngineError> {
         assert!(self.recv_in_flight);
         self.recv_in_flight = false;
+        if let Some(error) = self.tls_error.take() {
+            return Err(EngineError::Protocol { conn: self.global, error: format!("TLS: {error}") });
+        }
+        // Over TLS the target is chosen now: read data the parser waits
+        // for is decrypted straight into its slot, anything else into
+        // staging.
+        let direct = match self.tls.is_some() {
+            true => self.parser.pending_data().filter(|_| self.staging_start == self.staging_end),
+            false => None,
+        };
+        if self.tls.is_some() && direct.is_none() {
+            self.compact_staging();
+            self.recv_target = RecvTarget::Staging;
+        }
+        let result = match self.tls.as_mut() {
+            None => result,
+            Some(records) => {
+                let target = match direct {
+                    Some((cookie, at, remaining)) => {
+                        let slot = (cookie as usize) & (SLOTS_MAX - 1);
+                        assert!(
+                            at + remaining <= self.slots[slot].length
+                                && self.slots[slot].length <= self.data_bytes as u64
+                        );
+                        self.recv_target = RecvTarget::Direct;
+                        let start = slot * self.stride + HEADER_ROOM_BYTES + at as usize;
+                        &mut self.buffer[start..start + remaining as usize]
+                    }
+                    None => &mut self.staging[self.staging_end..],
+                };
+                match records.received(result, target) {
+                    Ok(Some(0)) => return Ok(None),
+                    Ok(Some(n)) => n as i32,
+                    Ok(None) => result.min(0),
+                    Err(e) => return Err(EngineError::Protocol { conn: self.global, error: format!("TLS: {e}") }),
+                }
+            }
+        };
         if result < 0 {
             return match -result {
                 libc::EINTR | libc::EAGAIN | libc::ENOBUFS => Ok(None),
@@ -422,6 +516,9 @@ impl Conn {
             0 => self.eof = true,
             r if r < 0 && -r != libc::EINTR && -r != libc::EAGAIN => self.eof = true,
             r if r < 0 => {}
+            // The server's close_notify (and, over TLS, nothing else can be
+            // told apart from it without decrypting).
+            _ if self.tls.is_some() => {}
             _ => {
                 self.eof = true;
                 return Err(EngineError::Protocol { conn: self.global, error: "data received after DISC".into() });
@@ -430,12 +527,18 @@ impl Conn {
         Ok(())
     }
 
-    /// The DISC request bytes for this connection's framing.
-    pub fn disconnect_request(&self) -> ([u8; REQUEST_BYTES_MAX], usize) {
+    /// The DISC request as it goes on the wire: encrypted and followed by
+    /// close_notify over TLS.
+    pub fn disconnect_request(&mut self) -> Result<Vec<u8>, EngineError> {
         let request = Request { command: Command::Disconnect, flags: 0, cookie: 0, offset: 0, length: 0 };
         let mut out = [0u8; REQUEST_BYTES_MAX];
         let n = codec::encode_request(&request, self.framing, &mut out).expect("zero length fits");
-        (out, n)
+        match self.tls.as_mut() {
+            None => Ok(out[..n].to_vec()),
+            Some(records) => records
+                .seal_last(&out[..n])
+                .map_err(|e| EngineError::Protocol { conn: self.global, error: format!("TLS: {e}") }),
+        }
     }
 
     fn socket_error(&self, operation: &'static str, errno: i32) -> EngineError {

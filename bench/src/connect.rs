@@ -10,6 +10,11 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use std::sync::Arc;
+
+use rustls::{ClientConfig, ClientConnection};
+
+use crate::tls::{self, Socket};
 use crate::uri::{Endpoint, NbdUri};
 use ringnbd::proto::client::handshake::{ClientHandshake, HandshakeConfig, HandshakeError, Progress, Session};
 
@@ -32,27 +37,40 @@ pub enum ConnectError {
 
 /// Connects to `uri` and negotiates; `timeout` bounds connecting and each
 /// read or write of the negotiation.
-pub fn connect(uri: &NbdUri, config: &HandshakeConfig, timeout: Duration) -> Result<(OwnedFd, Session), ConnectError> {
+pub fn connect(uri: &NbdUri, config: &HandshakeConfig, timeout: Duration) -> Result<(Socket, Session), ConnectError> {
     let target = uri.to_string();
+    let io = |error: io::Error| ConnectError::Io { target: target.clone(), error };
+    let tls = match &uri.tls {
+        Some(settings) => {
+            let host = match &uri.endpoint {
+                Endpoint::Tcp { host, .. } => host.clone(),
+                Endpoint::Unix { .. } => "localhost".to_owned(),
+            };
+            Some((tls::client_config(settings).map_err(io)?, host))
+        }
+        None => None,
+    };
+    let config = &HandshakeConfig { starttls: tls.is_some(), ..config.clone() };
+    let tls = tls.as_ref();
     match &uri.endpoint {
         Endpoint::Tcp { host, port } => {
             let stream = connect_tcp(host, *port, timeout, &target)?;
             // Requests are batched by the engine; Nagle would only add delay.
             stream.set_nodelay(true).map_err(|error| ConnectError::Io { target: target.clone(), error })?;
-            let session = negotiate_with_deadline(&stream, config, timeout, &target, |s, t| {
+            let (session, tls) = negotiate_with_deadline(&stream, config, tls, timeout, &target, |s, t| {
                 s.set_read_timeout(t)?;
                 s.set_write_timeout(t)
             })?;
-            Ok((OwnedFd::from(stream), session))
+            Ok((Socket { fd: OwnedFd::from(stream), tls }, session))
         }
         Endpoint::Unix { path } => {
             let stream =
                 UnixStream::connect(path).map_err(|error| ConnectError::Connect { target: target.clone(), error })?;
-            let session = negotiate_with_deadline(&stream, config, timeout, &target, |s, t| {
+            let (session, tls) = negotiate_with_deadline(&stream, config, tls, timeout, &target, |s, t| {
                 s.set_read_timeout(t)?;
                 s.set_write_timeout(t)
             })?;
-            Ok((OwnedFd::from(stream), session))
+            Ok((Socket { fd: OwnedFd::from(stream), tls }, session))
         }
     }
 }
@@ -77,10 +95,11 @@ fn connect_tcp(host: &str, port: u16, timeout: Duration, target: &str) -> Result
 fn negotiate_with_deadline<S>(
     stream: &S,
     config: &HandshakeConfig,
+    tls: Option<&(Arc<ClientConfig>, String)>,
     timeout: Duration,
     target: &str,
     set_timeouts: impl Fn(&S, Option<Duration>) -> io::Result<()>,
-) -> Result<Session, ConnectError>
+) -> Result<(Session, Option<Box<ClientConnection>>), ConnectError>
 where
     for<'a> &'a S: Read + Write,
 {
@@ -95,7 +114,7 @@ where
         ConnectError::Io { target: target.to_string(), error }
     };
     set_timeouts(stream, Some(timeout)).map_err(io_error)?;
-    let session = negotiate(&mut &*stream, config).map_err(|e| match e {
+    let session = negotiate(&mut &*stream, config, tls).map_err(|e| match e {
         NegotiateError::Io(error) => io_error(error),
         NegotiateError::Handshake(error) => ConnectError::Handshake { target: target.to_string(), error },
     })?;
@@ -108,13 +127,23 @@ enum NegotiateError {
     Handshake(HandshakeError),
 }
 
-fn negotiate(stream: &mut impl ReadWrite, config: &HandshakeConfig) -> Result<Session, NegotiateError> {
+/// Negotiates, upgrading to TLS when `tls` is given (STARTTLS first).
+fn negotiate(
+    stream: &mut impl ReadWrite,
+    config: &HandshakeConfig,
+    tls: Option<&(Arc<ClientConfig>, String)>,
+) -> Result<(Session, Option<Box<ClientConnection>>), NegotiateError> {
     let mut machine = ClientHandshake::new(config.clone());
+    let mut session_tls: Option<Box<ClientConnection>> = None;
     let mut input = Vec::new();
     let mut output = Vec::new();
     loop {
         input.resize(machine.want(), 0);
-        stream.read_exact(&mut input).map_err(|e| {
+        let read = match session_tls.as_mut() {
+            Some(conn) => rustls::Stream::new(&mut **conn, stream).read_exact(&mut input),
+            None => stream.read_exact(&mut input),
+        };
+        read.map_err(|e| {
             NegotiateError::Io(if e.kind() == io::ErrorKind::UnexpectedEof {
                 io::Error::new(e.kind(), "the server closed the connection")
             } else {
@@ -122,12 +151,21 @@ fn negotiate(stream: &mut impl ReadWrite, config: &HandshakeConfig) -> Result<Se
             })
         })?;
         output.clear();
-        let progress = machine.feed(&input, &mut output).map_err(NegotiateError::Handshake)?;
+        let mut progress = machine.feed(&input, &mut output).map_err(NegotiateError::Handshake)?;
+        if progress == Progress::StartTls {
+            let (config, host) = tls.expect("STARTTLS is sent only with TLS settings");
+            session_tls = Some(tls::handshake(Arc::clone(config), host, stream).map_err(NegotiateError::Io)?);
+            progress = machine.tls_started(&mut output).map_err(NegotiateError::Handshake)?;
+        }
         if !output.is_empty() {
-            stream.write_all(&output).map_err(NegotiateError::Io)?;
+            let written = match session_tls.as_mut() {
+                Some(conn) => rustls::Stream::new(&mut **conn, stream).write_all(&output),
+                None => stream.write_all(&output),
+            };
+            written.map_err(NegotiateError::Io)?;
         }
         if let Progress::Done(session) = progress {
-            return Ok(session);
+            return Ok((session, session_tls));
         }
     }
 }

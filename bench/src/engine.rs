@@ -237,11 +237,12 @@ impl Worker {
     /// server to close. Call only after `run` returned Ok (nothing in flight
     /// but the recvs).
     pub fn disconnect(&mut self) -> Result<(), EngineError> {
-        for conn in &self.conns {
+        for conn in &mut self.conns {
             assert!(conn.awaiting() == 0 && conn.send_idle(), "disconnect with requests in flight");
-            let (request, length) = conn.disconnect_request();
-            // SAFETY: sending from a live stack buffer of `length` bytes on
-            // a socket this connection owns.
+            let request = conn.disconnect_request()?;
+            let length = request.len();
+            // SAFETY: sending from a live buffer of `length` bytes on a
+            // socket this connection owns.
             let sent = unsafe { libc::send(conn.raw_fd(), request.as_ptr().cast(), length, libc::MSG_NOSIGNAL) };
             if sent != length as isize {
                 let error = std::io::Error::last_os_error();

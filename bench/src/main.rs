@@ -25,6 +25,7 @@ mod report;
 mod run;
 mod send_batch;
 mod stats;
+mod tls;
 mod uri;
 mod user_data;
 mod verify;

@@ -7,7 +7,6 @@
 //! ring and its own statistics; nothing is shared while measuring except
 //! the abort flag and the progress counters.
 
-use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -25,6 +24,7 @@ use crate::map::{self, ChunkSummary, MapJob};
 use crate::progress::{self, Progress, Snapshot};
 use crate::report::{LoadReport, MapReport, RunInfo};
 use crate::stats::{OpStats, Stats};
+use crate::tls::Socket;
 use crate::verify::VERIFY_BLOCKS_MAX;
 use crate::workload::Rng;
 use ringnbd::proto::client::codec::Framing;
@@ -65,6 +65,8 @@ pub fn run(plan: &Plan) -> Result<Outcome, RunError> {
         export: plan.uri.export.clone(),
         framing_max: plan.framing_max,
         base_allocation: matches!(plan.mode, Mode::Map(_)),
+        // Set by `connect` for nbds:// URIs.
+        starttls: false,
     };
     let mut connections = Vec::with_capacity(plan.connections as usize);
     // Connect each connection from the core of the thread that will drive
@@ -204,7 +206,7 @@ struct Shared {
 }
 
 /// Splits connections among threads: thread `t` gets `t, t + threads, ...`.
-fn partition(connections: Vec<(OwnedFd, Session)>, threads: usize) -> Vec<Vec<(usize, OwnedFd, Session)>> {
+fn partition(connections: Vec<(Socket, Session)>, threads: usize) -> Vec<Vec<(usize, Socket, Session)>> {
     let mut parts: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
     for (global, (fd, session)) in connections.into_iter().enumerate() {
         parts[global % threads].push((global, fd, session));
@@ -242,9 +244,9 @@ fn pin(plan: &Plan, thread: usize) {
 /// Runs `body` on one named thread per part; a failing worker raises the
 /// abort flag so the others stop instead of running to the end.
 fn spawn<T: Send + 'static>(
-    parts: Vec<Vec<(usize, OwnedFd, Session)>>,
+    parts: Vec<Vec<(usize, Socket, Session)>>,
     shared: &Arc<Shared>,
-    body: impl Fn(usize, Vec<(usize, OwnedFd, Session)>, &Shared) -> Result<T, EngineError> + Send + Sync + 'static,
+    body: impl Fn(usize, Vec<(usize, Socket, Session)>, &Shared) -> Result<T, EngineError> + Send + Sync + 'static,
 ) -> Result<Vec<JoinHandle<Result<T, EngineError>>>, RunError> {
     let body = Arc::new(body);
     let mut handles = Vec::new();
@@ -326,7 +328,7 @@ fn watch<T>(
 fn run_load(
     plan: &Plan,
     load: &LoadPlan,
-    connections: Vec<(OwnedFd, Session)>,
+    connections: Vec<(Socket, Session)>,
     info: RunInfo,
 ) -> Result<LoadReport, RunError> {
     let session = connections[0].1.clone();
@@ -431,7 +433,7 @@ fn map_chunk_bytes(map: &MapPlan, plan: &Plan, info: &RunInfo) -> Result<u64, Ru
 fn run_map(
     plan: &Plan,
     map: &MapPlan,
-    connections: Vec<(OwnedFd, Session)>,
+    connections: Vec<(Socket, Session)>,
     info: RunInfo,
 ) -> Result<MapReport, RunError> {
     let chunk_bytes = map_chunk_bytes(map, plan, &info)?;

@@ -28,13 +28,24 @@ pub struct NbdUri {
     pub endpoint: Endpoint,
     /// The export name, percent-decoded ("" = default export).
     pub export: String,
+    /// `nbds://` or `nbds+unix://`: STARTTLS with X.509.
+    pub tls: Option<Tls>,
+}
+
+/// TLS settings from the URI, as libnbd reads them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Tls {
+    /// `tls-certificates=DIR` (ca-cert.pem, optional client-cert.pem and
+    /// client-key.pem); without it `$HOME/.pki/libnbd`, then
+    /// `/etc/pki/libnbd`.
+    pub certificates: Option<PathBuf>,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum UriError {
-    /// Only `nbd://` and `nbd+unix://` are supported (TLS schemes are not).
-    #[error("unsupported scheme in {0:?} (expected nbd:// or nbd+unix://)")]
+    /// Only `nbd[s]://` and `nbd[s]+unix://` are supported.
+    #[error("unsupported scheme in {0:?} (expected nbd://, nbds://, nbd+unix:// or nbds+unix://)")]
     Scheme(String),
     /// `nbd://` needs a host.
     #[error("missing host in {0:?}")]
@@ -54,13 +65,27 @@ pub enum UriError {
 }
 
 pub fn parse(text: &str) -> Result<NbdUri, UriError> {
-    if let Some(rest) = text.strip_prefix("nbd+unix://") {
-        return parse_unix(text, rest);
+    let (mut uri, query) = if let Some(rest) = text.strip_prefix("nbds+unix://") {
+        (parse_unix(text, rest)?, Some(rest))
+    } else if let Some(rest) = text.strip_prefix("nbds://") {
+        (parse_tcp(text, rest)?, Some(rest))
+    } else if let Some(rest) = text.strip_prefix("nbd+unix://") {
+        (parse_unix(text, rest)?, None)
+    } else if let Some(rest) = text.strip_prefix("nbd://") {
+        (parse_tcp(text, rest)?, None)
+    } else {
+        return Err(UriError::Scheme(text.to_string()));
+    };
+    if let Some(rest) = query {
+        let (_, query) = split_once_or_all(rest, '?');
+        let certificates = query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("tls-certificates="))
+            .map(|dir| percent_decode(dir).map(PathBuf::from).ok_or_else(|| UriError::Percent(text.to_string())))
+            .transpose()?;
+        uri.tls = Some(Tls { certificates });
     }
-    if let Some(rest) = text.strip_prefix("nbd://") {
-        return parse_tcp(text, rest);
-    }
-    Err(UriError::Scheme(text.to_string()))
+    Ok(uri)
 }
 
 fn parse_tcp(text: &str, rest: &str) -> Result<NbdUri, UriError> {
@@ -71,7 +96,7 @@ fn parse_tcp(text: &str, rest: &str) -> Result<NbdUri, UriError> {
         return Err(UriError::MissingHost(text.to_string()));
     }
     let export = percent_decode(path).ok_or_else(|| UriError::Percent(text.to_string()))?;
-    Ok(NbdUri { endpoint: Endpoint::Tcp { host, port }, export })
+    Ok(NbdUri { endpoint: Endpoint::Tcp { host, port }, export, tls: None })
 }
 
 fn parse_unix(text: &str, rest: &str) -> Result<NbdUri, UriError> {
@@ -87,7 +112,7 @@ fn parse_unix(text: &str, rest: &str) -> Result<NbdUri, UriError> {
         .ok_or_else(|| UriError::UnixSocket(text.to_string()))?;
     let socket = percent_decode(socket).ok_or_else(|| UriError::Percent(text.to_string()))?;
     let export = percent_decode(path).ok_or_else(|| UriError::Percent(text.to_string()))?;
-    Ok(NbdUri { endpoint: Endpoint::Unix { path: PathBuf::from(socket) }, export })
+    Ok(NbdUri { endpoint: Endpoint::Unix { path: PathBuf::from(socket) }, export, tls: None })
 }
 
 /// `"a?b"` -> `("a", "b")`, `"a"` -> `("a", "")`.
@@ -144,10 +169,11 @@ fn percent_decode(text: &str) -> Option<String> {
 
 impl fmt::Display for NbdUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = if self.tls.is_some() { "s" } else { "" };
         match &self.endpoint {
-            Endpoint::Tcp { host, port } if host.contains(':') => write!(f, "nbd://[{host}]:{port}/{}", self.export),
-            Endpoint::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{}", self.export),
-            Endpoint::Unix { path } => write!(f, "nbd+unix:///{}?socket={}", self.export, path.display()),
+            Endpoint::Tcp { host, port } if host.contains(':') => write!(f, "nbd{s}://[{host}]:{port}/{}", self.export),
+            Endpoint::Tcp { host, port } => write!(f, "nbd{s}://{host}:{port}/{}", self.export),
+            Endpoint::Unix { path } => write!(f, "nbd{s}+unix:///{}?socket={}", self.export, path.display()),
         }
     }
 }
@@ -157,7 +183,7 @@ mod tests {
     use super::*;
 
     fn tcp(host: &str, port: u16, export: &str) -> NbdUri {
-        NbdUri { endpoint: Endpoint::Tcp { host: host.into(), port }, export: export.into() }
+        NbdUri { endpoint: Endpoint::Tcp { host: host.into(), port }, export: export.into(), tls: None }
     }
 
     #[test]
@@ -197,12 +223,21 @@ mod tests {
 
     #[test]
     fn rejects_bad_scheme_host_and_port() {
-        assert!(matches!(parse("nbds://h/"), Err(UriError::Scheme(_))));
         assert!(matches!(parse("http://h/"), Err(UriError::Scheme(_))));
         assert!(matches!(parse("nbd:///x"), Err(UriError::MissingHost(_))));
         assert!(matches!(parse("nbd://h:0/"), Err(UriError::Port(_))));
         assert!(matches!(parse("nbd://h:70000/"), Err(UriError::Port(_))));
         assert!(matches!(parse("nbd://h:p/"), Err(UriError::Port(_))));
+    }
+
+    #[test]
+    fn tls_schemes_and_their_certificates() {
+        let uri = parse("nbds://h:1/x?tls-certificates=/etc/a%20b").unwrap();
+        assert_eq!(uri.tls, Some(Tls { certificates: Some("/etc/a b".into()) }));
+        assert_eq!(uri.export, "x");
+        assert_eq!(parse("nbds://h/").unwrap().tls, Some(Tls::default()));
+        assert!(parse("nbds+unix:///?socket=/s").unwrap().tls.is_some());
+        assert_eq!(parse("nbd://h/").unwrap().tls, None);
     }
 
     #[test]

@@ -50,6 +50,11 @@ struct Server {
 
 impl Server {
     fn start(export: &str) -> Server {
+        Server::start_with(&[export])
+    }
+
+    /// With `args` (options and exports) after the listeners.
+    fn start_with(args: &[&str]) -> Server {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("ringnbd-bench-test-{}-{n}", std::process::id()));
@@ -58,7 +63,8 @@ impl Server {
         let mut child = Command::new(server_binary())
             .args(["-l", "127.0.0.1:0", "-U"])
             .arg(&socket)
-            .args(["--threads", "2", "--buffers", "64M", export])
+            .args(["--threads", "2", "--buffers", "64M"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -168,6 +174,40 @@ fn verified_randrw_over_tcp_and_unix_socket() {
     assert!(table.contains("verify OK"), "{table}");
     assert!(table.lines().any(|l| l.starts_with("read ")), "{table}");
     assert_eq!(server.stop(), Some(0), "ringnbd exits 0 on SIGTERM");
+}
+
+/// The server's test credentials (a CA and a certificate for localhost
+/// and 127.0.0.1); the client trusts the same CA from the same directory.
+fn test_certificates() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../src/tls/testdata").display().to_string()
+}
+
+#[test]
+fn verified_runs_over_tls_with_small_and_large_requests() {
+    let certs = test_certificates();
+    let mut server = Server::start_with(&["--tls", "require", "--tls-certificates", &certs, "memory:256M"]);
+    let port = server.tcp_uri.trim_end_matches('/').rsplit(':').next().unwrap().to_owned();
+    let tcp = format!("nbds://localhost:{port}/?tls-certificates={certs}");
+    let common = ["--rw", "randrw", "--verify", "--size", "64M", "--runtime", "1.5", "--json", "-q"];
+    let small = bench_ok(&[&[tcp.as_str(), "--connections", "2", "--iodepth", "16"], &common[..]].concat());
+    assert_verified_randrw(&small);
+    // 1 MiB requests: read data is decrypted straight into its slot.
+    let large = bench_ok(&[&[tcp.as_str(), "--bs", "1m", "--iodepth", "4"], &common[..]].concat());
+    assert_verified_randrw(&large);
+    let unix = format!("{}&tls-certificates={certs}", server.unix_uri.replacen("nbd+unix", "nbds+unix", 1));
+    assert_verified_randrw(&bench_ok(&[&[unix.as_str(), "--headers", "structured"], &common[..]].concat()));
+    // Plaintext to a server that requires TLS is refused, with the reason.
+    let out = bench(&[server.tcp_uri.as_str(), "--runtime", "0.5"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ERR_TLS_REQD"), "{out:?}");
+    assert_eq!(server.stop(), Some(0));
+    // And TLS to a server without it: STARTTLS is refused, no downgrade.
+    let mut plain = Server::start("memory:64M");
+    let port = plain.tcp_uri.trim_end_matches('/').rsplit(':').next().unwrap().to_owned();
+    let out = bench(&[&format!("nbds://localhost:{port}/?tls-certificates={certs}"), "--runtime", "0.5"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("STARTTLS"), "{out:?}");
+    assert_eq!(plain.stop(), Some(0));
 }
 
 #[test]

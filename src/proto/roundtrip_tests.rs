@@ -177,7 +177,7 @@ proptest! {
         }];
         let base_allocation = base_allocation && framing_max != Framing::Simple;
         let export = if known { "disk" } else { "nope" }.to_owned();
-        let mut client = ClientHandshake::new(HandshakeConfig { export, framing_max, base_allocation });
+        let mut client = ClientHandshake::new(HandshakeConfig { export, framing_max, base_allocation, starttls: false });
         let mut server = Handshake::new(&exports, HandshakeLimits::default());
         let (mut to_client, mut to_server) = (Vec::new(), Vec::new());
         server.greeting(&mut to_client);
@@ -187,6 +187,7 @@ proptest! {
                 let chunk: Vec<u8> = to_client.drain(..client.want()).collect();
                 match client.feed(&chunk, &mut to_server) {
                     Ok(ClientProgress::Continue) => {}
+                    Ok(ClientProgress::StartTls) => prop_assert!(false, "STARTTLS was not asked for"),
                     Ok(ClientProgress::Done(session)) => {
                         prop_assert!(known, "GO on an unknown export cannot succeed");
                         prop_assert_eq!(session.size, size);

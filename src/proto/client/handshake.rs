@@ -15,8 +15,9 @@ use std::borrow::Cow;
 
 use crate::proto::wire::{
     FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_BLOCK_SIZE,
-    INFO_EXPORT, NBDMAGIC, OPT_EXPORT_NAME, OPT_EXTENDED_HEADERS, OPT_GO, OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY,
-    OPTION_REPLY_MAGIC, PutBe, REP_ACK, REP_ERR_UNSUP, REP_INFO, REP_META_CONTEXT, Reader, option_name,
+    INFO_EXPORT, NBDMAGIC, OPT_EXPORT_NAME, OPT_EXTENDED_HEADERS, OPT_GO, OPT_SET_META_CONTEXT, OPT_STARTTLS,
+    OPT_STRUCTURED_REPLY, OPTION_REPLY_MAGIC, PutBe, REP_ACK, REP_ERR_UNSUP, REP_INFO, REP_META_CONTEXT, Reader,
+    option_name,
 };
 use thiserror::Error;
 
@@ -46,6 +47,10 @@ pub struct HandshakeConfig {
     pub framing_max: Framing,
     /// Select `base:allocation` (required: negotiation fails without it).
     pub base_allocation: bool,
+    /// Send STARTTLS first; the driver runs the TLS handshake when
+    /// [`Progress::StartTls`] says so and then calls
+    /// [`ClientHandshake::tls_started`].
+    pub starttls: bool,
 }
 
 /// Block-size constraints (PROTOCOL.md §2.7).
@@ -87,6 +92,9 @@ pub enum Progress {
     Continue,
     /// Transmission starts once `out` is sent.
     Done(Session),
+    /// STARTTLS was acknowledged: run the TLS handshake, then call
+    /// [`ClientHandshake::tls_started`] and go on through TLS.
+    StartTls,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -159,7 +167,7 @@ pub fn reply_error_name(reply: u32) -> String {
         2 => "ERR_POLICY",
         3 => "ERR_INVALID",
         4 => "ERR_PLATFORM",
-        5 => "ERR_TLS_REQD (TLS is not supported by this client)",
+        5 => "ERR_TLS_REQD (use nbds://)",
         6 => "ERR_UNKNOWN (no such export)",
         7 => "ERR_SHUTDOWN",
         8 => "ERR_BLOCK_SIZE_REQD",
@@ -258,6 +266,21 @@ impl ClientHandshake {
             }
             return Ok(self.send_export_name(out));
         }
+        if self.config.starttls {
+            self.send(out, OPT_STARTTLS, &[]);
+            return Ok(Progress::Continue);
+        }
+        self.send_framing(out)
+    }
+
+    /// The TLS handshake after STARTTLS succeeded: negotiation starts over
+    /// through TLS (the server forgot everything before it).
+    pub fn tls_started(&mut self, out: &mut Vec<u8>) -> Result<Progress, HandshakeError> {
+        self.send_framing(out)
+    }
+
+    /// The first option of the framing fallbacks.
+    fn send_framing(&mut self, out: &mut Vec<u8>) -> Result<Progress, HandshakeError> {
         match self.config.framing_max {
             Framing::Extended => self.send(out, OPT_EXTENDED_HEADERS, &[]),
             Framing::Structured => self.send(out, OPT_STRUCTURED_REPLY, &[]),
@@ -347,6 +370,7 @@ impl ClientHandshake {
         let is_error = reply & REPLY_ERROR_BIT != 0;
         let unexpected = HandshakeError::UnexpectedReply { option: option_name(self.option), reply };
         match self.option {
+            OPT_STARTTLS if reply == REP_ACK => Ok(Progress::StartTls),
             OPT_EXTENDED_HEADERS if reply == REP_ACK => {
                 self.framing = Framing::Extended;
                 self.after_framing(out)
@@ -516,6 +540,12 @@ mod tests {
             sent.extend(options_in(&out[skip..]));
             match progress {
                 Ok(Progress::Continue) => {}
+                // The TLS handshake happens outside; carry on as after it.
+                Ok(Progress::StartTls) => {
+                    let mut out = Vec::new();
+                    hs.tls_started(&mut out).unwrap();
+                    sent.extend(options_in(&out));
+                }
                 Ok(Progress::Done(session)) => {
                     assert_eq!(position, server.len(), "unread server bytes");
                     return (Ok(session), sent);
@@ -539,7 +569,24 @@ mod tests {
     }
 
     fn config(framing_max: Framing, base_allocation: bool) -> HandshakeConfig {
-        HandshakeConfig { export: "disk".into(), framing_max, base_allocation }
+        HandshakeConfig { export: "disk".into(), framing_max, base_allocation, starttls: false }
+    }
+
+    #[test]
+    fn starttls_comes_first_and_negotiation_starts_over_after_it() {
+        let mut s = greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        s.extend(reply(OPT_STARTTLS, REP_ACK, &[]));
+        s.extend(reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+        s.extend(reply(OPT_GO, REP_INFO, &info_export(1 << 30, TFLAGS)));
+        s.extend(reply(OPT_GO, REP_ACK, &[]));
+        let tls = HandshakeConfig { starttls: true, ..config(Framing::Structured, false) };
+        let (session, sent) = run(tls.clone(), &s);
+        assert_eq!(sent, vec![OPT_STARTTLS, OPT_STRUCTURED_REPLY, OPT_GO]);
+        assert_eq!(session.unwrap().framing, Framing::Structured);
+        // A server that refuses STARTTLS ends it (no silent downgrade).
+        let mut s = greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        s.extend(reply(OPT_STARTTLS, REP_ERR_UNSUP, &[]));
+        assert!(matches!(run(tls, &s).0, Err(HandshakeError::Refused { .. })));
     }
 
     #[test]
