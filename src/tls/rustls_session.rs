@@ -214,6 +214,15 @@ impl TlsSession for RustlsSession {
     /// decrypts them straight into the reader's buffer.
     fn feed(&mut self, ciphertext: &[u8]) -> Result<usize, TlsError> {
         self.check()?;
+        // Drop what was processed first. A steady stream of records almost
+        // never ends on a record boundary, so waiting for `incoming` to
+        // empty grew it by every receive for the connection's life (on
+        // 1 MiB writes: page faults on fresh memory, 2.7 s of CPU per GiB).
+        // What stays is at most a few records, so the move is cheap.
+        if self.processed > 0 {
+            self.incoming.drain(..self.processed);
+            self.processed = 0;
+        }
         self.incoming.extend_from_slice(ciphertext);
         if self.conn.is_handshaking() {
             self.process()?;
@@ -419,6 +428,39 @@ mod tests {
             assert_eq!(server.read_plain(&mut [0u8; 16]).unwrap(), 0);
             assert!(server.peer_closed());
         }
+    }
+
+    #[test]
+    fn a_long_stream_of_records_keeps_the_ciphertext_buffer_small() {
+        let config = x509::X509Server::load(testdata(), false).unwrap().config();
+        let (mut server, mut client) = (RustlsSession::new(config).unwrap(), client());
+        shuttle(&mut server, &mut client, 1 << 20);
+        // 64 MiB in 1 MiB writes, fed in 64 KiB receives that split records
+        // anywhere, read as they come, as a worker does.
+        let payload: Vec<u8> = (0..1u32 << 20).map(|i| (i * 13) as u8).collect();
+        let mut got = vec![0u8; payload.len()];
+        let mut most = 0;
+        for _ in 0..64 {
+            client.writer().write_all(&payload).unwrap();
+            let mut ciphertext = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut ciphertext).unwrap();
+            }
+            let mut filled = 0;
+            for piece in ciphertext.chunks(64 * 1024 + 3) {
+                server.feed(piece).unwrap();
+                most = most.max(server.incoming.len());
+                while filled < got.len() {
+                    match server.read_plain(&mut got[filled..]).unwrap() {
+                        0 => break,
+                        n => filled += n,
+                    }
+                }
+            }
+            assert_eq!(filled, payload.len());
+            assert!(got == payload);
+        }
+        assert!(most < 128 * 1024, "ciphertext held grew to {most} bytes");
     }
 
     #[test]

@@ -75,6 +75,12 @@ impl X509Server {
     pub fn session(&self) -> Result<Box<dyn TlsSession>, TlsError> {
         Ok(Box::new(RustlsSession::new(Arc::clone(&self.config))?))
     }
+
+    /// For tests that look inside a session.
+    #[cfg(test)]
+    pub(crate) fn config(&self) -> Arc<ServerConfig> {
+        Arc::clone(&self.config)
+    }
 }
 
 /// AES-128-GCM first, in TLS 1.3 and 1.2. Both ends pay for every byte
