@@ -3,6 +3,7 @@ use clap::Parser;
 use ringnbd::cli::{Cli, Command, ctl};
 use ringnbd::export::open_all;
 use ringnbd::faults;
+use ringnbd::net::activation::ListenEnv;
 use ringnbd::server::serve;
 
 /// A panic anywhere ends the process: a worker that died would leave its
@@ -20,6 +21,10 @@ fn abort_on_panic() {
 }
 
 fn main() -> std::process::ExitCode {
+    // First, while this is the only thread: the variables are removed from
+    // the environment so nothing started later takes the sockets as its own.
+    // SAFETY: no other thread exists yet.
+    let activation = unsafe { ListenEnv::take() };
     abort_on_panic();
     let cli = Cli::parse();
     if let Some(Command::Ctl(args)) = &cli.command {
@@ -44,8 +49,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    match serve(cli.server_config(), exports) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let mut config = cli.server_config();
+    config.process.activation = activation;
+    match serve(config, exports) {
+        Ok(served) => served.command_status.map_or(std::process::ExitCode::SUCCESS, std::process::ExitCode::from),
         Err(e) => {
             eprintln!("ringnbd: {e}");
             std::process::ExitCode::FAILURE

@@ -12,7 +12,8 @@ pub mod ctl;
 pub mod export_spec;
 
 use crate::export::{ExportOptions, ExportSpec, TrackOptions};
-use crate::server::{SecurityConfig, ServerConfig};
+use crate::net::activation::ListenEnv;
+use crate::server::{Identity, ProcessConfig, SecurityConfig, ServerConfig};
 use crate::tls::{CredentialSource, TlsMode};
 use export_spec::parse_size;
 
@@ -225,6 +226,36 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     pub max_connections_per_address: Option<usize>,
 
+    /// Write the server's pid to PATH once its sockets are bound (removed
+    /// at exit).
+    #[arg(long, value_name = "PATH")]
+    pub pidfile: Option<PathBuf>,
+
+    /// Captive mode: once listening, run CMD with `sh -c`, with $uri, $nbd,
+    /// $port, $unixsocket and $exportname set, and exit with its status
+    /// when it ends. Without -l or -U it gets a private Unix socket (-U -).
+    #[arg(long, value_name = "CMD", conflicts_with = "single")]
+    pub run: Option<String>,
+
+    /// Exit once a client has been served and the last connection closes.
+    #[arg(long)]
+    pub exit_when_idle: bool,
+
+    /// Serve one connection on stdin (a socket, from inetd or libnbd's
+    /// nbd_connect_command) and exit when it closes. Nothing is printed to
+    /// stdout.
+    #[arg(short = 's', long, conflicts_with_all = ["listen", "unix"])]
+    pub single: bool,
+
+    /// Become this user (name or uid) once the sockets are bound.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Become this group (name or gid) once the sockets are bound. Default
+    /// with --user: the user's primary group.
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+
     /// Log connections and protocol errors to stderr.
     #[arg(short, long)]
     pub verbose: bool,
@@ -406,14 +437,27 @@ impl Cli {
             .map(usize::from)
             .or(listed)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(1024));
-        let tcp = if self.listen.is_empty() && self.unix.is_empty() {
-            vec!["127.0.0.1:10809".to_owned()]
-        } else {
-            self.listen.clone()
+        let unnamed = self.listen.is_empty() && self.unix.is_empty();
+        // A captive command gets a socket of its own; a server started
+        // without addresses listens on the NBD port, unless a service
+        // manager passes it sockets (then `tcp_defaulted` drops this).
+        let (tcp, unix) = match (unnamed, self.single, &self.run) {
+            (false, _, _) | (true, true, _) => (self.listen.clone(), self.unix.clone()),
+            (true, false, Some(_)) => (Vec::new(), vec![PathBuf::from(crate::server::PRIVATE_SOCKET)]),
+            (true, false, None) => (vec!["127.0.0.1:10809".to_owned()], Vec::new()),
         };
         ServerConfig {
             tcp,
-            unix: self.unix.clone(),
+            unix,
+            process: ProcessConfig {
+                pidfile: self.pidfile.clone(),
+                run: self.run.clone(),
+                exit_when_idle: self.exit_when_idle,
+                single: self.single,
+                identity: Identity { user: self.user.clone(), group: self.group.clone() },
+                activation: ListenEnv::default(),
+                tcp_defaulted: unnamed && !self.single && self.run.is_none(),
+            },
             threads,
             pin_workers: !self.no_pin,
             cpus: self.cpus.clone().map(|c| c.0).unwrap_or_default(),
@@ -552,6 +596,24 @@ mod tests {
         assert_eq!(args.control.as_deref(), Some(std::path::Path::new("/c")));
         assert!(matches!(args.action, ctl::CtlAction::Checkpoint(ctl::CheckpointAction::Create { .. })));
         assert!(Cli::try_parse_from(["ringnbd", "ctl", "checkpoint", "create", "disk"]).is_err(), "NAME is required");
+    }
+
+    #[test]
+    fn process_options_and_where_captive_and_single_servers_listen() {
+        let default = Cli::parse_from(["ringnbd"]).server_config();
+        assert!(default.process.tcp_defaulted && default.process.pidfile.is_none());
+        let captive = Cli::parse_from(["ringnbd", "--run", "nbdinfo $uri", "--pidfile", "/p"]).server_config();
+        assert_eq!((captive.tcp.len(), captive.unix.clone()), (0, vec![PathBuf::from("-")]));
+        assert!(!captive.process.tcp_defaulted);
+        assert_eq!(captive.process.run.as_deref(), Some("nbdinfo $uri"));
+        assert_eq!(captive.process.pidfile.as_deref(), Some(std::path::Path::new("/p")));
+        let listed = Cli::parse_from(["ringnbd", "--run", "x", "-l", "127.0.0.1:0"]).server_config();
+        assert_eq!((listed.tcp.len(), listed.unix.len()), (1, 0), "a listed address is used as given");
+        let single = Cli::parse_from(["ringnbd", "-s", "--user", "nobody"]).server_config();
+        assert!(single.process.single && single.tcp.is_empty() && single.unix.is_empty());
+        assert_eq!(single.process.identity.user.as_deref(), Some("nobody"));
+        assert!(Cli::try_parse_from(["ringnbd", "-s", "-l", "127.0.0.1:0"]).is_err());
+        assert!(Cli::try_parse_from(["ringnbd", "-s", "--run", "true"]).is_err());
     }
 
     #[test]

@@ -319,7 +319,9 @@ fn handshake_thread(first: Job, kept: &KeptThreads, config: &AcceptConfig, dispa
     }
 }
 
-fn handshake(socket: Socket, ticket: Ticket, config: &AcceptConfig, dispatch: &dyn Dispatch) {
+/// Negotiates on `socket` and hands it on; returns whether it reached
+/// transmission.
+fn handshake(socket: Socket, ticket: Ticket, config: &AcceptConfig, dispatch: &dyn Dispatch) -> bool {
     let peer = socket.peer();
     let facts = socket.peer_facts();
     let (result, fd): (Result<_, NegotiateError>, OwnedFd) = match socket {
@@ -335,12 +337,58 @@ fn handshake(socket: Socket, ticket: Ticket, config: &AcceptConfig, dispatch: &d
     match result {
         Ok(Some(Agreed { negotiated, export, contexts, tls, slot })) => {
             let incoming_cpu = incoming_cpu(&fd).or_else(current_cpu);
-            dispatch.dispatch(NewConnection { socket: fd, negotiated, export, contexts, peer, incoming_cpu, tls, slot })
+            dispatch.dispatch(NewConnection {
+                socket: fd,
+                negotiated,
+                export,
+                contexts,
+                peer,
+                incoming_cpu,
+                tls,
+                slot,
+            });
+            true
         }
-        Ok(None) => {}
-        Err(e) if config.verbose => eprintln!("ringnbd: handshake with {peer}: {e}"),
-        Err(_) => {}
+        Ok(None) => false,
+        Err(e) => {
+            if config.verbose {
+                eprintln!("ringnbd: handshake with {peer}: {e}");
+            }
+            false
+        }
     }
+}
+
+/// Serves one connection that is already open (`-s`: a socket on stdin,
+/// from inetd or libnbd's `nbd_connect_command`): negotiates on this
+/// thread and hands it to a worker. Returns whether it reached
+/// transmission; the caller ends the server when it did not, or when it
+/// closes.
+pub fn serve_one(socket: OwnedFd, config: &AcceptConfig, dispatch: &dyn Dispatch) -> io::Result<bool> {
+    let family = socket_family(socket.as_raw_fd())?;
+    let socket = match family {
+        libc::AF_UNIX => Socket::Unix(UnixStream::from(socket), "stdin".to_owned()),
+        libc::AF_INET | libc::AF_INET6 => {
+            let stream = TcpStream::from(socket);
+            let peer = stream.peer_addr()?;
+            Socket::Tcp(stream, peer)
+        }
+        other => return Err(io::Error::other(format!("stdin is a socket of address family {other}"))),
+    };
+    let handshakes = Handshakes::new(1);
+    let ticket = handshakes.admit(socket.fd(), &socket.peer_address()).expect("one slot for one socket");
+    Ok(handshake(socket, ticket, config, dispatch))
+}
+
+/// The address family of socket `fd` (an error when it is not a socket).
+fn socket_family(fd: RawFd) -> io::Result<libc::c_int> {
+    let mut family: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one int into a live local.
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN, (&mut family as *mut libc::c_int).cast(), &mut len)
+    };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(family) }
 }
 
 /// The core that processed the socket's last incoming packets: the NIC

@@ -181,10 +181,17 @@ struct Counts {
 }
 
 /// Live transmission connections against the limits.
-#[derive(Debug)]
 pub struct ConnectionLimits {
     config: LimitConfig,
     counts: Mutex<Counts>,
+    /// Called when the last connection closes (`--exit-when-idle`, `-s`).
+    on_idle: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for ConnectionLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionLimits").field("config", &self.config).field("counts", &self.counts).finish()
+    }
 }
 
 /// One transmission connection's place in the counts; dropping it (when
@@ -202,6 +209,11 @@ impl Drop for Slot {
         counts.total -= 1;
         decrement(&mut counts.per_export, &self.export);
         decrement(&mut counts.per_address, &self.address);
+        let idle = counts.total == 0;
+        drop(counts);
+        if idle && let Some(on_idle) = self.limits.on_idle.get() {
+            on_idle();
+        }
     }
 }
 
@@ -216,7 +228,13 @@ fn decrement(map: &mut HashMap<String, usize>, key: &str) {
 
 impl ConnectionLimits {
     pub fn new(config: LimitConfig) -> Arc<Self> {
-        Arc::new(Self { config, counts: Mutex::new(Counts::default()) })
+        Arc::new(Self { config, counts: Mutex::new(Counts::default()), on_idle: Default::default() })
+    }
+
+    /// Calls `f` each time the last transmission connection closes. Set
+    /// once, before serving.
+    pub fn when_idle(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.on_idle.set(f);
     }
 
     /// Takes a slot for a connection to `export` from `address`, or says
@@ -341,5 +359,22 @@ mod tests {
         let d = limits.claim("small", "C").unwrap();
         drop((b, c, d));
         assert_eq!(limits.total(), 0);
+    }
+
+    #[test]
+    fn the_idle_callback_runs_when_the_last_connection_closes() {
+        let limits = ConnectionLimits::new(LimitConfig::default());
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        limits.when_idle(Box::new(move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        let (a, b) = (limits.claim("disk", "A").unwrap(), limits.claim("disk", "B").unwrap());
+        drop(a);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0, "one is still open");
+        drop(b);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        drop(limits.claim("disk", "A").unwrap());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 }

@@ -39,7 +39,9 @@ pub enum NetError {
 
 pub enum Listener {
     Tcp(TcpListener),
-    Unix(UnixListener, PathBuf, SocketFile),
+    /// A Unix listener, with the socket file this process created and
+    /// removes at exit (None for one it was given: see `net::activation`).
+    Unix(UnixListener, PathBuf, Option<SocketFile>),
 }
 
 /// Which file this process bound (device and inode).
@@ -109,7 +111,7 @@ impl Listener {
         let Some(file) = SocketFile::of(&path) else {
             return Err(NetError::Bind { what, source: io::Error::other("the socket file vanished after bind") });
         };
-        Ok(Listener::Unix(listener, path, file))
+        Ok(Listener::Unix(listener, path, Some(file)))
     }
 
     /// The URI a client uses to reach the default export.
@@ -142,7 +144,7 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, path, ours) = self
+        if let Listener::Unix(_, path, Some(ours)) = self
             && SocketFile::of(path) == Some(*ours)
         {
             let _ = std::fs::remove_file(path);

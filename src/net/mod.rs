@@ -3,6 +3,7 @@
 
 pub mod accept;
 pub mod access;
+pub mod activation;
 pub mod admission;
 pub mod listener;
 pub mod negotiate;

@@ -3,7 +3,9 @@
 //! requests, flush, record clean shutdown for change tracking, exit).
 
 mod banner;
+mod captive;
 mod control_verbs;
+mod process;
 mod security;
 mod system;
 mod workers;
@@ -23,11 +25,14 @@ use crate::engine::handoff::Offers;
 use crate::engine::worker::WorkerConfig;
 use crate::export::snapshot::Snapshots;
 use crate::export::{self, Catalog, Export, Image};
-use crate::net::accept::{AcceptConfig, Dispatch, accept_loop};
+use crate::net::accept::{AcceptConfig, Dispatch, accept_loop, serve_one};
+use crate::net::activation::{self, ActivationError, ListenEnv};
 use crate::net::listener::{Listener, NetError};
 use crate::proto::handshake::HandshakeLimits;
 use crate::track::ImageStat;
 
+pub use captive::PRIVATE_SOCKET;
+pub use process::Identity;
 pub use security::SecurityConfig;
 use system::{block_signals, eventfd, raise_file_limit, signal, system, wait_for_signal};
 use workers::spawn_workers;
@@ -48,6 +53,35 @@ pub enum ServerError {
     /// TLS credentials, access rules or connection limits are unusable.
     #[error("{0}")]
     Security(String),
+    #[error(transparent)]
+    Activation(#[from] ActivationError),
+    /// A pid file, an identity, a captive command or stdin is unusable.
+    #[error("{0}")]
+    Process(String),
+}
+
+/// How the process runs: service-manager and script conventions.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessConfig {
+    pub pidfile: Option<PathBuf>,
+    /// `--run`: the captive command.
+    pub run: Option<String>,
+    pub exit_when_idle: bool,
+    /// `-s`: one connection on stdin.
+    pub single: bool,
+    pub identity: Identity,
+    /// Sockets a service manager passes (read at start, see `main`).
+    pub activation: ListenEnv,
+    /// The TCP address was the default, not asked for: it is not bound
+    /// when a service manager passes sockets.
+    pub tcp_defaulted: bool,
+}
+
+/// How serving ended, for the exit status.
+#[derive(Debug, Default)]
+pub struct Served {
+    /// The captive command's exit code, when it ran to its end.
+    pub command_status: Option<u8>,
 }
 
 #[derive(Debug, Clone)]
@@ -72,22 +106,39 @@ pub struct ServerConfig {
     pub snapshots: Vec<String>,
     /// TLS, allow-lists and connection limits.
     pub security: SecurityConfig,
+    pub process: ProcessConfig,
     pub worker: WorkerConfig,
     pub verbose: bool,
 }
 
-pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<(), ServerError> {
+pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<Served, ServerError> {
     let security = config.security.resolve(&mut exports).map_err(ServerError::Security)?;
+    // Before anything can print: in -s mode stdout is the client's socket.
+    let single = config.process.single.then(take_stdin).transpose()?;
     // Before any thread exists: the control socket is bound under a narrowed umask.
     let control_listener = config.control.clone().map(crate::control::bind).transpose()?;
     let signals = block_signals();
     raise_file_limit();
-    let mut listeners = Vec::new();
-    for address in &config.tcp {
-        listeners.extend(Listener::bind_tcp(address)?);
+    let activated = activation::inherited(&config.process.activation)?;
+    let (listeners, private_dir) = bind_listeners(&config, activated.as_ref().map(|a| a.names.as_slice()))?;
+    let mut listeners = listeners;
+    if let Some(activated) = activated {
+        listeners.extend(activated.listeners);
     }
-    for path in &config.unix {
-        listeners.push(Listener::bind_unix(path.clone())?);
+    if listeners.is_empty() && single.is_none() {
+        return Err(ServerError::Process("nothing to listen on".into()));
+    }
+    let pidfile = config
+        .process
+        .pidfile
+        .as_deref()
+        .map(|path| {
+            process::PidFile::write(path)
+                .map_err(|e| ServerError::Process(format!("--pidfile {}: {e}", path.display())))
+        })
+        .transpose()?;
+    if let Some(now) = config.process.identity.assume().map_err(ServerError::Process)? {
+        eprintln!("ringnbd: running as {now}");
     }
     let exports: Arc<[Arc<Export>]> = exports.into_iter().map(Arc::new).collect();
     let catalog = Arc::new(Catalog::new(Arc::clone(&exports)));
@@ -109,6 +160,11 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<(), Serve
         return Err(e);
     }
 
+    let stop_request = Arc::new(process::StopRequest::default());
+    if config.process.exit_when_idle || single.is_some() {
+        let stop = Arc::clone(&stop_request);
+        security.limits.when_idle(Box::new(move || stop.stop("the last client disconnected".into())));
+    }
     let accept_config = Arc::new(AcceptConfig {
         offers: Arc::clone(&catalog) as Arc<dyn Offers>,
         limits_handshake: HandshakeLimits::default(),
@@ -124,6 +180,19 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<(), Serve
     let stop_fd = stop.as_raw_fd();
     let dispatch: Arc<dyn Dispatch> = Arc::clone(&workers) as Arc<dyn Dispatch>;
     let uris: Vec<String> = listeners.iter().map(Listener::uri).collect();
+    let captive_variables =
+        listeners.first().map(|first| captive::variables(first, &exports[0].info.name)).unwrap_or_default();
+    if let Some(socket) = single {
+        let (config, dispatch, stop) = (Arc::clone(&accept_config), Arc::clone(&dispatch), Arc::clone(&stop_request));
+        std::thread::Builder::new()
+            .name("ringnbd-single".into())
+            .spawn(move || match serve_one(socket, &config, &*dispatch) {
+                Ok(true) => {}
+                Ok(false) => stop.stop("the stdin client left before transmission".into()),
+                Err(e) => stop.stop(format!("-s: stdin: {e}")),
+            })
+            .map_err(system("spawn the -s handshake"))?;
+    }
     let acceptor = std::thread::Builder::new()
         .name("ringnbd-accept".into())
         .spawn(move || {
@@ -143,14 +212,37 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<(), Serve
         None => None,
     };
 
-    banner::print_banner(&config, &exports, &uris);
-    let signal_number = loop {
-        match wait_for_signal(&signals) {
-            libc::SIGHUP => reload_credentials(security.tls.as_deref()),
-            other => break other,
-        }
+    if !config.process.single {
+        banner::print_banner(&config, &exports, &uris);
+    }
+    let captive = config
+        .process
+        .run
+        .as_deref()
+        .map(|command| captive::Captive::start(command, &captive_variables, Arc::clone(&stop_request)))
+        .transpose()
+        .map_err(|e| ServerError::Process(format!("--run: cannot start /bin/sh: {e}")));
+    let signal_number = match &captive {
+        Ok(_) => loop {
+            match wait_for_signal(&signals) {
+                libc::SIGHUP => reload_credentials(security.tls.as_deref()),
+                other => break other,
+            }
+        },
+        Err(_) => 0,
     };
-    eprintln!("ringnbd: signal {signal_number}: finishing in-flight requests");
+    match stop_request.reason() {
+        Some(reason) => eprintln!("ringnbd: {reason}: finishing in-flight requests"),
+        None if signal_number != 0 => eprintln!("ringnbd: signal {signal_number}: finishing in-flight requests"),
+        None => {}
+    }
+    // A command that never started ends the server as an error, after the
+    // same orderly shutdown.
+    let (command_status, captive_error) = match captive {
+        Ok(Some(command)) => (command.finish(), None),
+        Ok(None) => (None, None),
+        Err(e) => (None, Some(e)),
+    };
 
     shutdown.store(true, Ordering::Release);
     signal(&stop);
@@ -172,7 +264,67 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<(), Serve
     }
     // Snapshots last as long as the server (doc/snapshots.md).
     snapshots.remove_all();
-    first_error.map_or(Ok(()), |e| Err(e.into()))
+    drop((pidfile, private_dir));
+    if let Some(e) = captive_error {
+        return Err(e);
+    }
+    first_error.map_or(Ok(Served { command_status }), |e| Err(e.into()))
+}
+
+/// Binds the configured addresses and sockets (`-U -`: a private one). The
+/// default TCP address is left out when a service manager passed sockets.
+fn bind_listeners(
+    config: &ServerConfig,
+    inherited: Option<&[String]>,
+) -> Result<(Vec<Listener>, Option<captive::PrivateDir>), ServerError> {
+    let mut listeners = Vec::new();
+    let skip_default = inherited.is_some() && config.process.tcp_defaulted;
+    for address in config.tcp.iter().filter(|_| !skip_default) {
+        listeners.extend(Listener::bind_tcp(address)?);
+    }
+    let mut private_dir = None;
+    for path in &config.unix {
+        if captive::is_private(path) {
+            let dir = captive::PrivateDir::create()
+                .map_err(|e| ServerError::Process(format!("-U -: cannot make a private directory: {e}")))?;
+            listeners.push(Listener::bind_unix(dir.socket())?);
+            private_dir = Some(dir);
+        } else {
+            listeners.push(Listener::bind_unix(path.clone())?);
+        }
+    }
+    if let Some(names) = inherited {
+        eprintln!("ringnbd: socket activation: {} socket(s) passed ({})", names.len(), names.join(", "));
+    }
+    Ok((listeners, private_dir))
+}
+
+/// `-s`: the client socket on stdin, with stdout pointed at /dev/null so
+/// nothing this process prints reaches the client (and the socket closes
+/// when the connection does, not when the process exits).
+fn take_stdin() -> Result<std::os::fd::OwnedFd, ServerError> {
+    use std::os::fd::FromRawFd;
+    let bad = |what: &str| ServerError::Process(format!("-s: {what}: {}", std::io::Error::last_os_error()));
+    // SAFETY: fd 0 is open for the life of the process unless closed here;
+    // from now on the OwnedFd is its only owner.
+    let socket = unsafe { libc::dup(0) };
+    if socket < 0 {
+        return Err(bad("stdin"));
+    }
+    // SAFETY: `socket` was just returned by dup and is owned by nobody else.
+    let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(socket) };
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| ServerError::Process(format!("-s: /dev/null: {e}")))?;
+    for fd in [0, 1] {
+        // SAFETY: dup2 onto the standard descriptors from an open file.
+        if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), fd) } < 0 {
+            return Err(bad("redirecting stdio"));
+        }
+    }
+    Ok(socket)
 }
 
 /// `--snapshot [EXPORT=]NAME`: on EXPORT when it names one, else on every
