@@ -40,6 +40,9 @@ pub enum CtlAction {
     /// Copy the top layer of a layered export into the layer below, while
     /// serving (the top keeps its data; doc/layers.md).
     Commit { export: String },
+    /// Requests per export and command: counts, bytes, errors, latency
+    /// (doc/metrics.md).
+    Stats,
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,6 +86,7 @@ impl CtlAction {
                 Verb::SnapshotDelete { export: export.clone(), name: name.clone() }
             }
             CtlAction::Commit { export } => Verb::LayerCommit { export: export.clone() },
+            CtlAction::Stats => Verb::Stats,
         }
     }
 }
@@ -217,6 +221,7 @@ fn describe(action: &CtlAction, result: &Value) -> String {
         CtlAction::Snapshot(SnapshotAction::Delete { .. }) => {
             out += &format!("deleted snapshot export {}\n", text(&result["name"]));
         }
+        CtlAction::Stats => out += &stats_table(result),
         CtlAction::Commit { .. } => {
             out += &format!(
                 "committed {} chunk(s) ({} bytes) of export {} into {} in {} ms\n",
@@ -225,6 +230,50 @@ fn describe(action: &CtlAction, result: &Value) -> String {
                 text(&result["export"]),
                 text(&result["into"]),
                 text(&result["elapsed_ms"])
+            );
+        }
+    }
+    out
+}
+
+/// `ctl stats` for people: a line per export and command, all workers
+/// together.
+fn stats_table(result: &Value) -> String {
+    let mut out = format!(
+        "{} worker(s), {} reporting\n{:<24} {:<13} {:>12} {:>16} {:>8} {:>9} {:>9} {:>9}\n",
+        text(&result["workers"]),
+        text(&result["workers_reporting"]),
+        "EXPORT",
+        "COMMAND",
+        "OPS",
+        "BYTES",
+        "ERRORS",
+        "P50 us",
+        "P99 us",
+        "MAX us"
+    );
+    for export in result["exports"].as_array().into_iter().flatten() {
+        let name = text(&export["name"]);
+        out += &format!(
+            "{:<24} {} connection(s) open, {} served, {} request(s) in flight\n",
+            name,
+            text(&export["connections"]),
+            text(&export["connections_total"]),
+            text(&export["in_flight"])
+        );
+        for (command, c) in export["commands"].as_object().into_iter().flatten() {
+            let errors: u64 = c["errors"].as_object().into_iter().flatten().filter_map(|(_, n)| n.as_u64()).sum();
+            let latency = &c["latency_us"];
+            out += &format!(
+                "{:<24} {:<13} {:>12} {:>16} {:>8} {:>9} {:>9} {:>9}\n",
+                "",
+                command,
+                text(&c["ops"]),
+                text(&c["bytes"]),
+                errors,
+                text(&latency["p50"]),
+                text(&latency["p99"]),
+                text(&latency["max"])
             );
         }
     }

@@ -226,6 +226,16 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     pub max_connections_per_address: Option<usize>,
 
+    /// Count requests per export and command, with latency histograms, for
+    /// --metrics and `ringnbd ctl stats` (doc/metrics.md).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_switch, action = clap::ArgAction::Set)]
+    pub stats: bool,
+
+    /// Serve Prometheus metrics over HTTP at ADDR (HOST:PORT), path
+    /// /metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+
     /// Write the server's pid to PATH once its sockets are bound (removed
     /// at exit).
     #[arg(long, value_name = "PATH")]
@@ -410,6 +420,9 @@ impl Cli {
         if matches!(self.tls, Some(TlsMode::On | TlsMode::Require)) && !credentials {
             return Err("--tls on|require needs --tls-certificates DIR or --tls-psk FILE".into());
         }
+        if self.metrics.is_some() && !self.stats {
+            return Err("--metrics needs request counting (not --stats off)".into());
+        }
         if !self.tls_only.is_empty() && self.tls_mode() == TlsMode::Off {
             return Err("--tls-only needs TLS (--tls-certificates or --tls-psk, and not --tls off)".into());
         }
@@ -466,6 +479,7 @@ impl Cli {
             handshakes_max: 1024,
             buffer_bytes: self.buffers.unwrap_or_else(default_buffer_bytes),
             control: self.control.clone(),
+            metrics: self.metrics.clone(),
             snapshots: self.snapshot.clone(),
             snapshot_scratch: ScratchPolicy {
                 bytes_max: self.snapshot_scratch_max.unwrap_or(u64::MAX),
@@ -491,6 +505,7 @@ impl Cli {
                 drain_timeout: Duration::from_secs_f64(self.shutdown_timeout.clamp(0.001, 3600.0)),
                 stall_timeout: Duration::from_secs_f64(self.stall_timeout.clamp(0.001, 86400.0)),
                 sqpoll_idle_ms: self.sqpoll.then_some(self.sqpoll_idle),
+                count_requests: self.stats,
                 verbose: self.verbose,
             },
             verbose: self.verbose,

@@ -9,6 +9,7 @@
 //! I/O path except through the handler.
 
 pub mod client;
+pub mod metrics_http;
 pub mod protocol;
 
 use std::io::{self, BufRead, BufReader, Write};

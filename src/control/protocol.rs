@@ -61,6 +61,8 @@ pub enum Verb {
     LayerCommit {
         export: String,
     },
+    /// Request counters per export and per worker (doc/metrics.md).
+    Stats,
 }
 
 /// Why a request failed; serialized in kebab-case as the error's `kind`.
@@ -93,6 +95,8 @@ pub enum ErrorKind {
     Unsupported,
     /// The export has no layers (`layer-commit` on a plain export).
     NotLayered,
+    /// Request counting is off (`--stats off`).
+    NotCounting,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -172,6 +172,8 @@ pub struct Conn {
     /// The connection's place under the connection limits (given back when
     /// the connection is dropped).
     pub slot: Option<Slot>,
+    /// The export's place in the worker's request counters.
+    pub counters_slot: usize,
 }
 
 impl Conn {
@@ -217,6 +219,7 @@ impl Conn {
             close_reason: None,
             tls: None,
             slot: None,
+            counters_slot: 0,
         }
     }
 

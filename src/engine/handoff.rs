@@ -78,4 +78,9 @@ pub enum WorkerMessage {
     Thaw {
         image: usize,
     },
+    /// Send a copy of the request counters (dropped unanswered when
+    /// counting is off).
+    Stats {
+        reply: Sender<crate::engine::metrics::WorkerSnapshot>,
+    },
 }

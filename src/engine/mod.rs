@@ -7,6 +7,7 @@ pub mod buffers;
 pub mod conn;
 pub mod handoff;
 pub mod lookup;
+pub mod metrics;
 pub mod ops;
 pub mod request;
 pub mod ring;

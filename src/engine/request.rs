@@ -3,6 +3,8 @@
 //! the moment its header is parsed until its reply is fully sent (or, on a
 //! dropped connection, until its last CQE has been reaped).
 
+use std::time::Instant;
+
 use crate::backend::file_io::FileTask;
 use crate::backend::io::Data;
 use crate::proto::Failure;
@@ -60,6 +62,10 @@ pub struct Request {
     /// BLOCK_STATUS: which of the connection's contexts to answer for.
     pub status_mask: u64,
     pub error: Option<Failure>,
+    /// The NBD command type the client sent (what the request is counted
+    /// as, also when it is refused), and when its header arrived.
+    pub kind: u16,
+    pub started: Instant,
     /// Reply bytes that do not live in `buffer` (headers, errors).
     inline: [u8; REPLY_INLINE_BYTES],
     inline_len: usize,
@@ -68,11 +74,13 @@ pub struct Request {
 }
 
 impl Request {
-    pub fn new(conn: u32, to: ReplyTo, command: Command) -> Self {
+    pub fn new(conn: u32, to: ReplyTo, command: Command, started: Instant) -> Self {
         Self {
             conn,
             to,
             command,
+            kind: command.wire_kind(),
+            started,
             buffer: None,
             task: FileTask::default(),
             status: Progress::default(),

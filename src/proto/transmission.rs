@@ -127,6 +127,22 @@ pub enum Command {
     Disconnect,
 }
 
+impl Command {
+    /// The NBD command type this is on the wire.
+    pub fn wire_kind(&self) -> u16 {
+        match self {
+            Command::Read { .. } => CMD_READ,
+            Command::Write { .. } => CMD_WRITE,
+            Command::Flush => CMD_FLUSH,
+            Command::Trim { .. } => CMD_TRIM,
+            Command::WriteZeroes { .. } => CMD_WRITE_ZEROES,
+            Command::Cache { .. } => CMD_CACHE,
+            Command::BlockStatus { .. } => CMD_BLOCK_STATUS,
+            Command::Disconnect => CMD_DISC,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Run(Command),

@@ -25,6 +25,8 @@ use super::workers::{FreezeError, Workers};
 
 /// How long a checkpoint waits for the writes in flight to finish.
 pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stats reader waits for each worker's counters.
+pub const STATS_WAIT: Duration = Duration::from_secs(1);
 
 pub struct Verbs {
     pub catalog: Arc<Catalog>,
@@ -35,6 +37,8 @@ pub struct Verbs {
     pub started: Instant,
     /// One checkpoint change at a time (freezes must not interleave).
     pub changing: Mutex<()>,
+    /// Workers count requests (`--stats on`).
+    pub counting: bool,
 }
 
 fn error(kind: ErrorKind, message: impl Into<String>) -> ControlError {
@@ -148,6 +152,13 @@ impl Verbs {
                 format!("export {:?} does not track changes (start with --track)", export.info.name),
             )
         })
+    }
+
+    fn stats(&self) -> Result<Value, ControlError> {
+        if !self.counting {
+            return Err(ControlError::new(ErrorKind::NotCounting, "request counting is off (--stats off)"));
+        }
+        Ok(super::stats::Stats::new(self.workers.count(), self.workers.snapshots(STATS_WAIT)).json())
     }
 
     fn status(&self) -> Value {
@@ -364,6 +375,7 @@ impl Handler for Verbs {
             Verb::SnapshotList { export } => self.snapshot_list(export.as_deref()),
             Verb::SnapshotDelete { export, name } => self.snapshot_delete(export, name),
             Verb::LayerCommit { export } => self.layer_commit(export),
+            Verb::Stats => self.stats(),
         }
     }
 }

@@ -7,6 +7,7 @@ mod captive;
 mod control_verbs;
 mod process;
 mod security;
+mod stats;
 mod system;
 mod workers;
 
@@ -100,6 +101,8 @@ pub struct ServerConfig {
     pub buffer_bytes: usize,
     /// The control socket (`--control`).
     pub control: Option<PathBuf>,
+    /// The Prometheus endpoint's address (`--metrics`).
+    pub metrics: Option<String>,
     /// Scratch space of copy-before-write snapshots.
     pub snapshot_scratch: ScratchPolicy,
     /// `--snapshot [EXPORT=]NAME` values: snapshots taken at start.
@@ -120,6 +123,7 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<Served, S
     let signals = block_signals();
     raise_file_limit();
     let activated = activation::inherited(&config.process.activation)?;
+    let metrics_listener = config.metrics.as_deref().map(bind_metrics).transpose()?;
     let (listeners, private_dir) = bind_listeners(&config, activated.as_ref().map(|a| a.names.as_slice()))?;
     let mut listeners = listeners;
     if let Some(activated) = activated {
@@ -153,6 +157,7 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<Served, S
         scratch: config.snapshot_scratch,
         started: Instant::now(),
         changing: Mutex::new(()),
+        counting: config.worker.count_requests,
     });
     // Before any client can connect, so scripts find them from the start.
     if let Err(e) = take_start_snapshots(&verbs, &exports, &config.snapshots) {
@@ -200,6 +205,20 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<Served, S
             drop(listeners); // removes Unix socket files
         })
         .map_err(system("spawn acceptor"))?;
+    let metrics_endpoint = match metrics_listener {
+        Some(listener) => {
+            let workers = Arc::clone(&workers);
+            let render: Arc<crate::control::metrics_http::Render> = Arc::new(move || {
+                stats::Stats::new(workers.count(), workers.snapshots(control_verbs::STATS_WAIT)).prometheus()
+            });
+            let thread = std::thread::Builder::new()
+                .name("ringnbd-metrics-accept".into())
+                .spawn(move || crate::control::metrics_http::serve(listener, stop_fd, render))
+                .map_err(system("spawn the metrics endpoint"))?;
+            Some(thread)
+        }
+        None => None,
+    };
     let controller = match control_listener {
         Some(listener) => {
             let handler: Arc<dyn crate::control::Handler> = Arc::clone(&verbs) as _;
@@ -250,6 +269,9 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<Served, S
     if let Some(controller) = controller {
         let _ = controller.join();
     }
+    if let Some(endpoint) = metrics_endpoint {
+        let _ = endpoint.join();
+    }
     // Handshake threads may still hold `workers`; a connection they hand
     // over now is closed by its draining worker.
     workers.wake_all();
@@ -269,6 +291,16 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<Served, S
         return Err(e);
     }
     first_error.map_or(Ok(Served { command_status }), |e| Err(e.into()))
+}
+
+/// The `--metrics` listener, on the first address ADDR resolves to.
+fn bind_metrics(address: &str) -> Result<std::net::TcpListener, ServerError> {
+    let at = crate::net::listener::resolve(address)?[0];
+    let listener =
+        std::net::TcpListener::bind(at).map_err(|source| NetError::Bind { what: format!("--metrics {at}"), source })?;
+    let bound = listener.local_addr().map_or_else(|_| at.to_string(), |a| a.to_string());
+    eprintln!("ringnbd: metrics at http://{bound}/metrics");
+    Ok(listener)
 }
 
 /// Binds the configured addresses and sockets (`-U -`: a private one). The

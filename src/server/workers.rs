@@ -13,6 +13,7 @@ use crossbeam_channel::{RecvTimeoutError, Sender};
 use crate::engine::EngineError;
 use crate::engine::buffers::{Budget, UNIT_BYTES};
 use crate::engine::handoff::{NewConnection, WorkerMessage};
+use crate::engine::metrics::WorkerSnapshot;
 use crate::engine::worker::{Worker, WorkerParts};
 use crate::export::Export;
 use crate::net::accept::Dispatch;
@@ -183,5 +184,24 @@ impl Workers {
 
     pub(super) fn count(&self) -> usize {
         self.targets.len()
+    }
+
+    /// A copy of every worker's request counters. A worker that does not
+    /// answer within `timeout` (shutting down, or counting is off) is left
+    /// out rather than holding up the reader.
+    pub(super) fn snapshots(&self, timeout: Duration) -> Vec<WorkerSnapshot> {
+        let deadline = Instant::now() + timeout;
+        let replies: Vec<_> = self
+            .targets
+            .iter()
+            .filter_map(|target| {
+                let (reply, answer) = crossbeam_channel::bounded(1);
+                self.send(target, WorkerMessage::Stats { reply }).then_some(answer)
+            })
+            .collect();
+        replies
+            .into_iter()
+            .filter_map(|answer| answer.recv_timeout(deadline.saturating_duration_since(Instant::now())).ok())
+            .collect()
     }
 }

@@ -301,7 +301,8 @@ impl Worker {
             Verdict::Empty { payload } | Verdict::Reject { payload, .. } => {
                 conn.consume(header_bytes);
                 conn.drain = payload;
-                let mut req = Request::new(id, to, Command::Flush);
+                let mut req = Request::new(id, to, Command::Flush, self.now);
+                req.kind = header.kind;
                 if let Verdict::Reject { error, .. } = verdict {
                     req.error = Some(error);
                 }
@@ -357,7 +358,8 @@ impl Worker {
             }
             Err(error) => {
                 conn.consume(header_bytes + payload);
-                let mut req = Request::new(id, to, Command::Flush);
+                let mut req = Request::new(id, to, Command::Flush, self.now);
+                req.kind = crate::proto::wire::CMD_BLOCK_STATUS;
                 req.error = Some(error);
                 let request = self.insert_request(req);
                 self.finish(request, false);
@@ -370,7 +372,7 @@ impl Worker {
     fn prepare(&mut self, id: u32, to: ReplyTo, command: Command, status_mask: u64) -> Result<Request, Refusal> {
         let conn = &self.conns[id as usize];
         let alignment = conn.export.image.backend.alignment();
-        let mut req = Request::new(id, to, command);
+        let mut req = Request::new(id, to, command, self.now);
         let bytes = match command {
             Command::Read { offset, length, .. } | Command::Write { offset, length, .. } => {
                 let span = AlignedSpan::new(offset, length as usize, alignment);

@@ -70,6 +70,10 @@ impl Worker {
         let mut conn = Box::new(conn);
         conn.tls = new.tls.map(|parts| Box::new(TlsTransport::new(parts)));
         conn.slot = new.slot;
+        if let Some(counters) = &mut self.counters {
+            conn.counters_slot = counters.slot(&conn.export.info.name);
+            counters.connection_opened(conn.counters_slot);
+        }
         let id = self.conns.insert(conn) as u32;
         self.arm_housekeeping();
         self.pump(id);

@@ -40,6 +40,7 @@ use super::EngineError;
 use super::buffers::{Budget, BufferPool};
 use super::conn::{Conn, ReceiveBuffer};
 use super::handoff::WorkerMessage;
+use super::metrics::WorkerCounters;
 use super::request::Request;
 use super::ring::{Completion, REAP_BATCH_MAX, Ring};
 use super::user_data::Token;
@@ -70,6 +71,8 @@ pub struct WorkerConfig {
     pub stall_timeout: Duration,
     /// Kernel submission polling with this idle timeout (`--sqpoll`).
     pub sqpoll_idle_ms: Option<u32>,
+    /// Count requests per export and command (`--stats`, see `metrics`).
+    pub count_requests: bool,
     pub verbose: bool,
 }
 
@@ -140,6 +143,8 @@ pub struct Worker {
     lookups: LookupService,
     /// The time of the current loop turn (one clock read per turn).
     now: Instant,
+    /// Request counters, unless `--stats off`.
+    counters: Option<WorkerCounters>,
 }
 
 pub struct WorkerParts {
@@ -212,6 +217,7 @@ impl Worker {
             spare_extents: Vec::new(),
             spare_receive_buffers: Vec::with_capacity(SPARE_RECEIVE_BUFFERS_MAX),
             now: Instant::now(),
+            counters: config.count_requests.then(WorkerCounters::default),
             config,
         })
     }

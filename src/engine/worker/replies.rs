@@ -2,6 +2,8 @@
 //! per-connection send queue drained by one gathered `sendmsg` at a time,
 //! and freeing requests once their reply is on the wire.
 
+use std::time::Instant;
+
 use io_uring::{opcode, types};
 
 use crate::proto::reply;
@@ -11,13 +13,13 @@ use super::super::conn::{CloseReason, Closing};
 use super::super::request::Request;
 use super::super::sparse_read::{self, Run};
 use super::super::user_data::Token;
-use super::super::write_path;
+use super::super::{metrics, write_path};
 use super::Worker;
 
 impl Worker {
     /// Encodes the reply and queues it on its connection.
     pub(super) fn finish(&mut self, request: u32, is_read: bool) {
-        let Worker { requests, conns, .. } = self;
+        let Worker { requests, conns, counters, .. } = self;
         let req = &mut requests[request as usize];
         let conn = &conns[req.conn as usize];
         debug_assert!(!req.task.is_waiting() && req.status.scans_pending == 0);
@@ -33,6 +35,14 @@ impl Worker {
             (None, _) => req.reply_inline(|out| reply::success(out, to, is_read)),
         }
         write_path::complete(&conn.export.image, &req.command, req.error.is_none());
+        if let Some(counters) = counters {
+            let bytes = metrics::covered_bytes(&req.command);
+            // A clock read of its own: a request that arrives and is answered
+            // in one ring turn (memory, the page cache) would otherwise
+            // always measure zero.
+            let now = Instant::now();
+            counters.request_done(conn.counters_slot, req.kind, bytes, req.error.map(|e| e.code), req.started, now);
+        }
         let id = req.conn;
         if std::mem::take(&mut req.gated) {
             let image = conn.export.image.id;

@@ -203,6 +203,12 @@ impl Worker {
                 }
             }
             WorkerMessage::Thaw { image } => self.thaw(image),
+            WorkerMessage::Stats { reply } => {
+                let Some(counters) = &self.counters else { return };
+                let live: Vec<(usize, u64, u64)> =
+                    self.conns.iter().map(|(_, c)| (c.counters_slot, 1, c.inflight as u64)).collect();
+                let _ = reply.send(counters.snapshot(self.index, &live));
+            }
         }
     }
 
