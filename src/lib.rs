@@ -13,6 +13,7 @@ pub mod control;
 pub mod engine;
 pub mod export;
 pub mod faults;
+pub mod log;
 pub mod meta;
 pub mod net;
 pub mod proto;

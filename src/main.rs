@@ -14,7 +14,7 @@ fn abort_on_panic() {
     std::panic::set_hook(Box::new(move |info| {
         let thread = std::thread::current();
         let name = thread.name().unwrap_or("unnamed");
-        eprintln!("ringnbd: fatal: thread {name} panicked; aborting the server");
+        ringnbd::note!("fatal: thread {name} panicked; aborting the server");
         default_hook(info);
         std::process::abort();
     }));
@@ -30,22 +30,23 @@ fn main() -> std::process::ExitCode {
     if let Some(Command::Ctl(args)) = &cli.command {
         return ctl::run(args);
     }
+    ringnbd::log::init(cli.log_format);
     if let Err(message) = cli.validate() {
-        eprintln!("ringnbd: {message}");
+        ringnbd::note!("{message}");
         return std::process::ExitCode::from(2);
     }
     match faults::install_from_env() {
-        Ok(Some(plan)) => eprintln!("ringnbd: WARNING: test fault injection is on ({}={plan})", faults::ENV),
+        Ok(Some(plan)) => ringnbd::note!("WARNING: test fault injection is on ({}={plan})", faults::ENV),
         Ok(None) => {}
         Err(message) => {
-            eprintln!("ringnbd: {message}");
+            ringnbd::note!("{message}");
             return std::process::ExitCode::from(2);
         }
     }
     let exports = match open_all(&cli.export_specs(), &cli.export_options()) {
         Ok(exports) => exports,
         Err(e) => {
-            eprintln!("ringnbd: {e}");
+            ringnbd::note!("{e}");
             return std::process::ExitCode::from(2);
         }
     };
@@ -54,7 +55,7 @@ fn main() -> std::process::ExitCode {
     match serve(config, exports) {
         Ok(served) => served.command_status.map_or(std::process::ExitCode::SUCCESS, std::process::ExitCode::from),
         Err(e) => {
-            eprintln!("ringnbd: {e}");
+            ringnbd::note!("{e}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -160,7 +160,7 @@ impl CopyBeforeWrite {
 
     fn break_snapshot(&self, why: &str) {
         if !self.broken.swap(true, Ordering::AcqRel) {
-            eprintln!("ringnbd: snapshot {:?} is broken ({why}): its readers now get EIO", self.name);
+            crate::note!("snapshot {:?} is broken ({why}): its readers now get EIO", self.name);
         }
     }
 

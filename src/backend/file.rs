@@ -67,8 +67,8 @@ impl FileBackend {
         let size = if is_block_device { block_device_size(&buffered).map_err(open_error)? } else { metadata.len() };
         let inline_io = !is_block_device && is_memory_filesystem(&buffered);
         if inline_io && want_direct {
-            eprintln!(
-                "ringnbd: {}: on tmpfs, served with inline copies (O_DIRECT means nothing there, and io_uring \
+            crate::note!(
+                "{}: on tmpfs, served with inline copies (O_DIRECT means nothing there, and io_uring \
                  would punt every I/O to a worker thread)",
                 path.display()
             );
@@ -203,7 +203,7 @@ fn open_file(path: &Path, read_only: bool, custom_flags: i32) -> io::Result<File
 /// to a buffered descriptor (logged) where the filesystem refuses.
 fn open_direct(path: &Path, read_only: bool, buffered: &File, size: u64) -> Result<(File, bool, u32), BackendError> {
     let fallback = |why: String| {
-        eprintln!("ringnbd: {}: O_DIRECT unavailable ({why}); using buffered I/O", path.display());
+        crate::note!("{}: O_DIRECT unavailable ({why}); using buffered I/O", path.display());
         let file = buffered.try_clone().map_err(|source| BackendError::Open { path: path.to_owned(), source })?;
         Ok((file, false, 1))
     };

@@ -266,6 +266,11 @@ pub struct Cli {
     #[arg(long, value_name = "GROUP")]
     pub group: Option<String>,
 
+    /// Log lines as text (`ringnbd: ...`) or one JSON object each, with
+    /// fields (doc/operations.md). Logs go to stderr.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "text")]
+    pub log_format: crate::log::Format,
+
     /// Log connections and protocol errors to stderr.
     #[arg(short, long)]
     pub verbose: bool,

@@ -35,7 +35,7 @@ pub fn serve(listener: TcpListener, stop_fd: RawFd, render: Arc<Render>) {
             if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            eprintln!("ringnbd: metrics endpoint: poll: {}", io::Error::last_os_error());
+            crate::note!("metrics endpoint: poll: {}", io::Error::last_os_error());
             return;
         }
         if fds[1].revents != 0 {
@@ -56,7 +56,7 @@ pub fn serve(listener: TcpListener, stop_fd: RawFd, render: Arc<Render>) {
             clients.fetch_sub(1, Ordering::AcqRel);
         });
         if spawned.is_err() {
-            eprintln!("ringnbd: metrics endpoint: cannot start a client thread");
+            crate::note!("metrics endpoint: cannot start a client thread");
         }
     }
 }

@@ -49,7 +49,7 @@ pub fn serve(listener: Listener, stop_fd: RawFd, handler: Arc<dyn Handler>) {
             if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            eprintln!("ringnbd: control socket: poll: {}", io::Error::last_os_error());
+            crate::note!("control socket: poll: {}", io::Error::last_os_error());
             return;
         }
         if fds[1].revents != 0 {
@@ -72,7 +72,7 @@ pub fn serve(listener: Listener, stop_fd: RawFd, handler: Arc<dyn Handler>) {
         });
         if spawned.is_err() {
             // The closure (and its count) never ran.
-            eprintln!("ringnbd: control socket: cannot start a client thread");
+            crate::note!("control socket: cannot start a client thread");
         }
     }
 }

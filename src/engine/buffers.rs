@@ -92,8 +92,8 @@ impl Budget {
     /// the locked-memory limit.
     fn warn_memlock(&self, error: &io::Error) {
         if !self.memlock_warned.swap(true, Ordering::Relaxed) {
-            eprintln!(
-                "ringnbd: registering I/O buffers failed ({error}): the locked-memory limit is too low \
+            crate::note!(
+                "registering I/O buffers failed ({error}): the locked-memory limit is too low \
                  (ulimit -l; LimitMEMLOCK= under systemd) or CAP_IPC_LOCK is missing. Serving on with \
                  unregistered buffers, which costs CPU per I/O; raise the limit, or lower --buffers to fit it."
             );

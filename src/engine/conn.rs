@@ -174,6 +174,9 @@ pub struct Conn {
     pub slot: Option<Slot>,
     /// The export's place in the worker's request counters.
     pub counters_slot: usize,
+    /// READ and WRITE payload bytes served, for the close log line.
+    pub bytes_read: u64,
+    pub bytes_written: u64,
 }
 
 impl Conn {
@@ -220,6 +223,8 @@ impl Conn {
             tls: None,
             slot: None,
             counters_slot: 0,
+            bytes_read: 0,
+            bytes_written: 0,
         }
     }
 

@@ -133,7 +133,7 @@ impl Registrar for Ring {
         if let Err(e) = unsafe { self.ring.submitter().register_buffers_update(u32::from(slot), &[empty], None) } {
             // The slot keeps the pages pinned until the ring closes; nothing
             // can address it any more, so this costs memory, not correctness.
-            eprintln!("ringnbd: unregistering buffer slot {slot}: {e}");
+            crate::note!("unregistering buffer slot {slot}: {e}");
         }
     }
 }

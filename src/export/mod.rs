@@ -182,8 +182,8 @@ fn create_start_checkpoints(exports: &[Export], wanted: &[String]) -> Result<(),
                 )));
             };
             match tracker.find(name) {
-                Some(c) if !c.valid => eprintln!(
-                    "ringnbd: export {:?}: checkpoint {name:?} is invalid and kept as it is; delete it to start over",
+                Some(c) if !c.valid => crate::note!(
+                    "export {:?}: checkpoint {name:?} is invalid and kept as it is; delete it to start over",
                     export.info.name
                 ),
                 Some(_) => {}

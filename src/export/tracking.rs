@@ -47,8 +47,8 @@ pub fn open(backend: &Backend, options: &TrackOptions, read_only: bool) -> Resul
         // The layers record what each holds, not when it changed.
         Backend::Layered(layers) => {
             if options.files {
-                eprintln!(
-                    "ringnbd: {}: layered exports are not tracked (their layers record what each holds, not when \
+                crate::note!(
+                    "{}: layered exports are not tracked (their layers record what each holds, not when \
                      it changed); --track applies to the other exports",
                     layers.top.path.display()
                 );
@@ -69,7 +69,7 @@ pub fn open(backend: &Backend, options: &TrackOptions, read_only: bool) -> Resul
         let base = if file.is_block_device { &path } else { &file.path };
         let removed = super::snapshot::remove_stale_clones(base);
         if removed > 0 {
-            eprintln!("ringnbd: {}: removed {removed} snapshot file(s) a previous run left", file.path.display());
+            crate::note!("{}: removed {removed} snapshot file(s) a previous run left", file.path.display());
         }
     }
     let metadata = file.metadata().map_err(|e| ExportError::Tracking(format!("{}: {e}", file.path.display())))?;
@@ -83,13 +83,13 @@ pub fn open(backend: &Backend, options: &TrackOptions, read_only: bool) -> Resul
 fn report(image: &Path, state: &Path, tracker: &Tracker, note: Option<OpenNote>) {
     let (image, state) = (image.display(), state.display());
     match note {
-        Some(OpenNote::Created) => eprintln!("ringnbd: {image}: tracking changes in {state} (new)"),
-        Some(OpenNote::Recovered) => eprintln!(
-            "ringnbd: {image}: the last run did not shut down cleanly; its marks in {state} still cover every \
+        Some(OpenNote::Created) => crate::note!("{image}: tracking changes in {state} (new)"),
+        Some(OpenNote::Recovered) => crate::note!(
+            "{image}: the last run did not shut down cleanly; its marks in {state} still cover every \
              change it made, so checkpoints stay valid"
         ),
-        Some(OpenNote::ModifiedOutside { invalidated }) if !invalidated.is_empty() => eprintln!(
-            "ringnbd: {image}: WARNING: the image changed (size or modification time) while ringnbd was not \
+        Some(OpenNote::ModifiedOutside { invalidated }) if !invalidated.is_empty() => crate::note!(
+            "{image}: WARNING: the image changed (size or modification time) while ringnbd was not \
              serving it; what changed since these checkpoints is unknown, so they are now INVALID: {}",
             invalidated.join(", ")
         ),
@@ -97,7 +97,7 @@ fn report(image: &Path, state: &Path, tracker: &Tracker, note: Option<OpenNote>)
     }
     let invalid: Vec<String> = tracker.checkpoints().into_iter().filter(|c| !c.valid).map(|c| c.name).collect();
     if !invalid.is_empty() {
-        eprintln!("ringnbd: {image}: invalid checkpoints (delete them): {}", invalid.join(", "));
+        crate::note!("{image}: invalid checkpoints (delete them): {}", invalid.join(", "));
     }
 }
 

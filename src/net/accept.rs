@@ -174,7 +174,7 @@ pub fn accept_loop(listeners: &[Listener], stop_fd: RawFd, config: Arc<AcceptCon
             if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            eprintln!("ringnbd: poll failed: {}", io::Error::last_os_error());
+            crate::note!("poll failed: {}", io::Error::last_os_error());
             return;
         }
         if fds.last().is_some_and(|p| p.revents != 0) {
@@ -200,14 +200,14 @@ impl Acceptor {
                 return self.at_fd_limit(listener);
             }
             Err(e) => {
-                eprintln!("ringnbd: accept: {e}");
+                crate::note!("accept: {e}");
                 std::thread::sleep(Duration::from_millis(10));
                 return;
             }
         };
         let Some(ticket) = self.handshakes.admit(socket.fd(), &socket.peer_address()) else {
             if config.verbose {
-                eprintln!("ringnbd: refusing {}: every handshake slot is busy", socket.peer());
+                crate::note!("refusing {}: every handshake slot is busy", socket.peer());
             }
             return; // dropping closes it
         };
@@ -218,7 +218,7 @@ impl Acceptor {
             .stack_size(256 * 1024)
             .spawn(move || handshake_thread(job, &kept, &config, &*dispatch));
         if let Err(e) = spawned {
-            eprintln!("ringnbd: cannot start handshake thread: {e}");
+            crate::note!("cannot start handshake thread: {e}");
         }
     }
 
@@ -230,8 +230,8 @@ impl Acceptor {
         self.refused_since_log += 1;
         let now = Instant::now();
         if self.last_log.is_none_or(|at| now.duration_since(at) >= FD_LIMIT_LOG_PERIOD) {
-            eprintln!(
-                "ringnbd: accept: out of file descriptors ({} connection attempt(s) held back since the last \
+            crate::note!(
+                "accept: out of file descriptors ({} connection attempt(s) held back since the last \
                  report); raise the limit (ulimit -n, LimitNOFILE=) or reduce the clients",
                 self.refused_since_log
             );
@@ -352,7 +352,7 @@ fn handshake(socket: Socket, ticket: Ticket, config: &AcceptConfig, dispatch: &d
         Ok(None) => false,
         Err(e) => {
             if config.verbose {
-                eprintln!("ringnbd: handshake with {peer}: {e}");
+                crate::note!("handshake with {peer}: {e}");
             }
             false
         }
@@ -450,15 +450,29 @@ fn run<S: TimedStream>(
     let progressed = || ticket.progressed();
     // Refusals are always logged: an access or limit refusal is something
     // an operator needs to see, and each costs one line per option.
+    // Refusals an operator must see (access, limits, TLS required, an
+    // export that does not exist) are always logged; routine ones, such as
+    // a client probing for an option, only with -v.
     let refused = |r: &Refusal| {
-        if config.verbose || r.reply == crate::proto::wire::REP_ERR_POLICY {
-            eprintln!("ringnbd: {peer}: refused {}: {}", option_name(r.option), r.reason);
+        use crate::proto::wire::{REP_ERR_POLICY, REP_ERR_TLS_REQD, REP_ERR_UNKNOWN};
+        if config.verbose || matches!(r.reply, REP_ERR_POLICY | REP_ERR_TLS_REQD | REP_ERR_UNKNOWN) {
+            let option = option_name(r.option);
+            crate::log::event(
+                "option-refused",
+                &[
+                    ("peer", serde_json::json!(peer)),
+                    ("option", serde_json::json!(option)),
+                    ("reply", serde_json::json!(reply_name(r.reply))),
+                    ("reason", serde_json::json!(r.reason)),
+                ],
+                &format!("{peer}: refused {option}: {}", r.reason),
+            );
         }
     };
     let tls_started = |session: &dyn TlsSession| {
         let identity = session.identity();
         if config.verbose {
-            eprintln!("ringnbd: {peer}: {} with {identity}", session.describe());
+            crate::note!("{peer}: {} with {identity}", session.describe());
         }
         *gate.identity.borrow_mut() = Some(identity);
     };
@@ -478,4 +492,20 @@ fn run<S: TimedStream>(
         tls: o.tls,
         slot: gate.slot.take(),
     }))
+}
+
+/// An option error reply's name, for log fields.
+fn reply_name(reply: u32) -> &'static str {
+    use crate::proto::wire::*;
+    match reply {
+        REP_ERR_UNSUP => "ERR_UNSUP",
+        REP_ERR_POLICY => "ERR_POLICY",
+        REP_ERR_INVALID => "ERR_INVALID",
+        REP_ERR_TLS_REQD => "ERR_TLS_REQD",
+        REP_ERR_UNKNOWN => "ERR_UNKNOWN",
+        REP_ERR_SHUTDOWN => "ERR_SHUTDOWN",
+        REP_ERR_TOO_BIG => "ERR_TOO_BIG",
+        REP_ERR_EXT_HEADER_REQD => "ERR_EXT_HEADER_REQD",
+        _ => "ERR",
+    }
 }

@@ -325,7 +325,7 @@ impl Verbs {
         let started = Instant::now();
         let chunks = layers.commit().map_err(|message| error(ErrorKind::Io, message))?;
         let into = layers.lowers[0].file.path.display().to_string();
-        eprintln!("ringnbd: export {export_name:?}: committed {chunks} chunk(s) of the top into {into}");
+        crate::note!("export {export_name:?}: committed {chunks} chunk(s) of the top into {into}");
         Ok(json!({
             "export": export_name,
             "into": into,

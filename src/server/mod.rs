@@ -142,7 +142,7 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<Served, S
         })
         .transpose()?;
     if let Some(now) = config.process.identity.assume().map_err(ServerError::Process)? {
-        eprintln!("ringnbd: running as {now}");
+        crate::note!("running as {now}");
     }
     let exports: Arc<[Arc<Export>]> = exports.into_iter().map(Arc::new).collect();
     let catalog = Arc::new(Catalog::new(Arc::clone(&exports)));
@@ -251,8 +251,8 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<Served, S
         Err(_) => 0,
     };
     match stop_request.reason() {
-        Some(reason) => eprintln!("ringnbd: {reason}: finishing in-flight requests"),
-        None if signal_number != 0 => eprintln!("ringnbd: signal {signal_number}: finishing in-flight requests"),
+        Some(reason) => crate::note!("{reason}: finishing in-flight requests"),
+        None if signal_number != 0 => crate::note!("signal {signal_number}: finishing in-flight requests"),
         None => {}
     }
     // A command that never started ends the server as an error, after the
@@ -299,7 +299,7 @@ fn bind_metrics(address: &str) -> Result<std::net::TcpListener, ServerError> {
     let listener =
         std::net::TcpListener::bind(at).map_err(|source| NetError::Bind { what: format!("--metrics {at}"), source })?;
     let bound = listener.local_addr().map_or_else(|_| at.to_string(), |a| a.to_string());
-    eprintln!("ringnbd: metrics at http://{bound}/metrics");
+    crate::note!("metrics at http://{bound}/metrics");
     Ok(listener)
 }
 
@@ -326,7 +326,7 @@ fn bind_listeners(
         }
     }
     if let Some(names) = inherited {
-        eprintln!("ringnbd: socket activation: {} socket(s) passed ({})", names.len(), names.join(", "));
+        crate::note!("socket activation: {} socket(s) passed ({})", names.len(), names.join(", "));
     }
     Ok((listeners, private_dir))
 }
@@ -386,7 +386,7 @@ fn take_start_snapshots(
             let verb =
                 crate::control::protocol::Verb::SnapshotCreate { export: export.to_owned(), name: name.to_owned() };
             verbs.handle(&verb).map_err(|e| ServerError::Snapshot { spec: spec.clone(), message: e.message })?;
-            eprintln!("ringnbd: serving snapshot {:?}", crate::export::snapshot::export_name(export, name));
+            crate::note!("serving snapshot {:?}", crate::export::snapshot::export_name(export, name));
         }
     }
     Ok(())
@@ -401,11 +401,11 @@ fn finish_image(image: &Image, writable: bool) {
         && !layers.throwaway
         && let Err(e) = layers.top.sync()
     {
-        eprintln!("ringnbd: {}: final flush failed: {e}", layers.top.path.display());
+        crate::note!("{}: final flush failed: {e}", layers.top.path.display());
     }
     let Backend::File(file) = &image.backend else { return };
     if writable && let Err(e) = file.sync() {
-        eprintln!("ringnbd: {}: final flush failed: {e}", file.path.display());
+        crate::note!("{}: final flush failed: {e}", file.path.display());
         // Not clean: the next start treats it like a crash (marks still cover it).
         return;
     }
@@ -413,7 +413,7 @@ fn finish_image(image: &Image, writable: bool) {
     let Ok(metadata) = file.metadata() else { return };
     wait_past_modification_time(&metadata);
     if let Err(e) = tracker.shut_down_cleanly(ImageStat::of(&metadata, file.size)) {
-        eprintln!("ringnbd: {}: could not record the clean shutdown: {e}", file.path.display());
+        crate::note!("{}: could not record the clean shutdown: {e}", file.path.display());
     }
 }
 
@@ -443,8 +443,8 @@ fn wait_past_modification_time(metadata: &std::fs::Metadata) {
 /// credentials in use.
 fn reload_credentials(tls: Option<&crate::tls::TlsServer>) {
     match tls.map(crate::tls::TlsServer::reload) {
-        None => eprintln!("ringnbd: SIGHUP: no TLS credentials to reload"),
-        Some(Ok(())) => eprintln!("ringnbd: SIGHUP: TLS credentials reloaded"),
-        Some(Err(e)) => eprintln!("ringnbd: SIGHUP: keeping the old TLS credentials: {e}"),
+        None => crate::note!("SIGHUP: no TLS credentials to reload"),
+        Some(Ok(())) => crate::note!("SIGHUP: TLS credentials reloaded"),
+        Some(Err(e)) => crate::note!("SIGHUP: keeping the old TLS credentials: {e}"),
     }
 }

@@ -57,7 +57,7 @@ impl Drop for PidFile {
         // Only our own: another instance may have written its pid since.
         let ours = std::fs::read_to_string(&self.0).is_ok_and(|text| text.trim() == std::process::id().to_string());
         if ours && let Err(e) = std::fs::remove_file(&self.0) {
-            eprintln!("ringnbd: cannot remove the pid file {}: {e}", self.0.display());
+            crate::note!("cannot remove the pid file {}: {e}", self.0.display());
         }
     }
 }

@@ -289,7 +289,7 @@ impl LayeredIo<'_> {
     fn record(&self, command: &Command, task: &mut FileTask, data: Data<'_>) -> Next {
         match self.layers.record(self.chunks(command)) {
             Err(e) => {
-                eprintln!("ringnbd: {}: recording chunks in the layer map: {e}", self.layers.top.path.display());
+                crate::note!("{}: recording chunks in the layer map: {e}", self.layers.top.path.display());
                 self.fail(command, task, errno_failure(&e))
             }
             Ok(None) => self.to_top(command, task, data, true),

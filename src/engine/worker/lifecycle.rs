@@ -5,6 +5,7 @@
 //! in flight and no request outstanding. Every path that closes one goes
 //! through `hard_close` or a graceful close followed by `release_if_idle`.
 
+use serde_json::json;
 use std::sync::atomic::Ordering;
 
 use io_uring::opcode;
@@ -51,12 +52,24 @@ impl Worker {
             payload_bytes_max: self.config.payload_bytes_max,
             has_contexts: !new.contexts.is_empty(),
         };
-        if self.config.verbose {
-            eprintln!(
-                "ringnbd: worker {}: {} on export {:?} ({:?})",
-                self.index, new.peer, export.info.name, n.reply_mode
-            );
-        }
+        let framing = format!("{:?}", n.reply_mode);
+        crate::log::event(
+            "connection-open",
+            &[
+                ("worker", json!(self.index)),
+                ("peer", json!(new.peer)),
+                ("export", json!(export.info.name)),
+                ("framing", json!(framing)),
+                ("tls", json!(new.tls.is_some())),
+            ],
+            &format!(
+                "worker {}: {} on export {:?} ({framing}{})",
+                self.index,
+                new.peer,
+                export.info.name,
+                if new.tls.is_some() { ", TLS" } else { "" }
+            ),
+        );
         let conn = Conn::new(
             new.socket,
             new.peer,
@@ -111,8 +124,8 @@ impl Worker {
     pub(super) fn drain_expired(&mut self) {
         let ids: Vec<usize> = self.conns.iter().map(|(id, _)| id).collect();
         if !ids.is_empty() && self.config.verbose {
-            eprintln!(
-                "ringnbd: worker {}: dropping {} connection(s) still busy at the drain deadline",
+            crate::note!(
+                "worker {}: dropping {} connection(s) still busy at the drain deadline",
                 self.index,
                 ids.len()
             );
@@ -177,17 +190,31 @@ impl Worker {
         if conn.closing != Closing::Open && idle {
             debug_assert!(conn.payload_request.is_none() && conn.send_queue.is_empty());
             let conn = self.conns.remove(id as usize); // closes the socket
-            if self.config.verbose {
-                let reason = conn.close_reason.as_ref().map_or("closed".to_owned(), |r| r.to_string());
-                eprintln!(
-                    "ringnbd: worker {}: {} on export {:?} disconnected after {:.1} s and {} request(s): {reason}",
+            let reason = conn.close_reason.as_ref().map_or("closed".to_owned(), |r| r.to_string());
+            let seconds = self.now.saturating_duration_since(conn.opened_at).as_secs_f64();
+            crate::log::event(
+                "connection-close",
+                &[
+                    ("worker", json!(self.index)),
+                    ("peer", json!(conn.peer)),
+                    ("export", json!(conn.export.info.name)),
+                    ("duration_s", json!((seconds * 1000.0).round() / 1000.0)),
+                    ("requests", json!(conn.requests_seen)),
+                    ("bytes_read", json!(conn.bytes_read)),
+                    ("bytes_written", json!(conn.bytes_written)),
+                    ("reason", json!(reason)),
+                ],
+                &format!(
+                    "worker {}: {} on export {:?} disconnected after {seconds:.1} s, {} request(s), {} bytes read, \
+                     {} written: {reason}",
                     self.index,
                     conn.peer,
                     conn.export.info.name,
-                    self.now.saturating_duration_since(conn.opened_at).as_secs_f64(),
-                    conn.requests_seen
-                );
-            }
+                    conn.requests_seen,
+                    conn.bytes_read,
+                    conn.bytes_written
+                ),
+            );
             self.stalled.retain(|&s| s != id);
             let receive = conn.into_receive_buffer();
             if self.spare_receive_buffers.len() < SPARE_RECEIVE_BUFFERS_MAX {
@@ -223,8 +250,8 @@ impl Worker {
         for id in expired {
             let conn = &mut self.conns[id as usize];
             conn.closing_because(CloseReason::StallTimeout);
-            eprintln!(
-                "ringnbd: worker {}: dropping {} on export {:?}: no progress from the client for {:.1} s \
+            crate::note!(
+                "worker {}: dropping {} on export {:?}: no progress from the client for {:.1} s \
                  (--stall-timeout) while it holds {} request(s) and {} KiB of buffers",
                 self.index,
                 conn.peer,

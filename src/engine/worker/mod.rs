@@ -170,8 +170,8 @@ impl Worker {
         let wanted = BufferPool::slots_wanted(&parts.budget);
         let slots = if ring.reserve_buffer_slots(wanted) { wanted } else { 0 };
         if slots == 0 && parts.index == 0 {
-            eprintln!(
-                "ringnbd: this kernel cannot register buffers as they are mapped (Linux 5.19+); I/O buffers stay unregistered"
+            crate::note!(
+                "this kernel cannot register buffers as they are mapped (Linux 5.19+); I/O buffers stay unregistered"
             );
         }
         let pool = BufferPool::new(parts.budget, slots);

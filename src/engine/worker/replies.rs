@@ -9,7 +9,7 @@ use io_uring::{opcode, types};
 use crate::proto::reply;
 use crate::proto::transmission::{Command, ReplyMode};
 
-use super::super::conn::{CloseReason, Closing};
+use super::super::conn::{CloseReason, Closing, Conn};
 use super::super::request::Request;
 use super::super::sparse_read::{self, Run};
 use super::super::user_data::Token;
@@ -19,9 +19,9 @@ use super::Worker;
 impl Worker {
     /// Encodes the reply and queues it on its connection.
     pub(super) fn finish(&mut self, request: u32, is_read: bool) {
-        let Worker { requests, conns, counters, .. } = self;
+        let Worker { requests, conns, counters, config, index, .. } = self;
         let req = &mut requests[request as usize];
-        let conn = &conns[req.conn as usize];
+        let conn = &mut conns[req.conn as usize];
         debug_assert!(!req.task.is_waiting() && req.status.scans_pending == 0);
         debug_assert!(!req.task.holds_locks(), "block locks are released before the reply");
         let to = req.to;
@@ -35,6 +35,12 @@ impl Worker {
             (None, _) => req.reply_inline(|out| reply::success(out, to, is_read)),
         }
         write_path::complete(&conn.export.image, &req.command, req.error.is_none());
+        match (req.error, req.command) {
+            (None, Command::Read { length, .. }) => conn.bytes_read += u64::from(length),
+            (None, Command::Write { length, .. }) => conn.bytes_written += u64::from(length),
+            (Some(error), _) if config.verbose => log_error_reply(*index, conn, req.kind, error),
+            _ => {}
+        }
         if let Some(counters) = counters {
             let bytes = metrics::covered_bytes(&req.command);
             // A clock read of its own: a request that arrives and is answered
@@ -172,4 +178,25 @@ fn compose_read(req: &mut Request, offset: u64, length: u32, df: bool) {
             req.reply_buffer(head + run.start, run.len);
         }
     }
+}
+
+/// `-v`: one line per error reply, with what was asked and why it failed.
+fn log_error_reply(worker: usize, conn: &Conn, kind: u16, error: crate::proto::Failure) {
+    let command = metrics::command_index(kind).map_or("request", |i| metrics::COMMANDS[i]);
+    let code = metrics::ERRORS.iter().find(|(e, _)| *e == error.code).map_or("EIO", |(_, name)| name);
+    crate::log::event(
+        "error-reply",
+        &[
+            ("worker", serde_json::json!(worker)),
+            ("peer", serde_json::json!(conn.peer)),
+            ("export", serde_json::json!(conn.export.info.name)),
+            ("command", serde_json::json!(command)),
+            ("error", serde_json::json!(code)),
+            ("reason", serde_json::json!(error.message)),
+        ],
+        &format!(
+            "worker {worker}: {} on export {:?}: {command} failed: {code} ({})",
+            conn.peer, conn.export.info.name, error.message
+        ),
+    );
 }

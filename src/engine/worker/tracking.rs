@@ -169,8 +169,8 @@ impl Worker {
         // Which marks the failure lost is unknown: fail every group in flight.
         let failed: Vec<u32> = self.commits[image].syncing.drain(..).flat_map(|(_, group)| group).collect();
         let invalidated = tracker.invalidate_all();
-        eprintln!(
-            "ringnbd: worker {}: syncing change-tracking state {} failed ({}): {} write(s) failed with EIO; \
+        crate::note!(
+            "worker {}: syncing change-tracking state {} failed ({}): {} write(s) failed with EIO; \
              checkpoints invalidated: {}",
             self.index,
             tracker.state_path().map_or("?".into(), |p| p.display().to_string()),
