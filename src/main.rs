@@ -1,7 +1,5 @@
-use clap::Parser;
-
-use ringnbd::cli::{Cli, Command, ctl};
-use ringnbd::export::open_all;
+use ringnbd::cli::{Cli, Command, LoadError, ctl};
+use ringnbd::export::{Source, open_entries};
 use ringnbd::faults;
 use ringnbd::net::activation::ListenEnv;
 use ringnbd::server::serve;
@@ -26,7 +24,13 @@ fn main() -> std::process::ExitCode {
     // SAFETY: no other thread exists yet.
     let activation = unsafe { ListenEnv::take() };
     abort_on_panic();
-    let cli = Cli::parse();
+    let cli = match Cli::load() {
+        Ok(cli) => cli,
+        Err(LoadError::Usage(message) | LoadError::Config(message)) => {
+            ringnbd::note!("{message}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     if let Some(Command::Ctl(args)) = &cli.command {
         return ctl::run(args);
     }
@@ -34,6 +38,9 @@ fn main() -> std::process::ExitCode {
     if let Err(message) = cli.validate() {
         ringnbd::note!("{message}");
         return std::process::ExitCode::from(2);
+    }
+    if cli.check_config {
+        return check_config(&cli);
     }
     match faults::install_from_env() {
         Ok(Some(plan)) => ringnbd::note!("WARNING: test fault injection is on ({}={plan})", faults::ENV),
@@ -43,7 +50,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     }
-    let exports = match open_all(&cli.export_specs(), &cli.export_options()) {
+    let exports = match open_entries(&cli.export_entries(), &cli.export_options()) {
         Ok(exports) => exports,
         Err(e) => {
             ringnbd::note!("{e}");
@@ -59,4 +66,44 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `--check-config`: what would be served, checked without opening
+/// anything (a layered export's top would be created): each file named
+/// must exist.
+fn check_config(cli: &Cli) -> std::process::ExitCode {
+    let entries = cli.export_entries();
+    let mut problems = Vec::new();
+    let mut names: Vec<String> = Vec::new();
+    for entry in &entries {
+        let paths: Vec<&std::path::Path> = match &entry.spec.source {
+            Source::File(path) => vec![path],
+            Source::Memory(_) => vec![],
+            Source::Layers(layers) => layers.lowers.iter().map(|p| p.as_path()).collect(),
+        };
+        for path in paths {
+            if let Err(e) = std::fs::metadata(path) {
+                problems.push(format!("{}: {e}", path.display()));
+            }
+        }
+        if let Some(name) = &entry.spec.name {
+            if names.contains(name) {
+                problems.push(format!("export {name:?} is named twice (config and command line)"));
+            }
+            names.push(name.clone());
+        }
+    }
+    let origin = cli.config.as_ref().map_or("the command line".to_owned(), |p| p.display().to_string());
+    if !problems.is_empty() {
+        for problem in &problems {
+            ringnbd::note!("{origin}: {problem}");
+        }
+        return std::process::ExitCode::from(2);
+    }
+    println!("{origin}: OK, {} export(s)", entries.len());
+    for entry in &entries {
+        let name = entry.spec.name.as_deref().unwrap_or("(named after its file)");
+        println!("  {name:?}: {:?}", entry.spec.source);
+    }
+    std::process::ExitCode::SUCCESS
 }

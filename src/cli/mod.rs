@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::backend::copy_before_write::{ScratchFull, ScratchPolicy};
 use crate::engine::worker::WorkerConfig;
+pub mod config;
 pub mod ctl;
 pub mod export_spec;
 
@@ -31,6 +32,20 @@ pub struct Cli {
     /// is also the default export (empty name). Default: `memory:1G`.
     #[arg(value_name = "EXPORT")]
     pub exports: Vec<ExportSpec>,
+
+    /// Read exports and options from a TOML file (doc/config.md). Options
+    /// given on the command line win; its exports come first.
+    #[arg(short = 'c', long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Check the config file and the options, print what would be served,
+    /// and exit (0: valid, 2: not) without serving.
+    #[arg(long)]
+    pub check_config: bool,
+
+    /// The config file's exports (filled by `Cli::load`).
+    #[arg(skip)]
+    pub config_exports: config::ConfigExports,
 
     /// TCP address to listen on (repeatable). Default 127.0.0.1:10809
     /// unless only --unix is given. Port 0 picks a free port.
@@ -276,6 +291,13 @@ pub struct Cli {
     pub verbose: bool,
 }
 
+/// Why the command line and config could not be read.
+#[derive(Debug)]
+pub enum LoadError {
+    Usage(String),
+    Config(String),
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Talk to a running server's control socket.
@@ -378,11 +400,37 @@ fn default_buffer_bytes() -> usize {
 }
 
 impl Cli {
+    /// Parses the command line and, with `--config`, the config file under
+    /// the rules in `cli::config`. The error is a message for stderr.
+    pub fn load() -> Result<Cli, LoadError> {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Cli::command().get_matches();
+        let mut cli = Cli::from_arg_matches(&matches).map_err(|e| LoadError::Usage(e.to_string()))?;
+        if let Some(path) = cli.config.clone() {
+            let (file, exports) = config::read(&path).map_err(LoadError::Config)?;
+            let given = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+            cli.apply_config(&file.server, &given)
+                .map_err(|e| LoadError::Config(format!("{}: {e}", path.display())))?;
+            cli.config_exports = exports;
+        }
+        Ok(cli)
+    }
+
     pub fn export_specs(&self) -> Vec<ExportSpec> {
         if self.exports.is_empty() {
             return vec!["memory:1G".parse().expect("valid default export")];
         }
         self.exports.clone()
+    }
+
+    /// What to open: the config file's exports, then the command line's
+    /// (`memory:1G` when there are none at all).
+    pub fn export_entries(&self) -> Vec<crate::export::ExportEntry> {
+        let mut entries = self.config_exports.entries.clone();
+        if entries.is_empty() || !self.exports.is_empty() {
+            entries.extend(self.export_specs().into_iter().map(crate::export::ExportEntry::from));
+        }
+        entries
     }
 
     pub fn export_options(&self) -> ExportOptions {
@@ -424,6 +472,18 @@ impl Cli {
         let credentials = self.tls_certificates.is_some() || self.tls_psk.is_some();
         if matches!(self.tls, Some(TlsMode::On | TlsMode::Require)) && !credentials {
             return Err("--tls on|require needs --tls-certificates DIR or --tls-psk FILE".into());
+        }
+        for own in &self.config_exports.security {
+            if own.tls_only && self.tls_mode() == TlsMode::Off {
+                return Err(format!(
+                    "export {:?}: tls-only needs TLS ([server] tls-certificates or tls-psk)",
+                    own.name
+                ));
+            }
+            for rule in &own.allow {
+                rule.parse::<crate::net::access::Rule>()
+                    .map_err(|e| format!("export {:?}: allow {rule:?}: {e}", own.name))?;
+            }
         }
         if self.metrics.is_some() && !self.stats {
             return Err("--metrics needs request counting (not --stats off)".into());
@@ -500,6 +560,7 @@ impl Cli {
                 allow: self.allow.clone(),
                 max_connections: self.max_connections.clone(),
                 max_connections_per_address: self.max_connections_per_address,
+                exports: self.config_exports.security.clone(),
             },
             worker: WorkerConfig {
                 ring_entries: self.ring_entries,

@@ -115,21 +115,77 @@ impl Export {
     }
 }
 
+/// What one export sets for itself (a config file's export table), over
+/// the global options; None keeps the global value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportOverrides {
+    pub read_only: Option<bool>,
+    pub direct_io: Option<bool>,
+    pub extent_cache: Option<bool>,
+    pub strict_alignment: Option<bool>,
+    pub track: Option<bool>,
+    pub description: Option<String>,
+    /// Checkpoints created at start where absent.
+    pub checkpoints: Vec<String>,
+}
+
+/// An export to open: what it serves and what it sets for itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportEntry {
+    pub spec: ExportSpec,
+    pub overrides: ExportOverrides,
+}
+
+impl From<ExportSpec> for ExportEntry {
+    fn from(spec: ExportSpec) -> Self {
+        Self { spec, overrides: ExportOverrides::default() }
+    }
+}
+
+impl ExportOptions {
+    /// These options with an export's own settings applied.
+    fn with(&self, overrides: &ExportOverrides) -> ExportOptions {
+        let mut options = self.clone();
+        options.read_only = overrides.read_only.unwrap_or(self.read_only);
+        options.direct_io = overrides.direct_io.unwrap_or(self.direct_io);
+        options.strict_alignment = overrides.strict_alignment.unwrap_or(self.strict_alignment);
+        match overrides.extent_cache {
+            Some(false) => options.extent_cache_entries = 0,
+            Some(true) if self.extent_cache_entries == 0 => options.extent_cache_entries = EXTENT_CACHE_ENTRIES_DEFAULT,
+            _ => {}
+        }
+        options.tracking.files = overrides.track.unwrap_or(self.tracking.files);
+        options
+    }
+}
+
+/// Extents cached per file when an export turns its cache on while the
+/// global one is off.
+pub const EXTENT_CACHE_ENTRIES_DEFAULT: usize = 4 << 20;
+
 /// Opens every export. Paths that reach the same file (or device) share one
 /// image: a second extent cache would go stale on the first one's writes.
 pub fn open_all(specs: &[ExportSpec], options: &ExportOptions) -> Result<Vec<Export>, ExportError> {
-    let mut exports: Vec<Export> = Vec::with_capacity(specs.len());
+    let entries: Vec<ExportEntry> = specs.iter().cloned().map(ExportEntry::from).collect();
+    open_entries(&entries, options)
+}
+
+/// [`open_all`] for exports that may set options of their own.
+pub fn open_entries(entries: &[ExportEntry], global: &ExportOptions) -> Result<Vec<Export>, ExportError> {
+    let mut exports: Vec<Export> = Vec::with_capacity(entries.len());
     let mut images: HashMap<FileIdentity, Arc<Image>> = HashMap::new();
     let mut next_id = 0;
-    let mut new_image = |mut backend: Backend, cache_entries: usize| -> Result<Arc<Image>, ExportError> {
-        let track = tracking::open(&backend, &options.tracking, options.read_only)?;
-        if let Backend::File(file) = &mut backend {
-            file.probe_hole_punching();
-        }
-        next_id += 1;
-        Ok(Arc::new(Image::new(next_id - 1, backend, cache_entries, track)))
-    };
-    for (index, spec) in specs.iter().enumerate() {
+    let mut new_image =
+        |mut backend: Backend, cache_entries: usize, options: &ExportOptions| -> Result<Arc<Image>, ExportError> {
+            let track = tracking::open(&backend, &options.tracking, options.read_only)?;
+            if let Backend::File(file) = &mut backend {
+                file.probe_hole_punching();
+            }
+            next_id += 1;
+            Ok(Arc::new(Image::new(next_id - 1, backend, cache_entries, track)))
+        };
+    for (index, entry) in entries.iter().enumerate() {
+        let (spec, options) = (&entry.spec, global.with(&entry.overrides));
         let image = match &spec.source {
             Source::File(path) => {
                 let file = FileBackend::open(path, options.read_only, options.direct_io)?;
@@ -137,26 +193,34 @@ pub fn open_all(specs: &[ExportSpec], options: &ExportOptions) -> Result<Vec<Exp
                     Some(image) => Arc::clone(image),
                     None => {
                         let identity = file.identity;
-                        let image = new_image(Backend::File(file), options.extent_cache_entries)?;
+                        let image = new_image(Backend::File(file), options.extent_cache_entries, &options)?;
                         images.insert(identity, Arc::clone(&image));
                         image
                     }
                 }
             }
-            Source::Memory(size) => new_image(Backend::Memory(MemoryBackend::new(*size)), 0)?,
+            Source::Memory(size) => new_image(Backend::Memory(MemoryBackend::new(*size)), 0, &options)?,
             Source::Layers(layers) => {
                 let layered = Layered::open(layers, options.read_only, options.direct_io)?;
-                new_image(Backend::Layered(layered), 0)?
+                new_image(Backend::Layered(layered), 0, &options)?
             }
         };
-        let export = Export::new(spec, index, image, options);
+        let export = Export::new(spec, index, image, &options);
         if exports.iter().any(|e| e.info.name == export.info.name) {
             return Err(ExportError::DuplicateName(export.info.name));
         }
         exports.push(export);
     }
-    apply_descriptions(&mut exports, &options.descriptions);
-    create_start_checkpoints(&exports, &options.checkpoints)?;
+    apply_descriptions(&mut exports, &global.descriptions);
+    create_start_checkpoints(&exports, &global.checkpoints)?;
+    for (export, entry) in exports.iter_mut().zip(entries) {
+        if let Some(text) = &entry.overrides.description {
+            export.info.description = text.clone();
+        }
+        for name in &entry.overrides.checkpoints {
+            create_start_checkpoint(export, name, name)?;
+        }
+    }
     Ok(exports)
 }
 
@@ -175,22 +239,29 @@ fn create_start_checkpoints(exports: &[Export], wanted: &[String]) -> Result<(),
             return Err(ExportError::Checkpoint(format!("{value}: no export is tracked (add --track)")));
         }
         for export in targets {
-            let Some(tracker) = &export.image.track else {
-                return Err(ExportError::Checkpoint(format!(
-                    "{value}: export {:?} is not tracked (add --track)",
-                    export.info.name
-                )));
-            };
-            match tracker.find(name) {
-                Some(c) if !c.valid => crate::note!(
-                    "export {:?}: checkpoint {name:?} is invalid and kept as it is; delete it to start over",
-                    export.info.name
-                ),
-                Some(_) => {}
-                None => {
-                    tracker.create(name).map_err(|e| ExportError::Checkpoint(format!("{value}: {e}")))?;
-                }
-            }
+            create_start_checkpoint(export, name, value)?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates checkpoint `name` on `export` unless it exists; `asked` is how
+/// it was asked for, for messages.
+fn create_start_checkpoint(export: &Export, name: &str, asked: &str) -> Result<(), ExportError> {
+    let Some(tracker) = &export.image.track else {
+        return Err(ExportError::Checkpoint(format!(
+            "{asked}: export {:?} is not tracked (add --track, or track = true in its table)",
+            export.info.name
+        )));
+    };
+    match tracker.find(name) {
+        Some(c) if !c.valid => crate::note!(
+            "export {:?}: checkpoint {name:?} is invalid and kept as it is; delete it to start over",
+            export.info.name
+        ),
+        Some(_) => {}
+        None => {
+            tracker.create(name).map_err(|e| ExportError::Checkpoint(format!("{asked}: {e}")))?;
         }
     }
     Ok(())

@@ -34,7 +34,7 @@ use crate::track::ImageStat;
 
 pub use captive::PRIVATE_SOCKET;
 pub use process::Identity;
-pub use security::SecurityConfig;
+pub use security::{ExportSecurity, SecurityConfig};
 use system::{block_signals, eventfd, raise_file_limit, signal, system, wait_for_signal};
 use workers::spawn_workers;
 

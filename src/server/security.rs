@@ -19,6 +19,18 @@ pub struct SecurityConfig {
     /// `--max-connections [EXPORT=]N` values.
     pub max_connections: Vec<String>,
     pub max_connections_per_address: Option<usize>,
+    /// What config-file export tables set, by exact export name (names
+    /// there may contain `=`, which the `[EXPORT=]` forms cannot carry).
+    pub exports: Vec<ExportSecurity>,
+}
+
+/// One export's own TLS-only flag, allow-list and connection limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportSecurity {
+    pub name: String,
+    pub tls_only: bool,
+    pub allow: Vec<String>,
+    pub max_connections: Option<usize>,
 }
 
 /// What the accept side enforces.
@@ -57,16 +69,7 @@ impl SecurityConfig {
         let mut access = AccessPolicy::default();
         for text in &self.allow {
             let (export, rule) = per_export(text, exports);
-            let rule: Rule = rule.parse().map_err(|e| format!("--allow {text}: {e}"))?;
-            match (&rule, &self.credentials) {
-                (Rule::Subject(_), Some(CredentialSource::X509 { verify_peer: true, .. })) => {}
-                (Rule::Subject(_), _) => {
-                    return Err(format!("--allow {text}: certificate subjects need --tls-verify-peer"));
-                }
-                (Rule::PskUser(_), Some(CredentialSource::Psk { .. })) => {}
-                (Rule::PskUser(_), _) => return Err(format!("--allow {text}: PSK users need --tls-psk")),
-                _ => {}
-            }
+            let rule = self.rule(rule, &format!("--allow {text}"))?;
             match export {
                 Some(export) => access.per_export.entry(export.to_owned()).or_default().push(rule),
                 None => access.everywhere.push(rule),
@@ -84,6 +87,37 @@ impl SecurityConfig {
                 None => limits.total_max = Some(count),
             }
         }
+        for own in &self.exports {
+            let export = exports
+                .iter_mut()
+                .find(|e| e.info.name == own.name)
+                .ok_or_else(|| format!("export {:?}: no such export", own.name))?;
+            export.info.tls_only |= own.tls_only;
+            for text in &own.allow {
+                let rule = self.rule(text, &format!("export {:?}: allow {text:?}", own.name))?;
+                access.per_export.entry(own.name.clone()).or_default().push(rule);
+            }
+            if let Some(max) = own.max_connections {
+                limits.per_export_max.insert(own.name.clone(), max);
+            }
+        }
+        if exports.iter().any(|e| e.info.tls_only) && self.tls_mode == TlsMode::Off {
+            return Err("a TLS-only export needs TLS (credentials, and not --tls off)".into());
+        }
         Ok(Security { tls, access, limits: ConnectionLimits::new(limits) })
+    }
+
+    /// Parses an allow rule and checks the credentials it needs are in use;
+    /// errors start with `what`.
+    fn rule(&self, text: &str, what: &str) -> Result<Rule, String> {
+        let rule: Rule = text.parse().map_err(|e| format!("{what}: {e}"))?;
+        match (&rule, &self.credentials) {
+            (Rule::Subject(_), Some(CredentialSource::X509 { verify_peer: true, .. })) => {}
+            (Rule::Subject(_), _) => return Err(format!("{what}: certificate subjects need --tls-verify-peer")),
+            (Rule::PskUser(_), Some(CredentialSource::Psk { .. })) => {}
+            (Rule::PskUser(_), _) => return Err(format!("{what}: PSK users need --tls-psk")),
+            _ => {}
+        }
+        Ok(rule)
     }
 }

@@ -19,7 +19,8 @@ use std::sync::{Arc, RwLock};
 pub use session::{PeerIdentity, TlsError, TlsSession};
 
 /// `--tls`: whether STARTTLS is offered, and whether it is required.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TlsMode {
     /// STARTTLS is refused (NOTLS).
     #[default]
