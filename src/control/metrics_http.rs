@@ -24,26 +24,7 @@ const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Serves until `stop_fd` (an eventfd) becomes readable.
 pub fn serve(listener: TcpListener, stop_fd: RawFd, render: Arc<Render>) {
     let clients = Arc::new(AtomicUsize::new(0));
-    loop {
-        let mut fds = [
-            libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: stop_fd, events: libc::POLLIN, revents: 0 },
-        ];
-        // SAFETY: `fds` is a live array of two pollfds.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if ready < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            crate::note!("metrics endpoint: poll: {}", io::Error::last_os_error());
-            return;
-        }
-        if fds[1].revents != 0 {
-            return;
-        }
-        if fds[0].revents == 0 {
-            continue;
-        }
+    while super::wait_for_client(listener.as_raw_fd(), stop_fd, "metrics endpoint") {
         let Ok((stream, _)) = listener.accept() else { continue };
         if clients.fetch_add(1, Ordering::AcqRel) >= CLIENTS_MAX {
             clients.fetch_sub(1, Ordering::AcqRel);

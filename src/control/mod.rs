@@ -38,26 +38,7 @@ pub trait Handler: Send + Sync {
 /// Dropping `listener` at the end removes the socket file.
 pub fn serve(listener: Listener, stop_fd: RawFd, handler: Arc<dyn Handler>) {
     let clients = Arc::new(AtomicUsize::new(0));
-    loop {
-        let mut fds = [
-            libc::pollfd { fd: listener.fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: stop_fd, events: libc::POLLIN, revents: 0 },
-        ];
-        // SAFETY: `fds` is a live array of two pollfds.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if ready < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            crate::note!("control socket: poll: {}", io::Error::last_os_error());
-            return;
-        }
-        if fds[1].revents != 0 {
-            return;
-        }
-        if fds[0].revents == 0 {
-            continue;
-        }
+    while wait_for_client(listener.fd(), stop_fd, "control socket") {
         let Some(Ok(stream)) = listener.accept_unix() else { continue };
         if clients.fetch_add(1, Ordering::AcqRel) >= CLIENTS_MAX {
             clients.fetch_sub(1, Ordering::AcqRel);
@@ -73,6 +54,33 @@ pub fn serve(listener: Listener, stop_fd: RawFd, handler: Arc<dyn Handler>) {
         if spawned.is_err() {
             // The closure (and its count) never ran.
             crate::note!("control socket: cannot start a client thread");
+        }
+    }
+}
+
+/// Blocks until `listener` has a client waiting (true) or `stop_fd` (an
+/// eventfd) is readable (false). A failing poll is logged, naming `what`,
+/// and ends the loop too.
+pub(crate) fn wait_for_client(listener: RawFd, stop_fd: RawFd, what: &str) -> bool {
+    loop {
+        let mut fds = [
+            libc::pollfd { fd: listener, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: stop_fd, events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: `fds` is a live array of two pollfds.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if ready < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            crate::note!("{what}: poll: {}", io::Error::last_os_error());
+            return false;
+        }
+        if fds[1].revents != 0 {
+            return false;
+        }
+        if fds[0].revents != 0 {
+            return true;
         }
     }
 }
