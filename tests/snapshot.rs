@@ -435,10 +435,13 @@ fn three_generations_of_incremental_backup_from_snapshots_while_fio_writes() {
     let server =
         Server::start(&["--track", "--control", control.to_str().unwrap(), &format!("disk={}", image.display())]);
     let live = export_uri(&server, "disk");
-    // fio keeps writing to the live export for the whole test.
+    // fio keeps writing to the live export for the whole test. As a thread
+    // (--thread), so killing fio stops the job too: a forked job process
+    // outlives its killed parent and, its server gone, spins on.
     let mut fio = Command::new("fio")
         .args([
             "--name=live",
+            "--thread",
             "--ioengine=nbd",
             &format!("--uri={live}"),
             "--rw=randwrite",
@@ -463,7 +466,13 @@ fn three_generations_of_incremental_backup_from_snapshots_while_fio_writes() {
     ctl_ok(&control, &["snapshot", "delete", "disk", "g1"]);
     let mut previous = "g1".to_owned();
     for generation in 2..=3 {
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        // Until fio has changed something since the previous generation
+        // (on a loaded machine it may take a while to start writing).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !map(&live, &format!("qemu:dirty-bitmap:{previous}")).iter().any(|r| r.2 & 1 != 0) {
+            assert!(std::time::Instant::now() < deadline, "fio changed nothing since {previous}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let name = format!("g{generation}");
         ctl_ok(&control, &["snapshot", "create", "disk", &name]);
         let snapshot = export_uri(&server, &format!("disk@{name}"));
