@@ -337,9 +337,10 @@ fn bind_listeners(
 fn take_stdin() -> Result<std::os::fd::OwnedFd, ServerError> {
     use std::os::fd::FromRawFd;
     let bad = |what: &str| ServerError::Process(format!("-s: {what}: {}", std::io::Error::last_os_error()));
-    // SAFETY: fd 0 is open for the life of the process unless closed here;
-    // from now on the OwnedFd is its only owner.
-    let socket = unsafe { libc::dup(0) };
+    // Close-on-exec like every other descriptor here.
+    // SAFETY: fcntl duplicating fd 0, which is open for the life of the
+    // process; from now on the OwnedFd is the copy's only owner.
+    let socket = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) };
     if socket < 0 {
         return Err(bad("stdin"));
     }
