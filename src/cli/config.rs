@@ -324,6 +324,36 @@ mod tests {
         }
     }
 
+    /// Small good configs and what each yields: (text, export names, a
+    /// check on the result).
+    #[test]
+    fn good_configs_parse_to_what_they_say() {
+        type Check = fn(&ConfigFile, &ConfigExports) -> bool;
+        let cases: &[(&str, &[&str], Check)] = &[
+            ("", &[], |c, _| c.server.threads.is_none()),
+            ("[server]\n", &[], |c, _| c.server.listen.is_none()),
+            ("[server]\nunix = [\"/run/a.sock\"]\nlisten = []\n", &[], |c, _| c.server.listen == Some(vec![])),
+            ("[[export]]\nname = \"é/ü:1\"\nmemory = \"4K\"\n", &["é/ü:1"], |_, e| {
+                e.entries[0].spec.source == Source::Memory(4096)
+            }),
+            ("[[export]]\nname = \"a b\"\npath = \"/x y\"\nread-only = false\n", &["a b"], |_, e| {
+                e.entries[0].overrides.read_only == Some(false)
+            }),
+            ("[[export]]\nname = \"t\"\nthrowaway = [\"/g\"]\ntls-only = true\n", &["t"], |_, e| {
+                e.security[0].tls_only && e.security[0].allow.is_empty()
+            }),
+            ("[server]\ntls = \"require\"\nlog-format = \"json\"\n", &[], |c, _| {
+                c.server.tls == Some(TlsMode::Require) && c.server.log_format == Some(crate::log::Format::Json)
+            }),
+        ];
+        for (text, names, check) in cases {
+            let (config, exports) = parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            let got: Vec<&str> = exports.entries.iter().filter_map(|e| e.spec.name.as_deref()).collect();
+            assert_eq!(&got, names, "{text:?}");
+            assert!(check(&config, &exports), "{text:?}");
+        }
+    }
+
     #[test]
     fn a_good_config_gives_every_export_its_own_options() {
         let text = r#"
