@@ -29,15 +29,15 @@ use crate::proto::wire;
 pub const COMMANDS: [&str; 7] = ["read", "write", "flush", "trim", "write_zeroes", "cache", "block_status"];
 
 /// The NBD errors counted, in the order they are reported.
-pub const ERRORS: [(NbdError, &str); 8] = [
-    (NbdError::Perm, "EPERM"),
-    (NbdError::Io, "EIO"),
-    (NbdError::NoMem, "ENOMEM"),
-    (NbdError::Inval, "EINVAL"),
-    (NbdError::NoSpc, "ENOSPC"),
-    (NbdError::Overflow, "EOVERFLOW"),
-    (NbdError::NotSup, "ENOTSUP"),
-    (NbdError::Shutdown, "ESHUTDOWN"),
+pub const ERRORS: [NbdError; 8] = [
+    NbdError::Perm,
+    NbdError::Io,
+    NbdError::NoMem,
+    NbdError::Inval,
+    NbdError::NoSpc,
+    NbdError::Overflow,
+    NbdError::NotSup,
+    NbdError::Shutdown,
 ];
 
 /// Latencies above this many microseconds (an hour) count as this.
@@ -91,7 +91,7 @@ impl CommandCounters {
             self.bytes += bytes;
         }
         if let Some(error) = error
-            && let Some(at) = ERRORS.iter().position(|(e, _)| *e == error)
+            && let Some(at) = ERRORS.iter().position(|&e| e == error)
         {
             self.errors[at] += 1;
         }

@@ -462,7 +462,7 @@ fn run<S: TimedStream>(
                 &[
                     ("peer", serde_json::json!(peer)),
                     ("option", serde_json::json!(option)),
-                    ("reply", serde_json::json!(reply_name(r.reply))),
+                    ("reply", serde_json::json!(crate::proto::wire::reply_name(r.reply))),
                     ("reason", serde_json::json!(r.reason)),
                 ],
                 &format!("{peer}: refused {option}: {}", r.reason),
@@ -492,20 +492,4 @@ fn run<S: TimedStream>(
         tls: o.tls,
         slot: gate.slot.take(),
     }))
-}
-
-/// An option error reply's name, for log fields.
-fn reply_name(reply: u32) -> &'static str {
-    use crate::proto::wire::*;
-    match reply {
-        REP_ERR_UNSUP => "ERR_UNSUP",
-        REP_ERR_POLICY => "ERR_POLICY",
-        REP_ERR_INVALID => "ERR_INVALID",
-        REP_ERR_TLS_REQD => "ERR_TLS_REQD",
-        REP_ERR_UNKNOWN => "ERR_UNKNOWN",
-        REP_ERR_SHUTDOWN => "ERR_SHUTDOWN",
-        REP_ERR_TOO_BIG => "ERR_TOO_BIG",
-        REP_ERR_EXT_HEADER_REQD => "ERR_EXT_HEADER_REQD",
-        _ => "ERR",
-    }
 }

@@ -55,6 +55,20 @@ impl NbdError {
         self as u32
     }
 
+    /// The errno name the spec gives the value (for logs and metrics).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Perm => "EPERM",
+            Self::Io => "EIO",
+            Self::NoMem => "ENOMEM",
+            Self::Inval => "EINVAL",
+            Self::NoSpc => "ENOSPC",
+            Self::Overflow => "EOVERFLOW",
+            Self::NotSup => "ENOTSUP",
+            Self::Shutdown => "ESHUTDOWN",
+        }
+    }
+
     /// This error with the reason the client will be shown.
     pub const fn because(self, message: &'static str) -> Failure {
         Failure { code: self, message }

@@ -127,6 +127,21 @@ pub fn option_name(option: u32) -> std::borrow::Cow<'static, str> {
     name.into()
 }
 
+/// The spec's name for an option error reply, for logs.
+pub fn reply_name(reply: u32) -> &'static str {
+    match reply {
+        REP_ERR_UNSUP => "ERR_UNSUP",
+        REP_ERR_POLICY => "ERR_POLICY",
+        REP_ERR_INVALID => "ERR_INVALID",
+        REP_ERR_TLS_REQD => "ERR_TLS_REQD",
+        REP_ERR_UNKNOWN => "ERR_UNKNOWN",
+        REP_ERR_SHUTDOWN => "ERR_SHUTDOWN",
+        REP_ERR_TOO_BIG => "ERR_TOO_BIG",
+        REP_ERR_EXT_HEADER_REQD => "ERR_EXT_HEADER_REQD",
+        _ => "ERR",
+    }
+}
+
 /// The spec's string ceiling (names, descriptions, queries): MUST be <= 4096.
 pub const STRING_BYTES_MAX: usize = 4096;
 

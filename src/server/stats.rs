@@ -109,13 +109,14 @@ impl Stats {
         for snapshot in &self.snapshots {
             for export in &snapshot.exports {
                 for (command, counters) in COMMANDS.iter().zip(&export.counters.commands) {
-                    for ((_, error), &count) in ERRORS.iter().zip(&counters.errors) {
+                    for (error, &count) in ERRORS.iter().zip(&counters.errors) {
                         if count > 0 {
                             let _ = writeln!(
                                 out,
-                                "ringnbd_request_errors_total{{export=\"{}\",worker=\"{}\",command=\"{command}\",error=\"{error}\"}} {count}",
+                                "ringnbd_request_errors_total{{export=\"{}\",worker=\"{}\",command=\"{command}\",error=\"{}\"}} {count}",
                                 escape(&export.name),
-                                snapshot.worker
+                                snapshot.worker,
+                                error.name()
                             );
                         }
                     }
@@ -199,7 +200,7 @@ fn commands_json(counters: &ExportCounters, latency: bool) -> Value {
             .iter()
             .zip(&c.errors)
             .filter(|&(_, &n)| n > 0)
-            .map(|((_, name), &n)| (name.to_string(), json!(n)))
+            .map(|(error, &n)| (error.name().to_string(), json!(n)))
             .collect();
         let mut entry = json!({ "ops": c.ops, "bytes": c.bytes, "errors": errors });
         if latency && let Some(h) = c.latency_us.as_deref() {

@@ -183,7 +183,7 @@ fn compose_read(req: &mut Request, offset: u64, length: u32, df: bool) {
 /// `-v`: one line per error reply, with what was asked and why it failed.
 fn log_error_reply(worker: usize, conn: &Conn, kind: u16, error: crate::proto::Failure) {
     let command = metrics::command_index(kind).map_or("request", |i| metrics::COMMANDS[i]);
-    let code = metrics::ERRORS.iter().find(|(e, _)| *e == error.code).map_or("EIO", |(_, name)| name);
+    let code = error.code.name();
     crate::log::event(
         "error-reply",
         &[
