@@ -5,7 +5,7 @@
 //! a private Unix socket in a fresh 0700 directory, removed at exit.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Command, ExitStatus};
 use std::sync::{Arc, Mutex};
 
 use crate::net::listener::Listener;
@@ -92,7 +92,8 @@ fn encode_export_name(name: &str) -> String {
 
 /// The running command and, once it has ended, its status.
 pub(super) struct Captive {
-    child: Arc<Mutex<Option<Child>>>,
+    /// Set, under the lock, in the same step that reaps the command: while
+    /// it is None the pid is still our child's (running, or a zombie).
     status: Arc<Mutex<Option<ExitStatus>>>,
     pid: u32,
 }
@@ -105,39 +106,60 @@ impl Captive {
         variables: &[(&'static str, String)],
         stop: Arc<StopRequest>,
     ) -> std::io::Result<Self> {
-        let child = Command::new("/bin/sh").arg("-c").arg(command).envs(variables.iter().cloned()).spawn()?;
+        let mut child = Command::new("/bin/sh").arg("-c").arg(command).envs(variables.iter().cloned()).spawn()?;
         let pid = child.id();
-        let child = Arc::new(Mutex::new(Some(child)));
         let status = Arc::new(Mutex::new(None));
-        let (waited, recorded) = (Arc::clone(&child), Arc::clone(&status));
+        let recorded = Arc::clone(&status);
         std::thread::Builder::new().name("ringnbd-run".into()).spawn(move || {
-            let taken = waited.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let Some(mut child) = taken else { return };
+            // Wait for the exit without reaping, then reap under the lock,
+            // so `finish` never signals a pid that may have been reused.
+            if let Err(e) = wait_without_reaping(pid) {
+                return stop.stop(format!("--run command: cannot wait for it: {e}"));
+            }
+            let mut slot = recorded.lock().unwrap_or_else(|e| e.into_inner());
             match child.wait() {
                 Ok(exit) => {
-                    *recorded.lock().unwrap_or_else(|e| e.into_inner()) = Some(exit);
+                    *slot = Some(exit);
+                    drop(slot);
                     stop.stop(format!("--run command exited ({exit})"));
                 }
                 Err(e) => stop.stop(format!("--run command: cannot wait for it: {e}")),
             }
         })?;
-        Ok(Self { child, status, pid })
+        Ok(Self { status, pid })
     }
 
     /// The command's exit code for the server to exit with (128 + N for a
     /// signal N), or None while it still runs; then it is sent SIGTERM, as
     /// the server it was given is going away.
     pub(super) fn finish(self) -> Option<u8> {
-        let status = *self.status.lock().unwrap_or_else(|e| e.into_inner());
-        match status {
+        let status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        match *status {
             Some(status) => Some(exit_code(status)),
             None => {
-                // SAFETY: kill on the pid of our own child, which has not
-                // been reaped (no status was recorded), so it is still ours.
+                // SAFETY: kill on our child's pid; with no status recorded
+                // (checked under the lock the reaper takes) it is not reaped,
+                // so the pid is still that child's.
                 unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
-                drop(self.child);
                 None
             }
+        }
+    }
+}
+
+/// Blocks until child `pid` has exited, leaving it to be reaped.
+fn wait_without_reaping(pid: u32) -> std::io::Result<()> {
+    loop {
+        // SAFETY: siginfo_t is plain data; all-zero is a valid value to overwrite.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes one siginfo_t into a live local.
+        let rc = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::Interrupted {
+            return Err(error);
         }
     }
 }

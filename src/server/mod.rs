@@ -124,8 +124,7 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<Served, S
     raise_file_limit();
     let activated = activation::inherited(&config.process.activation)?;
     let metrics_listener = config.metrics.as_deref().map(bind_metrics).transpose()?;
-    let (listeners, private_dir) = bind_listeners(&config, activated.as_ref().map(|a| a.names.as_slice()))?;
-    let mut listeners = listeners;
+    let (mut listeners, private_dir) = bind_listeners(&config, activated.as_ref().map(|a| a.names.as_slice()))?;
     if let Some(activated) = activated {
         listeners.extend(activated.listeners);
     }
