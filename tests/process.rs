@@ -48,12 +48,6 @@ fn run_gives_the_command_a_private_socket_and_exits_with_its_status() {
     assert_eq!(out.status.code(), Some(128 + 9), "a signal is 128 + N, as a shell reports it");
 }
 
-/// A free TCP port on 127.0.0.1 (free when this returns; bound by the next
-/// process soon after).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !ready() {

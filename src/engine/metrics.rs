@@ -14,7 +14,8 @@
 //! - latency from the request's header to its reply ready to send, in
 //!   microseconds: from the ring turn that received the header (the
 //!   worker reads the clock once per turn) to a clock read when the reply
-//!   is ready (one vDSO call per request, about 20 ns).
+//!   is ready (one vDSO call per request; bench/metrics-overhead finds
+//!   counting on and off within noise, doc/benchmarks.md).
 
 use std::collections::HashMap;
 use std::time::Instant;

@@ -56,6 +56,12 @@ impl Drop for TempDir {
     }
 }
 
+/// A free TCP port on 127.0.0.1, for a listener the test names itself
+/// (free when this returns, so the server should bind it soon after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// Creates a sparse file of `size` bytes.
 pub fn sparse_file(path: &Path, size: u64) {
     let f = std::fs::File::create(path).unwrap();
