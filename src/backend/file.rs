@@ -55,6 +55,21 @@ pub enum FileIdentity {
     BlockDevice { rdev: u64 },
 }
 
+impl FileIdentity {
+    pub fn of(metadata: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        match metadata.file_type().is_block_device() {
+            true => FileIdentity::BlockDevice { rdev: metadata.rdev() },
+            false => FileIdentity::File { device: metadata.dev(), inode: metadata.ino() },
+        }
+    }
+
+    /// The identity of what `path` names now (symbolic links followed).
+    pub fn of_path(path: &Path) -> std::io::Result<Self> {
+        std::fs::metadata(path).map(|m| Self::of(&m))
+    }
+}
+
 impl FileBackend {
     pub fn open(path: &Path, read_only: bool, want_direct: bool) -> Result<Self, BackendError> {
         let open_error = |source| BackendError::Open { path: path.to_owned(), source };
@@ -78,10 +93,7 @@ impl FileBackend {
             false => (buffered.try_clone().map_err(open_error)?, false, 1),
         };
         use std::os::unix::fs::MetadataExt;
-        let identity = match is_block_device {
-            true => FileIdentity::BlockDevice { rdev: metadata.rdev() },
-            false => FileIdentity::File { device: metadata.dev(), inode: metadata.ino() },
-        };
+        let identity = FileIdentity::of(&metadata);
         Ok(Self {
             identity,
             path: path.to_owned(),
@@ -147,6 +159,11 @@ impl FileBackend {
     /// Blocking fdatasync, used only at shutdown.
     pub fn sync(&self) -> io::Result<()> {
         self.direct.sync_data()
+    }
+
+    /// Opened without write access.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     /// The file's metadata now (its modification time, for the clean

@@ -20,7 +20,7 @@ use toml::Spanned;
 
 use crate::backend::layers::{LayerSpec, Top};
 use crate::export::{ExportEntry, ExportOverrides, ExportSpec, Source};
-use crate::server::ExportSecurity;
+use crate::server::{Definition, ExportSecurity};
 use crate::tls::TlsMode;
 
 use super::export_spec::parse_size;
@@ -94,6 +94,32 @@ pub struct ExportTable {
 pub struct ConfigExports {
     pub entries: Vec<ExportEntry>,
     pub security: Vec<ExportSecurity>,
+}
+
+impl ConfigExports {
+    /// Each export with its own security settings (none set: the
+    /// defaults), as reloads compare them.
+    pub fn definitions(&self) -> Vec<Definition> {
+        self.entries
+            .iter()
+            .map(|entry| {
+                let name = entry.spec.name.clone().unwrap_or_default();
+                let security = self.security.iter().find(|s| s.name == name).cloned();
+                Definition {
+                    entry: entry.clone(),
+                    security: security.unwrap_or(ExportSecurity { name, ..Default::default() }),
+                }
+            })
+            .collect()
+    }
+}
+
+/// A `ctl export add` request's table: the keys of an `[[export]]`.
+pub fn definition_from_json(table: &serde_json::Value) -> Result<Definition, String> {
+    let table: ExportTable = serde_json::from_value(table.clone()).map_err(|e| format!("export table: {e}"))?;
+    let (entry, security) = export_entry(&table, &|key| format!("export table: {key}"))?;
+    let name = entry.spec.name.clone().unwrap_or_default();
+    Ok(Definition { entry, security: security.unwrap_or(ExportSecurity { name, ..Default::default() }) })
 }
 
 /// Reads and checks `path`. The message names the file and, where it can,

@@ -43,6 +43,126 @@ pub enum CtlAction {
     /// Requests per export and command: counts, bytes, errors, latency
     /// (doc/metrics.md).
     Stats,
+    /// Exports added and removed while serving.
+    #[command(subcommand)]
+    Export(ExportAction),
+    /// Apply the config file's exports again (what SIGHUP does): new ones
+    /// appear, removed ones stop taking clients, unchanged ones are left
+    /// alone (doc/config.md).
+    Reload {
+        /// Close the connections of removed and changed exports (in-flight
+        /// requests are answered first).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExportAction {
+    /// Serve a new export. Give exactly one of --path, --memory, --layer
+    /// (repeated, highest first) and --throwaway-over; the other options
+    /// are a config file's [[export]] keys, which --table gives as JSON.
+    Add(Box<ExportAddArgs>),
+    /// Stop offering an export; its connections finish first.
+    Remove {
+        export: String,
+        /// Close its connections now (in-flight requests are answered).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Every export: where it came from, its state and its connections.
+    List,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportAddArgs {
+    /// The export's name (any UTF-8).
+    pub name: String,
+    #[arg(long, value_name = "FILE")]
+    pub path: Option<PathBuf>,
+    /// A sparse in-memory export of this size (e.g. 1G).
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// A layer of a layered export, highest (the writable top) first.
+    #[arg(long = "layer", value_name = "FILE")]
+    pub layers: Vec<PathBuf>,
+    /// A throwaway top over these read-only layers, highest first.
+    #[arg(long = "throwaway-over", value_name = "FILE")]
+    pub throwaway: Vec<PathBuf>,
+    #[arg(long, value_name = "TEXT")]
+    pub description: Option<String>,
+    #[arg(long)]
+    pub read_only: bool,
+    /// Buffered I/O instead of O_DIRECT.
+    #[arg(long)]
+    pub no_direct: bool,
+    /// Track changes (checkpoints, dirty bitmaps).
+    #[arg(long)]
+    pub track: bool,
+    /// Checkpoints to create where absent (implies --track).
+    #[arg(long = "checkpoint", value_name = "NAME")]
+    pub checkpoints: Vec<String>,
+    #[arg(long)]
+    pub tls_only: bool,
+    /// Allow rules of this export (dn:, psk:, addr:, uid:).
+    #[arg(long, value_name = "RULE")]
+    pub allow: Vec<String>,
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// More keys of the export table, as a JSON object (they win).
+    #[arg(long, value_name = "JSON")]
+    pub table: Option<String>,
+}
+
+impl ExportAddArgs {
+    /// The request's export table.
+    fn table(&self) -> Result<Value, String> {
+        let mut table = serde_json::json!({ "name": self.name });
+        let mut set = |key: &str, value: Value| {
+            table[key] = value;
+        };
+        if let Some(path) = &self.path {
+            set("path", serde_json::json!(path));
+        }
+        if let Some(memory) = &self.memory {
+            set("memory", serde_json::json!(memory));
+        }
+        if !self.layers.is_empty() {
+            set("layers", serde_json::json!(self.layers));
+        }
+        if !self.throwaway.is_empty() {
+            set("throwaway", serde_json::json!(self.throwaway));
+        }
+        if let Some(text) = &self.description {
+            set("description", serde_json::json!(text));
+        }
+        for (key, on) in [("read-only", self.read_only), ("track", self.track), ("tls-only", self.tls_only)] {
+            if on {
+                set(key, Value::Bool(true));
+            }
+        }
+        if self.no_direct {
+            set("direct", Value::Bool(false));
+        }
+        if !self.checkpoints.is_empty() {
+            set("checkpoints", serde_json::json!(self.checkpoints));
+        }
+        if !self.allow.is_empty() {
+            set("allow", serde_json::json!(self.allow));
+        }
+        if let Some(max) = self.max_connections {
+            set("max-connections", serde_json::json!(max));
+        }
+        if let Some(text) = &self.table {
+            let Ok(Value::Object(extra)) = serde_json::from_str::<Value>(text) else {
+                return Err("--table: not a JSON object".into());
+            };
+            for (key, value) in extra {
+                table[key.as_str()] = value;
+            }
+        }
+        Ok(table)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -68,8 +188,8 @@ pub enum CheckpointAction {
 }
 
 impl CtlAction {
-    fn verb(&self) -> Verb {
-        match self {
+    fn verb(&self) -> Result<Verb, String> {
+        Ok(match self {
             CtlAction::Status => Verb::Status,
             CtlAction::Checkpoint(CheckpointAction::Create { export, name }) => {
                 Verb::CheckpointCreate { export: export.clone(), name: name.clone() }
@@ -87,7 +207,13 @@ impl CtlAction {
             }
             CtlAction::Commit { export } => Verb::LayerCommit { export: export.clone() },
             CtlAction::Stats => Verb::Stats,
-        }
+            CtlAction::Export(ExportAction::Add(args)) => Verb::ExportAdd { export: args.table()? },
+            CtlAction::Export(ExportAction::Remove { export, force }) => {
+                Verb::ExportRemove { export: export.clone(), force: *force }
+            }
+            CtlAction::Export(ExportAction::List) => Verb::ExportList,
+            CtlAction::Reload { force } => Verb::Reload { force: *force },
+        })
     }
 }
 
@@ -98,7 +224,14 @@ pub fn run(args: &CtlArgs) -> ExitCode {
         eprintln!("ringnbd ctl: no control socket: give --control PATH or set {CONTROL_ENV}");
         return ExitCode::from(2);
     };
-    let reply = match client::call(&socket, args.action.verb()) {
+    let verb = match args.action.verb() {
+        Ok(verb) => verb,
+        Err(e) => {
+            eprintln!("ringnbd ctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let reply = match client::call(&socket, verb) {
         Ok(reply) => reply,
         Err(e) => {
             eprintln!("ringnbd ctl: {}: {e}", socket.display());
@@ -112,7 +245,9 @@ pub fn run(args: &CtlArgs) -> ExitCode {
     match reply {
         Reply { ok: true, result: Some(result), .. } => {
             print!("{}", describe(&args.action, &result));
-            ExitCode::SUCCESS
+            // A reload that could not apply every export did not do its job.
+            let partial = result["errors"].as_array().is_some_and(|errors| !errors.is_empty());
+            if partial { ExitCode::from(1) } else { ExitCode::SUCCESS }
         }
         Reply { error: Some(error), .. } => {
             let kind = serde_json::to_value(error.kind).ok().and_then(|k| k.as_str().map(String::from));
@@ -222,6 +357,54 @@ fn describe(action: &CtlAction, result: &Value) -> String {
             out += &format!("deleted snapshot export {}\n", text(&result["name"]));
         }
         CtlAction::Stats => out += &stats_table(result),
+        CtlAction::Export(ExportAction::Add(_)) => {
+            out += &format!(
+                "added export {} ({} bytes, {})\n",
+                result["name"],
+                text(&result["size"]),
+                if result["read_only"] == Value::Bool(true) { "read-only" } else { "read-write" }
+            );
+        }
+        CtlAction::Export(ExportAction::Remove { .. }) => {
+            out += &format!(
+                "removed export {}; {} connection(s) {}\n",
+                result["export"],
+                text(&result["connections"]),
+                if result["forced"] == Value::Bool(true) { "closing" } else { "finishing" }
+            );
+        }
+        CtlAction::Export(ExportAction::List) => {
+            out +=
+                &format!("{:<32} {:<13} {:<9} {:>6} {:>16} {}\n", "EXPORT", "ORIGIN", "STATE", "CONNS", "SIZE", "MODE");
+            for e in result["exports"].as_array().into_iter().flatten() {
+                let mode = if e["read_only"] == Value::Bool(true) { "read-only" } else { "read-write" };
+                let connections =
+                    if e["state"] == "waiting" { &e["waiting_for_connections"] } else { &e["connections"] };
+                out += &format!(
+                    "{:<32} {:<13} {:<9} {:>6} {:>16} {}\n",
+                    text(&e["name"]),
+                    text(&e["origin"]),
+                    text(&e["state"]),
+                    text(connections),
+                    text(&e["size"]),
+                    if e["state"] == "waiting" { "-" } else { mode }
+                );
+            }
+        }
+        CtlAction::Reload { .. } => {
+            for key in ["added", "removed", "changed", "waiting", "unchanged"] {
+                let names: Vec<String> = result[key].as_array().into_iter().flatten().map(text).collect();
+                if !names.is_empty() {
+                    out += &format!("{key}: {}\n", names.join(", "));
+                }
+            }
+            for e in result["errors"].as_array().into_iter().flatten() {
+                out += &format!("error: export {}: {}\n", e["export"], text(&e["message"]));
+            }
+            if out.is_empty() {
+                out += "nothing to change\n";
+            }
+        }
         CtlAction::Commit { .. } => {
             out += &format!(
                 "committed {} chunk(s) ({} bytes) of export {} into {} in {} ms\n",

@@ -2,6 +2,7 @@
 //! `ringnbd ctl ...` talks to a running server's control socket.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -508,6 +509,22 @@ impl Cli {
         }
     }
 
+    /// Definitions of exports added while serving: the config file (read
+    /// again on a reload) and the parser of `ctl export add` tables.
+    fn definition_source(&self) -> crate::server::DefinitionSource {
+        let config = self.config.clone().map(|path| {
+            let reading = path.clone();
+            let read: Arc<crate::server::ReadConfig> =
+                Arc::new(move || config::read(&reading).map(|(_, exports)| exports.definitions()));
+            (path, read)
+        });
+        crate::server::DefinitionSource {
+            config,
+            at_start: self.config_exports.definitions(),
+            parse: Some(Arc::new(config::definition_from_json)),
+        }
+    }
+
     pub fn server_config(&self) -> ServerConfig {
         let listed = self.cpus.as_ref().map(|c| c.0.len().min(1024));
         let threads = self
@@ -574,6 +591,8 @@ impl Cli {
                 count_requests: self.stats,
                 verbose: self.verbose,
             },
+            export_options: self.export_options(),
+            definitions: self.definition_source(),
             verbose: self.verbose,
         }
     }

@@ -27,7 +27,7 @@ pub struct Request {
     pub verb: Verb,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "verb", rename_all = "kebab-case")]
 pub enum Verb {
     /// The server, its exports and what each tracks.
@@ -63,6 +63,25 @@ pub enum Verb {
     },
     /// Request counters per export and per worker (doc/metrics.md).
     Stats,
+    /// A new export, defined by a table with the keys of a config file's
+    /// `[[export]]` (doc/config.md).
+    ExportAdd {
+        export: Value,
+    },
+    /// Stop offering an export; its connections finish, or with `force`
+    /// are closed as at shutdown.
+    ExportRemove {
+        export: String,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Every export, with where it came from and its state.
+    ExportList,
+    /// Apply the config file's exports again (as SIGHUP does).
+    Reload {
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 /// Why a request failed; serialized in kebab-case as the error's `kind`.
@@ -97,6 +116,8 @@ pub enum ErrorKind {
     NotLayered,
     /// Request counting is off (`--stats off`).
     NotCounting,
+    /// The config file could not be read on a reload (nothing changed).
+    BadConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -9,12 +9,11 @@
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
-use std::sync::Arc;
 use std::time::Instant;
 
 use slab::Slab;
 
-use crate::export::Export;
+use crate::export::Attachment;
 use crate::meta::context::SelectedContext;
 use crate::net::access::Slot;
 use crate::proto::transmission::{ReplyMode, RequestLimits};
@@ -43,6 +42,8 @@ pub enum CloseReason {
     StallTimeout,
     Shutdown,
     DrainDeadline,
+    /// The export was removed with `--force`.
+    ExportRemoved,
 }
 
 impl std::fmt::Display for CloseReason {
@@ -59,6 +60,7 @@ impl std::fmt::Display for CloseReason {
             CloseReason::StallTimeout => write!(f, "no progress from the client within --stall-timeout"),
             CloseReason::Shutdown => write!(f, "server shutting down"),
             CloseReason::DrainDeadline => write!(f, "still busy at the shutdown deadline"),
+            CloseReason::ExportRemoved => write!(f, "the export was removed (--force)"),
         }
     }
 }
@@ -130,7 +132,8 @@ pub struct Conn {
     pub socket: OwnedFd,
     /// Who the client is, for log lines.
     pub peer: String,
-    pub export: Arc<Export>,
+    /// The export, counted as in use while the connection lives.
+    pub export: Attachment,
     pub limits: RequestLimits,
     pub contexts: Vec<SelectedContext>,
     /// The IDs of `contexts`, in order (for BLOCK_STATUS payloads).
@@ -184,7 +187,7 @@ impl Conn {
     pub fn new(
         socket: OwnedFd,
         peer: String,
-        export: Arc<Export>,
+        export: Attachment,
         limits: RequestLimits,
         contexts: Vec<SelectedContext>,
         queue_capacity: usize,

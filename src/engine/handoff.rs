@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::Sender;
 
-use crate::export::Export;
+use crate::export::{Attachment, Export};
 use crate::meta::context::{ContextSource, SelectedContext};
 use crate::net::access::Slot;
 use crate::proto::handshake::{ExportInfo, Negotiated};
@@ -50,8 +50,9 @@ pub trait Offers: Send + Sync {
 pub struct NewConnection {
     pub socket: OwnedFd,
     pub negotiated: Negotiated,
-    /// The export negotiated (it may have left the offer since).
-    pub export: Arc<Export>,
+    /// The export negotiated, counted as in use (it may have left the
+    /// offer since the handshake began, but it was not removed).
+    pub export: Attachment,
     pub contexts: Vec<SelectedContext>,
     pub peer: String,
     /// The core the socket's packets arrive on (SO_INCOMING_CPU), or for a
@@ -77,6 +78,11 @@ pub enum WorkerMessage {
     /// Let held-back mutations of `image` go.
     Thaw {
         image: usize,
+    },
+    /// Close every connection to `export` as at shutdown: no new requests,
+    /// the ones in flight answered (an export removed with `--force`).
+    CloseExport {
+        export: Arc<Export>,
     },
     /// Send a copy of the request counters (dropped unanswered when
     /// counting is off).

@@ -31,13 +31,15 @@ pub struct Catalog {
     /// the server started with are their positions (workers index
     /// per-image state by them), later ones come after.
     next_image_id: AtomicUsize,
+    /// Ids of images that are gone, for reuse.
+    free_image_ids: Mutex<Vec<usize>>,
 }
 
 impl Catalog {
     pub fn new(exports: Arc<[Arc<Export>]>) -> Self {
         let current = Mutex::new(Arc::new(build(&exports)));
         let next_image_id = AtomicUsize::new(super::images(&exports).len());
-        Self { exports: Mutex::new(exports), current, next_image_id }
+        Self { exports: Mutex::new(exports), current, next_image_id, free_image_ids: Mutex::new(Vec::new()) }
     }
 
     /// The exports on offer now.
@@ -49,9 +51,33 @@ impl Catalog {
         self.exports().iter().find(|e| e.info.name == name).cloned()
     }
 
-    /// An id for an image added while serving.
+    /// An id for an image added while serving: one given back, else the
+    /// next unused one (so ids stay dense: workers keep state by id).
     pub fn new_image_id(&self) -> usize {
+        if let Some(id) = self.free_image_ids.lock().expect("catalog lock").pop() {
+            return id;
+        }
         self.next_image_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Gives back the id of an image nothing serves any more (no
+    /// connection to it is left, so no worker holds state for it).
+    pub fn release_image_id(&self, id: usize) {
+        self.free_image_ids.lock().expect("catalog lock").push(id);
+    }
+
+    /// Offers `export` in place of the export of the same name (in the
+    /// same position); connections to the old one keep it. None if there
+    /// is no export of that name.
+    pub fn replace(&self, export: Arc<Export>) -> Option<Arc<Export>> {
+        let mut exports = self.exports.lock().expect("catalog lock");
+        let position = exports.iter().position(|e| e.info.name == export.info.name)?;
+        let old = Arc::clone(&exports[position]);
+        let mut next = exports.to_vec();
+        next[position] = export;
+        *exports = next.into();
+        self.publish(&exports);
+        Some(old)
     }
 
     /// Offers `export` to handshakes from now on. Fails (giving it back)
@@ -128,4 +154,54 @@ fn contexts_of(export: &Export) -> Vec<(String, Arc<dyn ContextSource>)> {
         out.push((changes::checkpoint_name(checkpoint), since(checkpoint.era)));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::{ExportOptions, TrackOptions, Usage, open_all};
+
+    fn exports(specs: &[&str]) -> Vec<Arc<Export>> {
+        let options = ExportOptions {
+            read_only: false,
+            direct_io: false,
+            descriptions: Vec::new(),
+            payload_bytes_max: 1 << 25,
+            extent_cache_entries: 0,
+            strict_alignment: false,
+            tracking: TrackOptions::default(),
+            checkpoints: Vec::new(),
+        };
+        let specs: Vec<_> = specs.iter().map(|s| s.parse().unwrap()).collect();
+        open_all(&specs, &options).unwrap().into_iter().map(Arc::new).collect()
+    }
+
+    #[test]
+    fn replacing_keeps_the_position_and_handshakes_see_the_new_export() {
+        let start = exports(&["a=memory:1M", "b=memory:1M"]);
+        let catalog = Catalog::new(start.iter().cloned().collect());
+        let before = catalog.current();
+        let mut info = start[0].info.clone();
+        info.description = "new".into();
+        let new =
+            Arc::new(Export { info, image: Arc::clone(&start[0].image), read_only: false, usage: Usage::default() });
+        let old = catalog.replace(Arc::clone(&new)).unwrap();
+        assert!(Arc::ptr_eq(&old, &start[0]));
+        let after = catalog.current();
+        assert_eq!(after.exports.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(after.exports[0].description, "new");
+        assert!(Arc::ptr_eq(&after.targets[0], &new));
+        assert_ne!(before.exports[0].description, "new", "a handshake already under way keeps its offer");
+        assert!(catalog.replace(exports(&["zzz=memory:1M"]).remove(0)).is_none());
+    }
+
+    #[test]
+    fn image_ids_given_back_are_reused_before_new_ones() {
+        let catalog = Catalog::new(exports(&["a=memory:1M", "b=memory:1M"]).into());
+        let (first, second) = (catalog.new_image_id(), catalog.new_image_id());
+        assert_eq!((first, second), (2, 3), "after the start images");
+        catalog.release_image_id(first);
+        assert_eq!(catalog.new_image_id(), 2);
+        assert_eq!(catalog.new_image_id(), 4);
+    }
 }

@@ -8,8 +8,8 @@ pub mod flags;
 pub mod image;
 pub mod snapshot;
 pub mod tracking;
+pub mod usage;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -21,6 +21,7 @@ use crate::proto::handshake::ExportInfo;
 pub use catalog::Catalog;
 pub use image::Image;
 pub use tracking::TrackOptions;
+pub use usage::{Attachment, Usage};
 
 /// What to export and under which name, before it is opened (from the
 /// command line today; `cli::export_spec` parses it).
@@ -52,6 +53,9 @@ pub enum ExportError {
     /// Another process holds the image's lock.
     #[error("{0}: in use by another process (a second ringnbd, or qemu, holds its lock)")]
     InUse(std::path::PathBuf),
+    /// A writable export of a file another export serves read-only.
+    #[error("{0}: already served read-only by another export; serve it writable there too, or read-only here")]
+    ReadOnlyShared(std::path::PathBuf),
     /// `--checkpoint` for an export without tracking, or a bad name.
     #[error("--checkpoint {0}")]
     Checkpoint(String),
@@ -80,6 +84,8 @@ pub struct Export {
     pub info: ExportInfo,
     pub image: Arc<Image>,
     pub read_only: bool,
+    /// Its connections, and whether it has been removed.
+    pub usage: Usage,
 }
 
 impl Export {
@@ -111,7 +117,7 @@ impl Export {
             contexts: Vec::new(),
             tls_only: false,
         };
-        Self { info, image, read_only: options.read_only }
+        Self { info, image, read_only: options.read_only, usage: Usage::default() }
     }
 }
 
@@ -173,39 +179,16 @@ pub fn open_all(specs: &[ExportSpec], options: &ExportOptions) -> Result<Vec<Exp
 /// [`open_all`] for exports that may set options of their own.
 pub fn open_entries(entries: &[ExportEntry], global: &ExportOptions) -> Result<Vec<Export>, ExportError> {
     let mut exports: Vec<Export> = Vec::with_capacity(entries.len());
-    let mut images: HashMap<FileIdentity, Arc<Image>> = HashMap::new();
+    // Ids of the images the server starts with are 0, 1, ... in order.
     let mut next_id = 0;
-    let mut new_image =
-        |mut backend: Backend, cache_entries: usize, options: &ExportOptions| -> Result<Arc<Image>, ExportError> {
-            let track = tracking::open(&backend, &options.tracking, options.read_only)?;
-            if let Backend::File(file) = &mut backend {
-                file.probe_hole_punching();
-            }
-            next_id += 1;
-            Ok(Arc::new(Image::new(next_id - 1, backend, cache_entries, track)))
-        };
     for (index, entry) in entries.iter().enumerate() {
-        let (spec, options) = (&entry.spec, global.with(&entry.overrides));
-        let image = match &spec.source {
-            Source::File(path) => {
-                let file = FileBackend::open(path, options.read_only, options.direct_io)?;
-                match images.get(&file.identity) {
-                    Some(image) => Arc::clone(image),
-                    None => {
-                        let identity = file.identity;
-                        let image = new_image(Backend::File(file), options.extent_cache_entries, &options)?;
-                        images.insert(identity, Arc::clone(&image));
-                        image
-                    }
-                }
-            }
-            Source::Memory(size) => new_image(Backend::Memory(MemoryBackend::new(*size)), 0, &options)?,
-            Source::Layers(layers) => {
-                let layered = Layered::open(layers, options.read_only, options.direct_io)?;
-                new_image(Backend::Layered(layered), 0, &options)?
-            }
+        let shared = |identity: &FileIdentity| {
+            exports.iter().find(|e| file_identity(&e.image) == Some(*identity)).map(|e| Arc::clone(&e.image))
         };
-        let export = Export::new(spec, index, image, &options);
+        let export = open_entry(entry, global, index, &shared, next_id)?;
+        if export.image.id == next_id {
+            next_id += 1;
+        }
         if exports.iter().any(|e| e.info.name == export.info.name) {
             return Err(ExportError::DuplicateName(export.info.name));
         }
@@ -222,6 +205,64 @@ pub fn open_entries(entries: &[ExportEntry], global: &ExportOptions) -> Result<V
         }
     }
     Ok(exports)
+}
+
+/// What an export says about itself when nothing sets its description.
+pub fn default_description(image: &Image, read_only: bool) -> String {
+    flags::describe(&image.backend, read_only)
+}
+
+/// Which file an image serves, for a plain file export.
+pub fn file_identity(image: &Image) -> Option<FileIdentity> {
+    match &image.backend {
+        Backend::File(file) => Some(file.identity),
+        _ => None,
+    }
+}
+
+/// Opens one export: a file already open in `shared` (found by identity)
+/// is served through its image, so every export of a file sees one extent
+/// cache and one set of block locks; anything else gets a new image with
+/// `id`. `index` names unnamed exports. The export's own description and
+/// checkpoints are left to the caller.
+pub fn open_entry(
+    entry: &ExportEntry,
+    global: &ExportOptions,
+    index: usize,
+    shared: &dyn Fn(&FileIdentity) -> Option<Arc<Image>>,
+    id: usize,
+) -> Result<Export, ExportError> {
+    let (spec, options) = (&entry.spec, global.with(&entry.overrides));
+    let new_image = |mut backend: Backend, cache_entries: usize| -> Result<Arc<Image>, ExportError> {
+        let track = tracking::open(&backend, &options.tracking, options.read_only)?;
+        if let Backend::File(file) = &mut backend {
+            file.probe_hole_punching();
+        }
+        Ok(Arc::new(Image::new(id, backend, cache_entries, track)))
+    };
+    let image = match &spec.source {
+        Source::File(path) => {
+            let file = FileBackend::open(path, options.read_only, options.direct_io)?;
+            match shared(&file.identity) {
+                Some(image) => {
+                    if let Backend::File(open) = &image.backend
+                        && open.is_read_only()
+                        && !options.read_only
+                    {
+                        return Err(ExportError::ReadOnlyShared(path.clone()));
+                    }
+                    image
+                }
+                None => new_image(Backend::File(file), options.extent_cache_entries)?,
+            }
+        }
+        Source::Memory(size) => new_image(Backend::Memory(MemoryBackend::new(*size)), 0)?,
+        Source::Layers(layers) => {
+            let layered = Layered::open(layers, options.read_only, options.direct_io)?;
+            new_image(Backend::Layered(layered), 0)?
+        }
+    };
+    Ok(Export::new(spec, index, image, &options))
 }
 
 /// `--checkpoint [EXPORT=]NAME`: created where absent, before any client
@@ -247,7 +288,7 @@ fn create_start_checkpoints(exports: &[Export], wanted: &[String]) -> Result<(),
 
 /// Creates checkpoint `name` on `export` unless it exists; `asked` is how
 /// it was asked for, for messages.
-fn create_start_checkpoint(export: &Export, name: &str, asked: &str) -> Result<(), ExportError> {
+pub fn create_start_checkpoint(export: &Export, name: &str, asked: &str) -> Result<(), ExportError> {
     let Some(tracker) = &export.image.track else {
         return Err(ExportError::Checkpoint(format!(
             "{asked}: export {:?} is not tracked (add --track, or track = true in its table)",
@@ -269,7 +310,7 @@ fn create_start_checkpoint(export: &Export, name: &str, asked: &str) -> Result<(
 
 /// Gives each export the description meant for it (see
 /// `ExportOptions::descriptions`).
-fn apply_descriptions(exports: &mut [Export], descriptions: &[String]) {
+pub fn apply_descriptions(exports: &mut [Export], descriptions: &[String]) {
     let names: Vec<String> = exports.iter().map(|e| e.info.name.clone()).collect();
     fn named<'a>(text: &'a str, names: &[String]) -> Option<(&'a str, &'a str)> {
         text.split_once('=').filter(|(name, _)| names.iter().any(|n| n == name))

@@ -195,7 +195,7 @@ pub fn open_export(
     info.description = format!("snapshot of {:?} at checkpoint {checkpoint:?}", live.info.name);
     info.flags = flags::transmission_flags(&backend, true);
     let image = Image::new(image_id, backend, cache_entries, Some(Arc::new(changes)));
-    Ok(Export { info, image: Arc::new(image), read_only: true })
+    Ok(Export { info, image: Arc::new(image), read_only: true, usage: Default::default() })
 }
 
 /// A snapshot being served.

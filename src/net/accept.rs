@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use crate::engine::handoff::{NewConnection, Offers};
 use crate::proto::handshake::{HandshakeLimits, Negotiated};
 
-use super::access::{AccessPolicy, ClientGate, ConnectionLimits, Peer, Slot};
+use super::access::{ClientGate, ConnectionLimits, Peer, SharedPolicy, Slot};
 use super::admission::{Handshakes, Ticket};
 use super::listener::Listener;
 use super::negotiate::{NegotiateError, Observer, Terms, TimedStream, negotiate};
@@ -52,7 +52,7 @@ pub struct AcceptConfig {
     pub shutdown: Arc<AtomicBool>,
     /// STARTTLS, when `--tls` is on or required.
     pub tls: Option<Arc<TlsServer>>,
-    pub access: AccessPolicy,
+    pub access: Arc<SharedPolicy>,
     pub limits: Arc<ConnectionLimits>,
 }
 
@@ -336,6 +336,12 @@ fn handshake(socket: Socket, ticket: Ticket, config: &AcceptConfig, dispatch: &d
     drop(ticket);
     match result {
         Ok(Some(Agreed { negotiated, export, contexts, tls, slot })) => {
+            let Some(export) = export.attach() else {
+                // Removed while this client negotiated it: the client sees
+                // the connection close as it starts transmission.
+                crate::note!("{peer}: export {:?} was removed during the handshake; closing", export.info.name);
+                return false;
+            };
             let incoming_cpu = incoming_cpu(&fd).or_else(current_cpu);
             dispatch.dispatch(NewConnection {
                 socket: fd,
@@ -439,9 +445,10 @@ fn run<S: TimedStream>(
     facts: Peer,
 ) -> Result<Option<Agreed>, NegotiateError> {
     let offer = config.offers.current();
+    let policy = config.access.current();
     let gate = ClientGate {
         exports: &offer.exports,
-        policy: &config.access,
+        policy: &policy,
         limits: &config.limits,
         peer: facts,
         identity: Default::default(),

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use thiserror::Error;
 
@@ -165,6 +165,33 @@ impl AccessPolicy {
     }
 }
 
+/// The access rules handshakes use; exports added, changed or removed
+/// while serving replace them (a handshake keeps the rules it started with).
+#[derive(Debug, Default)]
+pub struct SharedPolicy(RwLock<Arc<AccessPolicy>>);
+
+impl SharedPolicy {
+    pub fn new(policy: AccessPolicy) -> Self {
+        Self(RwLock::new(Arc::new(policy)))
+    }
+
+    pub fn current(&self) -> Arc<AccessPolicy> {
+        Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Sets the export's own rules (none: everyone the global rules let in).
+    pub fn set_export(&self, export: &str, rules: Vec<Rule>) {
+        let mut current = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let mut next = AccessPolicy::clone(&current);
+        if rules.is_empty() {
+            next.per_export.remove(export);
+        } else {
+            next.per_export.insert(export.to_owned(), rules);
+        }
+        *current = Arc::new(next);
+    }
+}
+
 /// `--max-connections` and its per-export and per-address forms.
 #[derive(Debug, Clone, Default)]
 pub struct LimitConfig {
@@ -175,6 +202,8 @@ pub struct LimitConfig {
 
 #[derive(Debug, Default)]
 struct Counts {
+    /// Per-export maximums change with the exports (see `set_export_max`).
+    per_export_max: HashMap<String, usize>,
     total: usize,
     per_export: HashMap<String, usize>,
     per_address: HashMap<String, usize>,
@@ -227,8 +256,9 @@ fn decrement(map: &mut HashMap<String, usize>, key: &str) {
 }
 
 impl ConnectionLimits {
-    pub fn new(config: LimitConfig) -> Arc<Self> {
-        Arc::new(Self { config, counts: Mutex::new(Counts::default()), on_idle: Default::default() })
+    pub fn new(mut config: LimitConfig) -> Arc<Self> {
+        let counts = Counts { per_export_max: std::mem::take(&mut config.per_export_max), ..Default::default() };
+        Arc::new(Self { config, counts: Mutex::new(counts), on_idle: Default::default() })
     }
 
     /// Calls `f` each time the last transmission connection closes. Set
@@ -246,7 +276,7 @@ impl ConnectionLimits {
         {
             return Err(format!("the server has its maximum of {max} connections"));
         }
-        if let Some(&max) = self.config.per_export_max.get(export)
+        if let Some(&max) = counts.per_export_max.get(export)
             && counts.per_export.get(export).copied().unwrap_or(0) >= max
         {
             return Err(format!("the export has its maximum of {max} connections"));
@@ -260,6 +290,16 @@ impl ConnectionLimits {
         *counts.per_export.entry(export.to_owned()).or_default() += 1;
         *counts.per_address.entry(address.to_owned()).or_default() += 1;
         Ok(Slot { limits: Arc::clone(self), export: export.to_owned(), address: address.to_owned() })
+    }
+
+    /// Sets or clears an export's own maximum; connections it has beyond
+    /// a lowered one stay, new ones wait for the count to drop below it.
+    pub fn set_export_max(&self, export: &str, max: Option<usize>) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        match max {
+            Some(max) => counts.per_export_max.insert(export.to_owned(), max),
+            None => counts.per_export_max.remove(export),
+        };
     }
 
     pub fn total(&self) -> usize {
@@ -359,6 +399,27 @@ mod tests {
         let d = limits.claim("small", "C").unwrap();
         drop((b, c, d));
         assert_eq!(limits.total(), 0);
+    }
+
+    #[test]
+    fn export_rules_and_limits_change_while_serving() {
+        let shared = SharedPolicy::new(AccessPolicy::default());
+        let before = shared.current();
+        shared.set_export("disk", vec!["addr:10.0.0.0/8".parse().unwrap()]);
+        assert!(shared.current().check("disk", &tcp("127.0.0.1"), None).is_err());
+        assert!(before.check("disk", &tcp("127.0.0.1"), None).is_ok(), "a handshake keeps the rules it began with");
+        shared.set_export("disk", Vec::new());
+        assert!(shared.current().check("disk", &tcp("127.0.0.1"), None).is_ok());
+
+        let limits = ConnectionLimits::new(LimitConfig::default());
+        let a = limits.claim("disk", "A").unwrap();
+        limits.set_export_max("disk", Some(1));
+        assert!(limits.claim("disk", "B").is_err(), "a lowered limit holds new clients back");
+        drop(a);
+        let b = limits.claim("disk", "B").unwrap();
+        limits.set_export_max("disk", None);
+        let c = limits.claim("disk", "C").unwrap();
+        drop((b, c));
     }
 
     #[test]

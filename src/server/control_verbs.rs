@@ -39,6 +39,8 @@ pub struct Verbs {
     pub changing: Mutex<()>,
     /// Workers count requests (`--stats on`).
     pub counting: bool,
+    /// Exports added and removed while serving (set once, before serving).
+    pub admin: std::sync::OnceLock<Arc<super::export_admin::ExportAdmin>>,
 }
 
 fn error(kind: ErrorKind, message: impl Into<String>) -> ControlError {
@@ -364,6 +366,12 @@ impl Verbs {
     }
 }
 
+impl Verbs {
+    fn admin(&self) -> &super::export_admin::ExportAdmin {
+        self.admin.get().expect("the export admin is set before serving")
+    }
+}
+
 impl Handler for Verbs {
     fn handle(&self, verb: &Verb) -> Result<Value, ControlError> {
         match verb {
@@ -376,6 +384,10 @@ impl Handler for Verbs {
             Verb::SnapshotDelete { export, name } => self.snapshot_delete(export, name),
             Verb::LayerCommit { export } => self.layer_commit(export),
             Verb::Stats => self.stats(),
+            Verb::ExportAdd { export } => self.admin().add_from_request(export),
+            Verb::ExportRemove { export, force } => self.admin().remove_named(export, *force),
+            Verb::ExportList => Ok(self.admin().list()),
+            Verb::Reload { force } => self.admin().reload(*force),
         }
     }
 }

@@ -5,6 +5,8 @@
 mod banner;
 mod captive;
 mod control_verbs;
+mod export_admin;
+mod finish;
 mod process;
 mod security;
 mod stats;
@@ -25,14 +27,14 @@ use crate::engine::EngineError;
 use crate::engine::handoff::Offers;
 use crate::engine::worker::WorkerConfig;
 use crate::export::snapshot::Snapshots;
-use crate::export::{self, Catalog, Export, Image};
+use crate::export::{Catalog, Export, ExportOptions};
 use crate::net::accept::{AcceptConfig, Dispatch, accept_loop, serve_one};
 use crate::net::activation::{self, ActivationError, ListenEnv};
 use crate::net::listener::{Listener, NetError};
 use crate::proto::handshake::HandshakeLimits;
-use crate::track::ImageStat;
 
 pub use captive::PRIVATE_SOCKET;
+pub use export_admin::{Definition, DefinitionSource, ParseDefinition, ReadConfig};
 pub use process::Identity;
 pub use security::{ExportSecurity, SecurityConfig};
 use system::{block_signals, eventfd, raise_file_limit, signal, system, wait_for_signal};
@@ -112,6 +114,10 @@ pub struct ServerConfig {
     pub process: ProcessConfig,
     pub worker: WorkerConfig,
     pub verbose: bool,
+    /// The options exports added while serving are opened with.
+    pub export_options: ExportOptions,
+    /// Where exports added while serving, and reloads, get definitions.
+    pub definitions: DefinitionSource,
 }
 
 pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<Served, ServerError> {
@@ -146,7 +152,7 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<Served, S
     let exports: Arc<[Arc<Export>]> = exports.into_iter().map(Arc::new).collect();
     let catalog = Arc::new(Catalog::new(Arc::clone(&exports)));
     let shutdown = Arc::new(AtomicBool::new(false));
-    let (workers, threads) = spawn_workers(&config, &exports, &shutdown)?;
+    let (workers, threads) = spawn_workers(&config, &shutdown)?;
     let workers = Arc::new(workers);
     let snapshots = Arc::new(Snapshots::default());
     let verbs = Arc::new(control_verbs::Verbs {
@@ -157,6 +163,7 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<Served, S
         started: Instant::now(),
         changing: Mutex::new(()),
         counting: config.worker.count_requests,
+        admin: std::sync::OnceLock::new(),
     });
     // Before any client can connect, so scripts find them from the start.
     if let Err(e) = take_start_snapshots(&verbs, &exports, &config.snapshots) {
@@ -169,6 +176,30 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<Served, S
         let stop = Arc::clone(&stop_request);
         security.limits.when_idle(Box::new(move || stop.stop("the last client disconnected".into())));
     }
+    let access = Arc::new(crate::net::access::SharedPolicy::new(security.access));
+    let admin = Arc::new(export_admin::ExportAdmin::new(
+        Arc::clone(&catalog),
+        Arc::clone(&workers),
+        Arc::clone(&access),
+        Arc::clone(&security.limits),
+        config.security.clone(),
+        config.export_options.clone(),
+        config.definitions.clone(),
+        Arc::clone(&snapshots),
+    ));
+    let _ = verbs.admin.set(Arc::clone(&admin));
+    let reaper = {
+        let (admin, shutdown) = (Arc::clone(&admin), Arc::clone(&shutdown));
+        std::thread::Builder::new()
+            .name("ringnbd-exports".into())
+            .spawn(move || {
+                while !shutdown.load(Ordering::Acquire) {
+                    std::thread::sleep(export_admin::REAP_PERIOD);
+                    admin.reap();
+                }
+            })
+            .map_err(system("spawn the export reaper"))?
+    };
     let accept_config = Arc::new(AcceptConfig {
         offers: Arc::clone(&catalog) as Arc<dyn Offers>,
         limits_handshake: HandshakeLimits::default(),
@@ -177,7 +208,7 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<Served, S
         verbose: config.verbose,
         shutdown: Arc::clone(&shutdown),
         tls: security.tls.clone(),
-        access: security.access,
+        access,
         limits: security.limits,
     });
     let stop = eventfd()?;
@@ -233,6 +264,9 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<Served, S
     if !config.process.single {
         banner::print_banner(&config, &exports, &uris);
     }
+    // From here the catalog and the export admin own the exports: a
+    // removed one must not be kept alive by the list it started in.
+    drop(exports);
     let captive = config
         .process
         .run
@@ -243,7 +277,14 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<Served, S
     let signal_number = match &captive {
         Ok(_) => loop {
             match wait_for_signal(&signals) {
-                libc::SIGHUP => reload_credentials(security.tls.as_deref()),
+                libc::SIGHUP => {
+                    reload_credentials(security.tls.as_deref());
+                    if config.definitions.config.is_some()
+                        && let Err(e) = admin.reload(false)
+                    {
+                        crate::note!("SIGHUP: the config file was not applied: {}", e.message);
+                    }
+                }
                 other => break other,
             }
         },
@@ -280,9 +321,13 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<Served, S
             first_error.get_or_insert(e);
         }
     }
-    for image in export::images(&exports) {
-        finish_image(&image, exports.iter().any(|e| !e.read_only && Arc::ptr_eq(&e.image, &image)));
+    let _ = reaper.join();
+    // Every image served, including those added while serving and those
+    // of removed exports still finishing; snapshots are released below.
+    for image in admin.images() {
+        finish::finish_image(&image, export_admin::opened_writable(&image));
     }
+    admin.clear();
     // Snapshots last as long as the server (doc/snapshots.md).
     snapshots.remove_all();
     drop((pidfile, private_dir));
@@ -390,52 +435,6 @@ fn take_start_snapshots(
         }
     }
     Ok(())
-}
-
-/// The last thing done to an image: flush it, then record the clean
-/// shutdown of its change tracking with the size and modification time it
-/// ends with, so changes made while ringnbd is not running are noticed.
-fn finish_image(image: &Image, writable: bool) {
-    if let Backend::Layered(layers) = &image.backend
-        && writable
-        && !layers.throwaway
-        && let Err(e) = layers.top.sync()
-    {
-        crate::note!("{}: final flush failed: {e}", layers.top.path.display());
-    }
-    let Backend::File(file) = &image.backend else { return };
-    if writable && let Err(e) = file.sync() {
-        crate::note!("{}: final flush failed: {e}", file.path.display());
-        // Not clean: the next start treats it like a crash (marks still cover it).
-        return;
-    }
-    let Some(tracker) = &image.track else { return };
-    let Ok(metadata) = file.metadata() else { return };
-    wait_past_modification_time(&metadata);
-    if let Err(e) = tracker.shut_down_cleanly(ImageStat::of(&metadata, file.size)) {
-        crate::note!("{}: could not record the clean shutdown: {e}", file.path.display());
-    }
-}
-
-/// Waits until the clock used for file timestamps has moved past the
-/// image's modification time, so any later write (by anyone) leaves a
-/// different one. Timestamps come from a coarse clock (a few milliseconds);
-/// a file system that keeps whole seconds (nanoseconds all zero) makes this
-/// wait up to a second.
-fn wait_past_modification_time(metadata: &std::fs::Metadata) {
-    use std::os::unix::fs::MetadataExt;
-    let (seconds, nanos) = (metadata.mtime(), metadata.mtime_nsec());
-    let whole_seconds = nanos == 0;
-    for _ in 0..2000 {
-        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: clock_gettime writes one timespec.
-        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut now) };
-        let past = if whole_seconds { now.tv_sec > seconds } else { (now.tv_sec, now.tv_nsec) > (seconds, nanos) };
-        if past {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
 }
 
 /// SIGHUP: new handshakes use credentials read afresh; connections already

@@ -109,7 +109,7 @@ impl SecurityConfig {
 
     /// Parses an allow rule and checks the credentials it needs are in use;
     /// errors start with `what`.
-    fn rule(&self, text: &str, what: &str) -> Result<Rule, String> {
+    pub(super) fn rule(&self, text: &str, what: &str) -> Result<Rule, String> {
         let rule: Rule = text.parse().map_err(|e| format!("{what}: {e}"))?;
         match (&rule, &self.credentials) {
             (Rule::Subject(_), Some(CredentialSource::X509 { verify_peer: true, .. })) => {}

@@ -15,7 +15,6 @@ use crate::engine::buffers::{Budget, UNIT_BYTES};
 use crate::engine::handoff::{NewConnection, WorkerMessage};
 use crate::engine::metrics::WorkerSnapshot;
 use crate::engine::worker::{Worker, WorkerParts};
-use crate::export::Export;
 use crate::net::accept::Dispatch;
 
 use super::system::{eventfd, signal, system};
@@ -65,7 +64,6 @@ pub(super) type WorkerThread = JoinHandle<Result<(), EngineError>>;
 
 pub(super) fn spawn_workers(
     config: &ServerConfig,
-    exports: &Arc<[Arc<Export>]>,
     shutdown: &Arc<AtomicBool>,
 ) -> Result<(Workers, Vec<WorkerThread>), ServerError> {
     // Shared by every worker: the limit is on the server, not per core.
@@ -85,7 +83,6 @@ pub(super) fn spawn_workers(
         let parts = WorkerParts {
             index,
             config: config.worker.clone(),
-            exports: Arc::clone(exports),
             incoming,
             wake_fd: Arc::clone(&wake),
             load: Arc::clone(&load),
@@ -169,6 +166,13 @@ impl Workers {
     pub(super) fn thaw(&self, image: usize) {
         for target in &self.targets {
             self.send(target, WorkerMessage::Thaw { image });
+        }
+    }
+
+    /// Closes every connection to `export` on every worker, as at shutdown.
+    pub(super) fn close_export(&self, export: &Arc<crate::export::Export>) {
+        for target in &self.targets {
+            self.send(target, WorkerMessage::CloseExport { export: Arc::clone(export) });
         }
     }
 

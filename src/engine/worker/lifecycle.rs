@@ -6,10 +6,12 @@
 //! through `hard_close` or a graceful close followed by `release_if_idle`.
 
 use serde_json::json;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use io_uring::opcode;
 
+use crate::export::Export;
 use crate::proto::transmission::RequestLimits;
 
 use super::super::conn::{CloseReason, Closing, Conn};
@@ -105,17 +107,38 @@ impl Worker {
         self.push(deadline);
         let ids: Vec<usize> = self.conns.iter().map(|(id, _)| id).collect();
         for id in ids {
-            let conn = &mut self.conns[id];
-            if conn.closing == Closing::Open {
-                conn.closing = Closing::Graceful;
-                conn.closing_because(CloseReason::Shutdown);
-            }
-            // A receive waiting for a header is cancelled.
-            if conn.recv_in_flight && conn.payload_request.is_none() {
-                let target = Token::Recv { conn: id as u32 }.encode();
-                self.push(opcode::AsyncCancel::new(target).build().user_data(Token::Cancel.encode()));
-            }
-            self.release_if_idle(id as u32);
+            self.close_gracefully(id as u32, CloseReason::Shutdown);
+        }
+    }
+
+    /// Stops reading new requests on a connection; the ones it has finish
+    /// and are answered before it closes (a WRITE payload still arriving
+    /// is received, so the write is not lost).
+    fn close_gracefully(&mut self, id: u32, reason: CloseReason) {
+        let conn = &mut self.conns[id as usize];
+        if conn.closing == Closing::Open {
+            conn.closing = Closing::Graceful;
+            conn.closing_because(reason);
+        }
+        // A receive waiting for a header is cancelled.
+        if conn.recv_in_flight && conn.payload_request.is_none() {
+            let target = Token::Recv { conn: id }.encode();
+            self.push(opcode::AsyncCancel::new(target).build().user_data(Token::Cancel.encode()));
+        }
+        self.release_if_idle(id);
+    }
+
+    /// An export removed with `--force`: its connections here close as at
+    /// shutdown, and the stall timeout bounds how long they may take.
+    pub(super) fn close_export(&mut self, export: &Arc<Export>) {
+        let ids: Vec<u32> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| Arc::ptr_eq(c.export.export(), export))
+            .map(|(id, _)| id as u32)
+            .collect();
+        for id in ids {
+            self.close_gracefully(id, CloseReason::ExportRemoved);
         }
     }
 

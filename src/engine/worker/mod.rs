@@ -33,7 +33,6 @@ use io_uring::{opcode, types};
 use slab::Slab;
 
 use super::lookup::LookupService;
-use crate::export::{Export, Image};
 use crate::proto::extent::Extent;
 
 use super::EngineError;
@@ -96,11 +95,10 @@ pub struct Worker {
     /// Buffers layered mutations copy chunks up through; dropped after the
     /// ring like `zeroes`.
     copies: CopyBuffers,
-    /// The distinct images behind the exports the server started with, by
-    /// `Image::id`. Images added while serving (snapshot exports) are
-    /// read-only: no mutation, so no gate or commit, ever reaches them.
-    images: Vec<Arc<Image>>,
-    /// Per image: the checkpoint gate and the state-file commit.
+    /// Per image, by `Image::id`: the checkpoint gate and the state-file
+    /// commit. They grow when a new id shows up (exports added while
+    /// serving); ids are reused only once every connection to the image is
+    /// gone, when both are back to their resting state.
     gates: Vec<tracking::Gate>,
     commits: Vec<tracking::Commit>,
     /// Some mutation waits for a commit not yet submitted.
@@ -150,8 +148,6 @@ pub struct Worker {
 pub struct WorkerParts {
     pub index: usize,
     pub config: WorkerConfig,
-    /// The exports the server starts with (for their images).
-    pub exports: Arc<[Arc<Export>]>,
     pub incoming: Receiver<WorkerMessage>,
     pub wake_fd: Arc<OwnedFd>,
     pub load: Arc<AtomicUsize>,
@@ -178,10 +174,6 @@ impl Worker {
         let zeroes = ZeroRegion::new().map_err(EngineError::Buffers)?;
         let copies = CopyBuffers::new().map_err(EngineError::Buffers)?;
         let lookups = LookupService::spawn(parts.index, Arc::clone(&parts.wake_fd)).map_err(EngineError::Helper)?;
-        let images = crate::export::images(&parts.exports);
-        debug_assert!(images.iter().enumerate().all(|(i, image)| image.id == i), "image ids are positions");
-        // Commit tokens carry the image id in 16 bits.
-        assert!(images.len() <= usize::from(u16::MAX), "at most 65535 images");
         let housekeeping = HOUSEKEEPING_PERIOD.min(config.stall_timeout / 2).max(Duration::from_millis(10));
         Ok(Self {
             ring,
@@ -190,10 +182,9 @@ impl Worker {
             pool,
             zeroes,
             copies,
-            gates: images.iter().map(|_| tracking::Gate::default()).collect(),
-            commits: images.iter().map(|_| tracking::Commit::default()).collect(),
+            gates: Vec::new(),
+            commits: Vec::new(),
             commit_wanted: false,
-            images,
             conns: Slab::with_capacity(64),
             requests: Slab::with_capacity(config.requests_max),
             incoming: parts.incoming,

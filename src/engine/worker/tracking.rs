@@ -22,6 +22,7 @@
 //!   invalidated: marks may be lost, so none can vouch for its changes.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use crossbeam_channel::Sender;
 use io_uring::{opcode, types};
@@ -29,6 +30,7 @@ use io_uring::{opcode, types};
 use crate::backend::file_io::client_range;
 use crate::faults;
 use crate::proto::NbdError;
+use crate::track::Tracker;
 
 use super::super::handoff::WorkerMessage;
 use super::super::user_data::Token;
@@ -62,6 +64,13 @@ pub(super) struct Commit {
     spare: Vec<Vec<u32>>,
 }
 
+/// Makes `states[id]` exist.
+fn grow_to<T: Default>(states: &mut Vec<T>, id: usize) {
+    if states.len() <= id {
+        states.resize_with(id + 1, T::default);
+    }
+}
+
 /// `a` was submitted no later than `b` (wrapping sequence numbers, with
 /// far fewer than 2^15 syncs in flight).
 fn not_after(a: u16, b: u16) -> bool {
@@ -80,7 +89,9 @@ impl Worker {
         }
         let image = &conns[req.conn as usize].export.image;
         let Some(tracker) = &image.track else { return true };
-        let gate = gates.get_mut(image.id).expect("only images the server started with take mutations");
+        grow_to(gates, image.id);
+        grow_to(commits, image.id);
+        let gate = &mut gates[image.id];
         if gate.frozen {
             gate.held.push_back(request);
             return false;
@@ -114,7 +125,7 @@ impl Worker {
             return;
         }
         for image in 0..self.commits.len() {
-            let commit = &mut self.commits[image];
+            let commit = &self.commits[image];
             if commit.waiting.is_empty() {
                 continue;
             }
@@ -122,7 +133,8 @@ impl Worker {
                 // A completion submits it (see on_commit).
                 continue;
             }
-            let fd = self.images[image].track.as_ref().and_then(|t| t.sync_fd()).expect("only state files commit");
+            let fd = self.tracker_of(commit.waiting[0]).sync_fd().expect("only state files commit");
+            let commit = &mut self.commits[image];
             let next = commit.spare.pop().unwrap_or_default();
             let group = std::mem::replace(&mut commit.waiting, next);
             let sequence = commit.next_sequence;
@@ -132,8 +144,9 @@ impl Worker {
             let token = Token::Commit { image: image as u16, sequence };
             let entry =
                 opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build().user_data(token.encode());
-            // The descriptor belongs to the image's tracker, which lives as
-            // long as the exports (longer than this worker).
+            // The descriptor belongs to the image's tracker, which lives at
+            // least as long as the connections of the mutations waiting on
+            // this sync (each holds its export, which holds the image).
             self.push(entry);
         }
     }
@@ -144,7 +157,10 @@ impl Worker {
         if !commit.waiting.is_empty() {
             self.commit_wanted = true;
         }
-        let tracker = self.images[image].track.clone().expect("only tracked images commit");
+        // Groups of failed syncs are gone; nothing waits on this one.
+        let Some((_, first)) = self.commits[image].syncing.front() else { return };
+        let tracker = Arc::clone(self.tracker_of(first[0]));
+        let commit = &self.commits[image];
         let own = commit.syncing.iter().find(|(s, _)| *s == sequence).map(|(_, group)| group);
         let injected = own.is_some_and(|group| {
             group.iter().any(|&r| {
@@ -185,6 +201,12 @@ impl Worker {
         }
     }
 
+    /// The tracker of the image a waiting mutation writes to.
+    fn tracker_of(&self, request: u32) -> &Arc<Tracker> {
+        let conn = self.requests[request as usize].conn;
+        self.conns[conn as usize].export.image.track.as_ref().expect("only tracked images commit")
+    }
+
     pub(super) fn on_control(&mut self, message: WorkerMessage) {
         match message {
             WorkerMessage::Connection(_) => unreachable!("handled by on_wake"),
@@ -194,6 +216,10 @@ impl Worker {
                     // going away; it gives up on the checkpoint.
                     return;
                 }
+                // An image no connection here has written yet: its gate is
+                // made now, so a connection arriving mid-freeze is held too.
+                grow_to(&mut self.gates, image);
+                grow_to(&mut self.commits, image);
                 let gate = &mut self.gates[image];
                 gate.frozen = true;
                 if gate.inflight == 0 {
@@ -203,6 +229,7 @@ impl Worker {
                 }
             }
             WorkerMessage::Thaw { image } => self.thaw(image),
+            WorkerMessage::CloseExport { export } => self.close_export(&export),
             WorkerMessage::Stats { reply } => {
                 let Some(counters) = &self.counters else { return };
                 let live: Vec<(usize, u64, u64)> =
@@ -214,7 +241,8 @@ impl Worker {
 
     /// Lets held mutations of `image` go, in the order they arrived.
     pub(super) fn thaw(&mut self, image: usize) {
-        let gate = &mut self.gates[image];
+        // A freeze this worker dropped (it was shutting down) made no gate.
+        let Some(gate) = self.gates.get_mut(image) else { return };
         gate.frozen = false;
         gate.drained = None;
         let held = std::mem::take(&mut gate.held);
