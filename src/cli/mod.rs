@@ -589,6 +589,7 @@ impl Cli {
                 stall_timeout: Duration::from_secs_f64(self.stall_timeout.clamp(0.001, 86400.0)),
                 sqpoll_idle_ms: self.sqpoll.then_some(self.sqpoll_idle),
                 count_requests: self.stats,
+                move_connections: self.placement == Placement::Local,
                 verbose: self.verbose,
             },
             export_options: self.export_options(),

@@ -180,6 +180,12 @@ pub struct Conn {
     /// READ and WRITE payload bytes served, for the close log line.
     pub bytes_read: u64,
     pub bytes_written: u64,
+    /// The core the client's packets arrive on (its home, for placement).
+    pub incoming_cpu: Option<usize>,
+    /// Traffic in the current placement window.
+    pub window: crate::engine::worker::Window,
+    /// The worker this connection is moving to, once idle.
+    pub moving_to: Option<usize>,
 }
 
 impl Conn {
@@ -228,6 +234,9 @@ impl Conn {
             counters_slot: 0,
             bytes_read: 0,
             bytes_written: 0,
+            incoming_cpu: None,
+            window: crate::engine::worker::Window::new(now),
+            moving_to: None,
         }
     }
 

@@ -64,10 +64,40 @@ pub struct NewConnection {
     pub slot: Option<Slot>,
 }
 
+/// How anyone reaches one worker: its channel, its wake eventfd, its
+/// connection count and the core it is pinned to.
+pub struct WorkerHandle {
+    pub sender: Sender<WorkerMessage>,
+    pub wake: Arc<OwnedFd>,
+    pub load: Arc<std::sync::atomic::AtomicUsize>,
+    pub cpu: Option<usize>,
+}
+
+/// Wakes a worker (or anything else reading an eventfd).
+pub fn signal_eventfd(fd: &OwnedFd) {
+    use std::os::fd::AsRawFd;
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 to an eventfd; a failure only
+    // means the counter is saturated, so the reader wakes anyway.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+/// A whole connection on its way from one worker to another (placement).
+pub struct MovingConn(pub Box<crate::engine::conn::Conn>);
+
+// SAFETY: a connection moves only when nothing of it is in flight (no
+// receive, send or request: see `placement::ready_to_move`), so no kernel
+// operation refers to its memory. Its raw pointers (the send msghdr's
+// iovecs, the receive buffer's mapping) point into memory it owns
+// exclusively; the iovecs are rebuilt before every send.
+unsafe impl Send for MovingConn {}
+
 /// What a worker receives on its channel (each send is followed by a write
 /// to its wake eventfd).
 pub enum WorkerMessage {
     Connection(NewConnection),
+    /// A connection another worker hands over (see `worker::placement`).
+    Moved(MovingConn),
     /// Hold back new mutations of image `image` and, once the worker has
     /// none of them in flight, send on `drained` (checkpoint creation: each
     /// mutation is then entirely before or entirely after the checkpoint).

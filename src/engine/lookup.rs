@@ -9,7 +9,7 @@
 //! business; the helper only schedules, and lets a source work ahead
 //! ([`ContextSource::prefetch`]) while no job waits.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -72,7 +72,5 @@ impl LookupService {
 }
 
 fn wake_worker(wake: &OwnedFd) {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live u64 to an eventfd.
-    unsafe { libc::write(wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    super::handoff::signal_eventfd(wake);
 }

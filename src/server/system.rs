@@ -1,6 +1,6 @@
 //! Process-level plumbing: eventfds, signals, the descriptor limit.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 
 use super::ServerError;
@@ -20,9 +20,7 @@ pub(super) fn eventfd() -> Result<Arc<OwnedFd>, ServerError> {
 }
 
 pub(super) fn signal(fd: &OwnedFd) {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live u64 to an eventfd.
-    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    crate::engine::handoff::signal_eventfd(fd);
 }
 
 /// Blocks SIGINT/SIGTERM/SIGHUP in this thread (and every thread it spawns later)

@@ -2,17 +2,16 @@
 //! connection, and the control plane's way to reach all of them (freezing
 //! an image's mutations while a checkpoint is cut).
 
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{RecvTimeoutError, Sender};
+use crossbeam_channel::RecvTimeoutError;
 
 use crate::engine::EngineError;
 use crate::engine::buffers::{Budget, UNIT_BYTES};
-use crate::engine::handoff::{NewConnection, WorkerMessage};
+use crate::engine::handoff::{NewConnection, WorkerHandle, WorkerMessage};
 use crate::engine::metrics::WorkerSnapshot;
 use crate::engine::worker::{Worker, WorkerParts};
 use crate::net::accept::Dispatch;
@@ -22,15 +21,10 @@ use super::{ServerConfig, ServerError};
 
 /// How handshake threads reach a worker. Shared with every handshake thread
 /// (which may outlive the accept thread), so it holds no join handles.
-pub(super) struct WorkerTarget {
-    sender: Sender<WorkerMessage>,
-    wake: Arc<OwnedFd>,
-    load: Arc<AtomicUsize>,
-    /// The core this worker is pinned to.
-    cpu: Option<usize>,
-}
+type WorkerTarget = WorkerHandle;
 
 pub(super) struct Workers {
+    /// Copies of the handles the workers have of each other.
     targets: Vec<WorkerTarget>,
     /// Use the SO_INCOMING_CPU hint (`--placement local`).
     local: bool,
@@ -76,6 +70,7 @@ pub(super) fn spawn_workers(
     };
     let mut targets = Vec::with_capacity(config.threads);
     let mut threads = Vec::with_capacity(config.threads);
+    let peers: crate::engine::worker::Peers = Arc::default();
     for index in 0..config.threads {
         let (sender, incoming) = crossbeam_channel::unbounded();
         let wake = eventfd()?;
@@ -88,6 +83,8 @@ pub(super) fn spawn_workers(
             load: Arc::clone(&load),
             shutdown: Arc::clone(shutdown),
             budget: Arc::clone(&budget),
+            cpu: (!cores.is_empty()).then(|| cores[index % cores.len()].id),
+            peers: Arc::clone(&peers),
         };
         let core = (!cores.is_empty()).then(|| cores[index % cores.len()]);
         // The ring is created on its own thread (SINGLE_ISSUER); report
@@ -115,6 +112,16 @@ pub(super) fn spawn_workers(
         targets.push(WorkerTarget { sender, wake, load, cpu: core.map(|c| c.id) });
         threads.push(thread);
     }
+    let handles = targets
+        .iter()
+        .map(|t| WorkerHandle {
+            sender: t.sender.clone(),
+            wake: Arc::clone(&t.wake),
+            load: Arc::clone(&t.load),
+            cpu: t.cpu,
+        })
+        .collect();
+    let _ = peers.set(handles);
     Ok((Workers { targets, local: config.placement_local }, threads))
 }
 

@@ -41,6 +41,10 @@ impl Worker {
             false => result,
         };
         let conn = &mut self.conns[id as usize];
+        if result == -libc::ECANCELED && conn.moving_to.is_some() && conn.closing == Closing::Open {
+            // Cancelled to move the connection (see `placement`).
+            return self.release_if_idle(id);
+        }
         if result <= 0 || conn.closing == Closing::Hard {
             // EOF, reset, cancelled or dropped: a partly received WRITE is
             // abandoned (its buffer is free now that no receive targets it).
@@ -95,7 +99,9 @@ impl Worker {
             if conn.payload_request.is_some() {
                 return self.post_recv(id);
             }
-            if conn.closing != Closing::Open || conn.stalled.is_some() {
+            // A moving connection parses nothing more here: what is in its
+            // receive buffer goes with it.
+            if conn.closing != Closing::Open || conn.stalled.is_some() || conn.moving_to.is_some() {
                 return;
             }
             if conn.drain > 0 {

@@ -30,6 +30,7 @@ impl Worker {
                     // dropping the socket closes it
                 }
                 WorkerMessage::Connection(new) => self.adopt(new),
+                WorkerMessage::Moved(moving) => self.adopt_moved(moving),
                 control => self.on_control(control),
             }
         }
@@ -85,6 +86,7 @@ impl Worker {
         let mut conn = Box::new(conn);
         conn.tls = new.tls.map(|parts| Box::new(TlsTransport::new(parts)));
         conn.slot = new.slot;
+        conn.incoming_cpu = new.incoming_cpu;
         if let Some(counters) = &mut self.counters {
             conn.counters_slot = counters.slot(&conn.export.info.name);
             counters.connection_opened(conn.counters_slot);
@@ -114,7 +116,7 @@ impl Worker {
     /// Stops reading new requests on a connection; the ones it has finish
     /// and are answered before it closes (a WRITE payload still arriving
     /// is received, so the write is not lost).
-    fn close_gracefully(&mut self, id: u32, reason: CloseReason) {
+    pub(super) fn close_gracefully(&mut self, id: u32, reason: CloseReason) {
         let conn = &mut self.conns[id as usize];
         if conn.closing == Closing::Open {
             conn.closing = Closing::Graceful;
@@ -194,6 +196,9 @@ impl Worker {
 
     /// Frees a closing connection once the kernel holds none of its memory.
     pub(super) fn release_if_idle(&mut self, id: u32) {
+        if Self::ready_to_move(&self.conns[id as usize]) {
+            return self.move_out(id);
+        }
         let conn = &mut self.conns[id as usize];
         let idle = !conn.recv_in_flight && !conn.send_in_flight && conn.inflight == 0;
         // A TLS connection closing cleanly says so (close_notify) before its

@@ -19,6 +19,7 @@
 mod admission;
 mod execute;
 mod lifecycle;
+mod placement;
 mod replies;
 mod tracking;
 
@@ -72,6 +73,9 @@ pub struct WorkerConfig {
     pub sqpoll_idle_ms: Option<u32>,
     /// Count requests per export and command (`--stats`, see `metrics`).
     pub count_requests: bool,
+    /// Move connections between workers by their traffic (`placement`;
+    /// on with `--placement local`).
+    pub move_connections: bool,
     pub verbose: bool,
 }
 
@@ -143,7 +147,13 @@ pub struct Worker {
     now: Instant,
     /// Request counters, unless `--stats off`.
     counters: Option<WorkerCounters>,
+    /// The core this worker is pinned to.
+    cpu: Option<usize>,
+    /// Every worker, this one included (set once all exist).
+    peers: placement::Peers,
 }
+
+pub use placement::{Peers, Window};
 
 pub struct WorkerParts {
     pub index: usize,
@@ -153,6 +163,8 @@ pub struct WorkerParts {
     pub load: Arc<AtomicUsize>,
     pub shutdown: Arc<AtomicBool>,
     pub budget: Arc<Budget>,
+    pub cpu: Option<usize>,
+    pub peers: placement::Peers,
 }
 
 fn timespec(duration: Duration) -> Box<types::Timespec> {
@@ -209,6 +221,8 @@ impl Worker {
             spare_receive_buffers: Vec::with_capacity(SPARE_RECEIVE_BUFFERS_MAX),
             now: Instant::now(),
             counters: config.count_requests.then(WorkerCounters::default),
+            cpu: parts.cpu,
+            peers: parts.peers,
             config,
         })
     }

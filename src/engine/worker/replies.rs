@@ -64,7 +64,11 @@ impl Worker {
             conn.last_progress = now;
         }
         conn.send_queue.push_back(request);
+        let bytes = self.requests[request as usize].client_len() as u64;
         self.flush_send(id);
+        if self.conns.contains(id as usize) {
+            self.count_for_placement(id, bytes);
+        }
     }
 
     pub(super) fn flush_send(&mut self, id: u32) {

@@ -209,7 +209,7 @@ impl Worker {
 
     pub(super) fn on_control(&mut self, message: WorkerMessage) {
         match message {
-            WorkerMessage::Connection(_) => unreachable!("handled by on_wake"),
+            WorkerMessage::Connection(_) | WorkerMessage::Moved(_) => unreachable!("handled by on_wake"),
             WorkerMessage::Freeze { image, drained } => {
                 if self.draining {
                     // Dropping `drained` tells the control plane we are
