@@ -42,6 +42,9 @@ pub struct FileBackend {
     /// done inline, because these filesystems support no non-blocking
     /// (NOWAIT) I/O and io_uring would hand every one to a worker thread.
     pub inline_io: bool,
+    /// The whole file mapped, for one-copy large transfers (in-memory
+    /// regular files only; see `backend::mapping`).
+    pub mapping: Option<super::mapping::Mapping>,
     /// Which file this is, whatever path named it: exports of one file share
     /// its extent cache and block locks (see `export::image`).
     pub identity: FileIdentity,
@@ -94,7 +97,13 @@ impl FileBackend {
         };
         use std::os::unix::fs::MetadataExt;
         let identity = FileIdentity::of(&metadata);
+        // Without a mapping (too big for the address space, say) large
+        // transfers are copied through buffers like everything else.
+        let mapping = (inline_io && size > 0)
+            .then(|| super::mapping::Mapping::new(buffered.as_raw_fd(), size, !read_only).ok())
+            .flatten();
         Ok(Self {
+            mapping,
             identity,
             path: path.to_owned(),
             direct,

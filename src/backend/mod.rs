@@ -10,6 +10,7 @@ pub mod file;
 pub mod file_io;
 pub mod io;
 pub mod layers;
+pub mod mapping;
 pub mod memory;
 pub mod preserving_io;
 pub mod snapshot_io;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::backend::copy_before_write::{ScratchFull, ScratchPolicy};
-use crate::engine::worker::WorkerConfig;
+use crate::engine::worker::{LargeReads, LargeWrites, WorkerConfig};
 pub mod config;
 pub mod ctl;
 pub mod export_spec;
@@ -98,6 +98,19 @@ pub struct Cli {
     /// Use buffered I/O instead of O_DIRECT for files and devices.
     #[arg(long)]
     pub no_direct: bool,
+
+    /// How reads of 64 KiB and more from files in memory (tmpfs) reach the
+    /// socket: in-place (sent from the file's mapping: one copy), splice
+    /// (from the page cache through a pipe), or copy (through a buffer).
+    /// doc/benchmarks.md measures each.
+    #[arg(long, value_enum, value_name = "HOW", default_value = "in-place")]
+    pub large_reads: LargeReads,
+
+    /// How writes of 64 KiB and more to files in memory reach the file:
+    /// copy (through a buffer) or in-place (received into the file's
+    /// mapping; untracked exports without snapshots).
+    #[arg(long, value_enum, value_name = "HOW", default_value = "copy")]
+    pub large_writes: LargeWrites,
 
     /// Advertise the O_DIRECT alignment as the minimum block size, holding
     /// clients that ask for block sizes to it. By default the minimum is 1
@@ -590,6 +603,8 @@ impl Cli {
                 sqpoll_idle_ms: self.sqpoll.then_some(self.sqpoll_idle),
                 count_requests: self.stats,
                 move_connections: self.placement == Placement::Local,
+                large_reads: self.large_reads,
+                large_writes: self.large_writes,
                 verbose: self.verbose,
             },
             export_options: self.export_options(),

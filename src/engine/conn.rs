@@ -19,7 +19,7 @@ use crate::net::access::Slot;
 use crate::proto::transmission::{ReplyMode, RequestLimits};
 
 use super::buffers::Refusal;
-use super::request::{Request, advance_sent};
+use super::request::{Bytes, Request, advance_sent};
 use super::tls_transport::TlsTransport;
 
 /// Holds many pipelined headers and small WRITE payloads per receive.
@@ -297,24 +297,49 @@ impl Conn {
         self.filled += count;
     }
 
-    /// Gathers queued replies into the connection's msghdr. Returns None
-    /// when nothing is queued. The msghdr and iovecs live in boxes owned by
-    /// the connection, which outlives the send (see `release_if_idle`). The
-    /// iovecs point into requests' inline bytes inside the worker's request
-    /// slab, which is why that slab never grows (asserted in
-    /// `insert_request`): a reallocation would move them under the kernel.
-    pub fn build_send(&mut self, requests: &Slab<Request>) -> Option<*const libc::msghdr> {
+    /// What to send next: gathered reply bytes in the connection's msghdr,
+    /// or bytes waiting in a spliced read's pipe. None when nothing is
+    /// queued. The msghdr and iovecs live in boxes owned by the connection,
+    /// which outlives the send (see `release_if_idle`). The iovecs point
+    /// into requests' inline bytes inside the worker's request slab, which
+    /// is why that slab never grows (asserted in `insert_request`): a
+    /// reallocation would move them under the kernel.
+    pub fn plan_send(&mut self, requests: &Slab<Request>) -> Option<SendPlan> {
         let mut count = 0;
-        for rest in unsent(&self.send_queue, self.send_skip, requests).take(SEND_IOVECS_MAX) {
-            self.iovecs[count] = libc::iovec { iov_base: rest.as_ptr() as *mut _, iov_len: rest.len() };
-            count += 1;
+        let mut parts = parts(&self.send_queue, self.send_skip, requests).peekable();
+        while let Some(part) = parts.next() {
+            match part {
+                Part::Bytes(rest) => {
+                    self.iovecs[count] = libc::iovec { iov_base: rest.as_ptr() as *mut _, iov_len: rest.len() };
+                    count += 1;
+                    if count == SEND_IOVECS_MAX {
+                        break;
+                    }
+                }
+                Part::Mapped { at, len } => {
+                    self.iovecs[count] = libc::iovec { iov_base: at as *mut _, iov_len: len };
+                    count += 1;
+                    if count == SEND_IOVECS_MAX {
+                        break;
+                    }
+                }
+                Part::Pipe { request, len } if count == 0 => {
+                    return Some(SendPlan::Pipe { request, len, more: parts.peek().is_some() });
+                }
+                Part::Pipe { .. } => {
+                    // The gathered bytes go first; the pipe follows at once.
+                    self.message.msg_iov = self.iovecs.as_mut_ptr();
+                    self.message.msg_iovlen = count;
+                    return Some(SendPlan::Gather { message: &*self.message, more: true });
+                }
+            }
         }
         if count == 0 {
             return None;
         }
         self.message.msg_iov = self.iovecs.as_mut_ptr();
         self.message.msg_iovlen = count;
-        Some(&*self.message)
+        Some(SendPlan::Gather { message: &*self.message, more: false })
     }
 
     /// The queued reply bytes not yet sent, in wire order (what TLS
@@ -333,23 +358,61 @@ impl Conn {
     }
 }
 
+/// One piece of what is still to send.
+enum Part<'a> {
+    Bytes(&'a [u8]),
+    /// Bytes of a file mapping (see `Bytes::Mapped`).
+    Mapped {
+        at: *const u8,
+        len: usize,
+    },
+    /// `len` bytes still in `request`'s pipe.
+    Pipe {
+        request: u32,
+        len: usize,
+    },
+}
+
+/// What `Conn::plan_send` found to send next.
+pub enum SendPlan {
+    /// Gathered bytes; `more`: a pipe's bytes follow at once.
+    Gather { message: *const libc::msghdr, more: bool },
+    /// `len` bytes from `request`'s pipe; `more`: other bytes follow.
+    Pipe { request: u32, len: usize, more: bool },
+}
+
 /// The parts of queued replies still to go, skipping the first `skip`
 /// bytes (already on the wire).
-fn unsent<'a>(queue: &'a VecDeque<u32>, skip: usize, requests: &'a Slab<Request>) -> impl Iterator<Item = &'a [u8]> {
+fn parts<'a>(queue: &'a VecDeque<u32>, skip: usize, requests: &'a Slab<Request>) -> impl Iterator<Item = Part<'a>> {
     let mut skip = skip;
     queue
         .iter()
         .flat_map(move |&id| {
             let request = &requests[id as usize];
-            request.segments().iter().map(move |&segment| request.segment_bytes(segment))
+            request.segments().iter().map(move |&segment| (id, segment, request.segment_bytes(segment)))
         })
-        .filter_map(move |part| {
-            if skip >= part.len() {
-                skip -= part.len();
+        .filter_map(move |(id, segment, bytes)| {
+            let len = segment.len();
+            if skip >= len {
+                skip -= len;
                 return None;
             }
-            let rest = &part[skip..];
-            skip = 0;
-            Some(rest)
+            let from = std::mem::take(&mut skip);
+            Some(match bytes {
+                Some(Bytes::Owned(bytes)) => Part::Bytes(&bytes[from..]),
+                // SAFETY: from < len, so the pointer stays inside the segment.
+                Some(Bytes::Mapped { at, len }) => Part::Mapped { at: unsafe { at.add(from) }, len: len - from },
+                None => Part::Pipe { request: id, len: len - from },
+            })
         })
+}
+
+/// The queued bytes still to go, for a connection that has no pipes or
+/// mapped bytes (TLS encrypts from memory it owns, so its reads are never
+/// spliced or served in place).
+fn unsent<'a>(queue: &'a VecDeque<u32>, skip: usize, requests: &'a Slab<Request>) -> impl Iterator<Item = &'a [u8]> {
+    parts(queue, skip, requests).map(|part| match part {
+        Part::Bytes(bytes) => bytes,
+        Part::Pipe { .. } | Part::Mapped { .. } => unreachable!("TLS connections splice and map nothing"),
+    })
 }

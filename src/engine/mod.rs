@@ -9,6 +9,7 @@ pub mod handoff;
 pub mod lookup;
 pub mod metrics;
 pub mod ops;
+pub mod pipes;
 pub mod request;
 pub mod ring;
 pub mod sparse_read;

@@ -14,6 +14,7 @@ use crate::proto::wire::EXTENDED_HEADER_BYTES;
 
 use super::block_status::Progress;
 use super::buffers::Buffer;
+use super::pipes::Pipe;
 use super::sparse_read::CHUNKS_MAX;
 
 /// Inline reply bytes: the chunk headers of a full sparse read (extended
@@ -30,12 +31,21 @@ pub enum Segment {
     Inline { start: usize, len: usize },
     /// Bytes of the request's buffer (read data, block-status chunks).
     Buffer { start: usize, len: usize },
+    /// Bytes waiting in the request's pipe (a spliced read), sent by
+    /// splicing them to the socket.
+    Pipe { len: usize },
+    /// File bytes in place, in the file's mapping (a one-copy read; see
+    /// `backend::mapping`). Only the kernel reads them, as a send source.
+    Mapped { at: *const u8, len: usize },
 }
 
 impl Segment {
     pub fn len(self) -> usize {
         match self {
-            Segment::Inline { len, .. } | Segment::Buffer { len, .. } => len,
+            Segment::Inline { len, .. }
+            | Segment::Buffer { len, .. }
+            | Segment::Pipe { len }
+            | Segment::Mapped { len, .. } => len,
         }
     }
 
@@ -49,6 +59,15 @@ pub struct Request {
     pub to: ReplyTo,
     pub command: Command,
     pub buffer: Option<Buffer>,
+    /// A READ spliced from the page cache holds its data here instead of
+    /// in a buffer (see `engine::pipes`).
+    pub pipe: Option<Pipe>,
+    /// A spliced read found its whole range a hole: its reply is one hole
+    /// chunk, and its pipe stays empty.
+    pub hole: bool,
+    /// A READ or WRITE served in place: where its range starts in the
+    /// file's mapping. Its data never passes through a buffer.
+    pub mapped: Option<*mut u8>,
     /// The file backend's state for this request (its buffer's place in the
     /// file, the operation it is on, block locks held).
     pub task: FileTask,
@@ -82,6 +101,9 @@ impl Request {
             kind: command.wire_kind(),
             started,
             buffer: None,
+            pipe: None,
+            hole: false,
+            mapped: None,
             task: FileTask::default(),
             status: Progress::default(),
             gated: false,
@@ -142,11 +164,27 @@ impl Request {
         &self.segments[..self.segment_count]
     }
 
-    /// The bytes a segment refers to.
-    pub fn segment_bytes(&self, segment: Segment) -> &[u8] {
+    /// Appends the `len` bytes waiting in the request's pipe.
+    pub fn reply_mapped(&mut self, at: *const u8, len: usize) {
+        self.push_segment(Segment::Mapped { at, len });
+    }
+
+    pub fn reply_pipe(&mut self, len: usize) {
+        debug_assert!(self.pipe.is_some());
+        self.push_segment(Segment::Pipe { len });
+    }
+
+    /// Where a segment's bytes are, for the kernel to send: a slice of
+    /// memory this request owns, or raw bytes of a file mapping (None for
+    /// pipe bytes, which never enter memory).
+    pub fn segment_bytes(&self, segment: Segment) -> Option<Bytes<'_>> {
         match segment {
-            Segment::Inline { start, len } => &self.inline[start..start + len],
-            Segment::Buffer { start, len } => &self.buffer.as_ref().expect("buffer segment")[start..start + len],
+            Segment::Inline { start, len } => Some(Bytes::Owned(&self.inline[start..start + len])),
+            Segment::Buffer { start, len } => {
+                Some(Bytes::Owned(&self.buffer.as_ref().expect("buffer segment")[start..start + len]))
+            }
+            Segment::Mapped { at, len } => Some(Bytes::Mapped { at, len }),
+            Segment::Pipe { .. } => None,
         }
     }
 
@@ -154,6 +192,18 @@ impl Request {
     pub fn reply_bytes(&self) -> usize {
         self.segments().iter().map(|s| s.len()).sum()
     }
+}
+
+/// Reply bytes to send.
+#[derive(Debug, Clone, Copy)]
+pub enum Bytes<'a> {
+    Owned(&'a [u8]),
+    /// In a file mapping: never made into a reference (other workers'
+    /// receives may be writing them; see `backend::mapping`).
+    Mapped {
+        at: *const u8,
+        len: usize,
+    },
 }
 
 /// After a send of `sent` bytes, how many whole replies left the queue and

@@ -27,6 +27,9 @@ pub enum Token {
     Send { conn: u32 },
     /// Backend I/O of one request.
     Request { request: u32 },
+    /// A poll for room in a connection's socket, while a spliced read's
+    /// pipe waits to be sent.
+    Writable { conn: u32 },
     /// The fdatasync of an image's change-tracking state file that makes
     /// the marks of waiting mutations durable; `sequence` (wrapping) tells
     /// a worker's syncs of one image apart.
@@ -47,6 +50,7 @@ const KIND_RECV: u64 = 1;
 const KIND_SEND: u64 = 2;
 const KIND_REQUEST: u64 = 3;
 const KIND_COMMIT: u64 = 4;
+const KIND_WRITABLE: u64 = 5;
 
 impl Token {
     pub fn encode(self) -> u64 {
@@ -55,6 +59,7 @@ impl Token {
             Token::Recv { conn } => pack(KIND_RECV, conn),
             Token::Send { conn } => pack(KIND_SEND, conn),
             Token::Request { request } => pack(KIND_REQUEST, request),
+            Token::Writable { conn } => pack(KIND_WRITABLE, conn),
             Token::Commit { image, sequence } => pack(KIND_COMMIT, u32::from(image) << 16 | u32::from(sequence)),
             Token::Wake => WAKE,
             Token::Tick => TICK,
@@ -82,6 +87,7 @@ impl Token {
             KIND_RECV => Token::Recv { conn: slot },
             KIND_SEND => Token::Send { conn: slot },
             KIND_REQUEST => Token::Request { request: slot },
+            KIND_WRITABLE => Token::Writable { conn: slot },
             KIND_COMMIT => Token::Commit { image: (slot >> 16) as u16, sequence: slot as u16 },
             kind => panic!("unknown user_data kind {kind} in {user_data:#x}"),
         }
@@ -99,6 +105,7 @@ mod tests {
                 Token::Recv { conn: slot },
                 Token::Send { conn: slot },
                 Token::Request { request: slot },
+                Token::Writable { conn: slot },
                 Token::Commit { image: (slot >> 16) as u16, sequence: slot as u16 },
             ];
             for token in tokens {

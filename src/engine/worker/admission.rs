@@ -25,9 +25,16 @@ use crate::proto::wire::CMD_READ;
 use super::super::block_status;
 use super::super::buffers::Refusal;
 use super::super::conn::{CloseReason, Closing, INLINE_PAYLOAD_BYTES_MAX};
+use super::super::pipes;
 use super::super::request::Request;
 use super::super::user_data::Token;
-use super::Worker;
+use super::{LargeReads, LargeWrites, Worker};
+use crate::proto::transmission::ReplyMode;
+
+/// READs and WRITEs of in-memory files at least this large are served in
+/// place; smaller ones are cheaper to copy than to fault in and track.
+const IN_PLACE_BYTES_MIN: usize = 64 << 10;
+use crate::backend::Backend;
 
 impl Worker {
     pub(super) fn on_recv(&mut self, id: u32, result: i32) {
@@ -220,8 +227,13 @@ impl Worker {
         match conn.payload_request {
             Some(request) => {
                 let req = &mut self.requests[request as usize];
-                let at = req.task.span.head + req.payload_received;
                 let len = req.client_len() - req.payload_received;
+                if let Some(start) = req.mapped {
+                    // SAFETY: payload_received < length, and the mapping
+                    // has `length` bytes from `start`.
+                    return (unsafe { start.add(req.payload_received) }, len);
+                }
+                let at = req.task.span.head + req.payload_received;
                 let buffer = req.buffer.as_mut().expect("writes own a buffer");
                 // SAFETY: at + len <= span.len <= buffer length.
                 (unsafe { buffer.as_ptr().add(at) }, len)
@@ -324,9 +336,17 @@ impl Worker {
         conn.consume(header_bytes);
         if let Command::Write { length, .. } = command {
             let take = conn.unparsed().len().min(length as usize);
-            let head = req.task.span.head;
-            let buffer = req.buffer.as_mut().expect("writes own a buffer");
-            buffer.as_mut_slice()[head..head + take].copy_from_slice(&conn.unparsed()[..take]);
+            match req.mapped {
+                // SAFETY: `at` has room for the write's `length >= take`
+                // bytes (checked by `Mapping::at`); the receive buffer is
+                // another mapping, so the two never overlap.
+                Some(at) => unsafe { std::ptr::copy_nonoverlapping(conn.unparsed().as_ptr(), at, take) },
+                None => {
+                    let head = req.task.span.head;
+                    let buffer = req.buffer.as_mut().expect("writes own a buffer");
+                    buffer.as_mut_slice()[head..head + take].copy_from_slice(&conn.unparsed()[..take]);
+                }
+            }
             conn.consume(take);
             req.payload_received = take;
             if take < length as usize {
@@ -379,6 +399,23 @@ impl Worker {
         let conn = &self.conns[id as usize];
         let alignment = conn.export.image.backend.alignment();
         let mut req = Request::new(id, to, command, self.now);
+        if let Some((at, hole)) = self.in_place_target(id, to, command) {
+            // Its data never passes through a buffer.
+            req.mapped = Some(at);
+            req.hole = hole;
+            return Ok(req);
+        }
+        if let Command::Read { length, .. } = command
+            && self.config.large_reads == LargeReads::Splice
+            && length as usize >= pipes::SPLICE_READ_BYTES_MIN
+            && conn.tls.is_none()
+            && matches!(&conn.export.image.backend, Backend::File(file) if file.inline_io)
+            && let Some(pipe) = self.pipes.take(length as usize)
+        {
+            // Its data never enters memory: no buffer.
+            req.pipe = Some(pipe);
+            return Ok(req);
+        }
         let bytes = match command {
             Command::Read { offset, length, .. } | Command::Write { offset, length, .. } => {
                 let span = AlignedSpan::new(offset, length as usize, alignment);
@@ -400,6 +437,42 @@ impl Worker {
             req.buffer = Some(buffer);
         }
         Ok(req)
+    }
+
+    /// Where a large READ or WRITE of an in-memory file is served in place
+    /// (one copy, by the kernel: see `backend::mapping`), if it is, and
+    /// whether a read is all hole. Writes land in the file as they arrive,
+    /// so only images whose writes need nothing done first qualify: no
+    /// change tracking (marks are durable before data moves) and no
+    /// snapshot preserving old data. A read is sent from the mapping only
+    /// where the range is all data: touching a hole through a shared
+    /// mapping would allocate it (tmpfs fills it with a page of zeroes). A
+    /// range that is all hole needs no data in structured replies (one
+    /// hole chunk); anything else with holes is copied.
+    fn in_place_target(&self, id: u32, to: ReplyTo, command: Command) -> Option<(*mut u8, bool)> {
+        let conn = &self.conns[id as usize];
+        let (offset, length, df, write) = match command {
+            Command::Read { offset, length, df } if self.config.large_reads == LargeReads::InPlace => {
+                (offset, length, df, false)
+            }
+            Command::Write { offset, length, .. } if self.config.large_writes == LargeWrites::InPlace => {
+                (offset, length, false, true)
+            }
+            _ => return None,
+        };
+        let image = &conn.export.image;
+        let Backend::File(file) = &image.backend else { return None };
+        let mapping = file.mapping.as_ref()?;
+        let len = length as usize;
+        let qualifies = len >= IN_PLACE_BYTES_MIN
+            && conn.tls.is_none()
+            && (!write || (mapping.writable() && image.track.is_none() && !image.has_snapshots()));
+        let at = mapping.at(offset, len).filter(|_| qualifies)?;
+        if write || pipes::is_all_data(file.buffered_fd(), offset, len) {
+            return Some((at, false));
+        }
+        let hole_chunk = to.mode != ReplyMode::Simple && !df;
+        (hole_chunk && pipes::is_hole(file.buffered_fd(), offset, len)).then_some((at, true))
     }
 
     fn insert_request(&mut self, req: Request) -> u32 {

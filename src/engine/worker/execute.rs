@@ -8,15 +8,16 @@ use crate::backend::io::{Data, Next, Plan};
 use crate::backend::layers::io::LayeredIo;
 use crate::backend::preserving_io::PreservingIo;
 use crate::backend::snapshot_io::SnapshotIo;
-use crate::faults;
+use crate::faults::{self, Direction};
 use crate::meta::context::{Gathered, Query};
 use crate::proto::Failure;
 use crate::proto::reply;
-use crate::proto::transmission::Command;
+use crate::proto::transmission::{Command, ReplyMode};
 
 use super::super::block_status;
 use super::super::lookup::{LookupDone, LookupJob};
 use super::super::ops;
+use super::super::pipes;
 use super::super::user_data::Token;
 use super::Worker;
 
@@ -53,6 +54,12 @@ impl Worker {
 
     /// Runs a request past its tracking gate against its backend.
     pub(super) fn run_request(&mut self, request: u32) {
+        if self.requests[request as usize].pipe.is_some() {
+            return self.splice_read(request);
+        }
+        if self.requests[request as usize].mapped.is_some() {
+            return self.run_in_place(request);
+        }
         let req = &mut self.requests[request as usize];
         let image = &self.conns[req.conn as usize].export.image;
         let command = req.command;
@@ -63,6 +70,44 @@ impl Worker {
             }
             Backend::File(_) | Backend::Layered(_) | Backend::Snapshot(_) => self.file_step(request, FileCall::Start),
         }
+    }
+
+    /// A READ or WRITE served in the file's mapping: a read's data is sent
+    /// from there (a range that is all hole gets one hole chunk in
+    /// structured replies), a write's payload was received there.
+    fn run_in_place(&mut self, request: u32) {
+        let req = &mut self.requests[request as usize];
+        let eio = Failure::from_errno(libc::EIO);
+        let result = match req.command {
+            Command::Read { offset, length, .. } if faults::fails(Direction::Read, offset, length.into()) => Err(eio),
+            Command::Write { offset, length, .. } if faults::fails(Direction::Write, offset, length.into()) => Err(eio),
+            // A read's data is sent from the mapping (or its hole was found
+            // at admission); a write's is in the file already, and durable:
+            // memory file systems have no cache.
+            _ => Ok(()),
+        };
+        self.follow(request, Next::Finished(result))
+    }
+
+    /// A READ of an in-memory file into its pipe: page references, no
+    /// copy (see `engine::pipes`). In structured replies a range that is
+    /// all hole is answered with one hole chunk and nothing spliced.
+    fn splice_read(&mut self, request: u32) {
+        let req = &mut self.requests[request as usize];
+        let Command::Read { offset, length, df } = req.command else { unreachable!("only reads splice") };
+        let Backend::File(file) = &self.conns[req.conn as usize].export.image.backend else {
+            unreachable!("only file reads splice")
+        };
+        let fd = file.buffered_fd();
+        let len = length as usize;
+        let result = if req.to.mode != ReplyMode::Simple && !df && pipes::is_hole(fd, offset, len) {
+            req.hole = true;
+            Ok(())
+        } else {
+            let pipe = req.pipe.as_ref().expect("checked");
+            pipes::fill(pipe, fd, offset, len).map_err(|e| Failure::from_errno(e.raw_os_error().unwrap_or(libc::EIO)))
+        };
+        self.follow(request, Next::Finished(result))
     }
 
     /// Asks every selected context's source; answers that need a scan go

@@ -41,6 +41,7 @@ use super::buffers::{Budget, BufferPool};
 use super::conn::{Conn, ReceiveBuffer};
 use super::handoff::WorkerMessage;
 use super::metrics::WorkerCounters;
+use super::pipes::PipePool;
 use super::request::Request;
 use super::ring::{Completion, REAP_BATCH_MAX, Ring};
 use super::user_data::Token;
@@ -76,7 +77,36 @@ pub struct WorkerConfig {
     /// Move connections between workers by their traffic (`placement`;
     /// on with `--placement local`).
     pub move_connections: bool,
+    /// How large READs and WRITEs of in-memory files move.
+    pub large_reads: LargeReads,
+    pub large_writes: LargeWrites,
     pub verbose: bool,
+}
+
+/// How large READs of in-memory (tmpfs) files reach the socket
+/// (`--large-reads`); doc/benchmarks.md measures each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LargeReads {
+    /// Copied into a buffer, then sent: two copies per byte on the server.
+    Copy,
+    /// Sent from the file's mapping: one copy, the kernel's
+    /// (`backend::mapping`).
+    #[default]
+    InPlace,
+    /// Spliced from the page cache through a pipe: no copy on the server,
+    /// a cost per page (`engine::pipes`).
+    Splice,
+}
+
+/// How large WRITEs of in-memory files reach the file (`--large-writes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LargeWrites {
+    /// Received into a buffer, then copied into the file.
+    #[default]
+    Copy,
+    /// Received straight into the file's mapping (untracked images without
+    /// snapshots only: the data lands as it arrives).
+    InPlace,
 }
 
 /// How long deferred requests (waiting for a block lock) and connections
@@ -95,6 +125,8 @@ pub struct Worker {
     ring: Ring,
     index: usize,
     pool: BufferPool,
+    /// Pipes of spliced reads (see `engine::pipes`).
+    pipes: PipePool,
     zeroes: ZeroRegion,
     /// Buffers layered mutations copy chunks up through; dropped after the
     /// ring like `zeroes`.
@@ -192,6 +224,7 @@ impl Worker {
             lookups,
             index: parts.index,
             pool,
+            pipes: PipePool::default(),
             zeroes,
             copies,
             gates: Vec::new(),
@@ -257,6 +290,7 @@ impl Worker {
         match Token::decode(c.user_data) {
             Token::Recv { conn } => self.on_recv(conn, c.result),
             Token::Send { conn } => self.on_send(conn, c.result),
+            Token::Writable { conn } => self.on_writable(conn, c.result),
             Token::Request { request } => self.on_io(request, c.result),
             Token::Commit { image, sequence } => self.on_commit(usize::from(image), sequence, c.result),
             Token::Wake => self.on_wake(),

@@ -9,7 +9,8 @@ use io_uring::{opcode, types};
 use crate::proto::reply;
 use crate::proto::transmission::{Command, ReplyMode};
 
-use super::super::conn::{CloseReason, Closing, Conn};
+use super::super::conn::{CloseReason, Closing, Conn, SendPlan};
+use super::super::pipes;
 use super::super::request::Request;
 use super::super::sparse_read::{self, Run};
 use super::super::user_data::Token;
@@ -71,21 +72,88 @@ impl Worker {
         }
     }
 
+    /// Starts sending what is queued: gathered bytes through the ring, a
+    /// spliced read's pipe inline (a non-blocking splice per step, and a
+    /// poll for room when the socket is full). May release the connection
+    /// when inline sends finish a closing one's last reply, so callers
+    /// check it still exists.
     pub(super) fn flush_send(&mut self, id: u32) {
+        let mut spliced = false;
+        loop {
+            let conn = &mut self.conns[id as usize];
+            if conn.send_in_flight || conn.closing == Closing::Hard {
+                break;
+            }
+            if conn.tls.is_some() {
+                return self.flush_tls_send(id);
+            }
+            match conn.plan_send(&self.requests) {
+                None => break,
+                Some(SendPlan::Gather { message, more }) => {
+                    conn.send_in_flight = true;
+                    let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+                    let entry = opcode::SendMsg::new(types::Fd(conn.fd()), message)
+                        .flags(flags as u32)
+                        .build()
+                        .user_data(Token::Send { conn: id }.encode());
+                    self.push(entry);
+                    break;
+                }
+                Some(SendPlan::Pipe { request, len, more }) => {
+                    let pipe = self.requests[request as usize].pipe.as_ref().expect("pipe segments have a pipe");
+                    match pipes::drain(pipe, conn.fd(), len, more) {
+                        Ok(sent) if sent > 0 => {
+                            spliced = true;
+                            conn.last_progress = self.now;
+                            self.account_sent(id, sent);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            conn.send_in_flight = true;
+                            let entry = opcode::PollAdd::new(types::Fd(conn.fd()), libc::POLLOUT as u32)
+                                .build()
+                                .user_data(Token::Writable { conn: id }.encode());
+                            self.push(entry);
+                            break;
+                        }
+                        outcome => {
+                            let errno = outcome.err().and_then(|e| e.raw_os_error()).unwrap_or(0);
+                            conn.closing_because(CloseReason::SendFailed(errno));
+                            return self.hard_close(id);
+                        }
+                    }
+                }
+            }
+        }
+        if spliced {
+            self.release_if_idle(id);
+        }
+    }
+
+    /// The socket has room again for a pipe's bytes (or failed).
+    pub(super) fn on_writable(&mut self, id: u32, result: i32) {
         let conn = &mut self.conns[id as usize];
-        if conn.send_in_flight {
-            return;
+        conn.send_in_flight = false;
+        if result < 0 || conn.closing == Closing::Hard {
+            if conn.closing != Closing::Hard {
+                conn.closing_because(CloseReason::SendFailed(-result));
+                return self.hard_close(id);
+            }
+            self.drop_queued_replies(id);
+            return self.release_if_idle(id);
         }
-        if conn.tls.is_some() {
-            return self.flush_tls_send(id);
+        self.flush_send(id);
+        if self.conns.contains(id as usize) {
+            self.release_if_idle(id);
         }
-        let Some(message) = conn.build_send(&self.requests) else { return };
-        conn.send_in_flight = true;
-        let entry = opcode::SendMsg::new(types::Fd(conn.fd()), message)
-            .flags(libc::MSG_NOSIGNAL as u32)
-            .build()
-            .user_data(Token::Send { conn: id }.encode());
-        self.push(entry);
+    }
+
+    /// `sent` bytes of the queue are on the wire: frees the replies done.
+    fn account_sent(&mut self, id: u32, sent: usize) {
+        let done = self.conns[id as usize].sent(sent, &self.requests);
+        for _ in 0..done {
+            let request = self.conns[id as usize].send_queue.pop_front().expect("counted by sent()");
+            self.free_request(request);
+        }
     }
 
     /// Encrypts what a plain send would gather and sends the ciphertext.
@@ -132,13 +200,11 @@ impl Worker {
                 None => return self.flush_send(id),
             },
         };
-        let done = conn.sent(sent, &self.requests);
-        for _ in 0..done {
-            let request = self.conns[id as usize].send_queue.pop_front().expect("counted by sent()");
-            self.free_request(request);
-        }
+        self.account_sent(id, sent);
         self.flush_send(id);
-        self.release_if_idle(id);
+        if self.conns.contains(id as usize) {
+            self.release_if_idle(id);
+        }
     }
 
     /// Returns a request's slot and buffer, and notes that stalled
@@ -153,6 +219,9 @@ impl Worker {
             conn.buffer_bytes -= buffer.len();
             self.pool.free(buffer);
         }
+        if let Some(pipe) = req.pipe {
+            self.pipes.give(pipe);
+        }
         self.freed = true;
     }
 }
@@ -160,6 +229,17 @@ impl Worker {
 /// A successful READ's reply: one data chunk (simple mode, DF, or no zero
 /// runs), else OFFSET_DATA and OFFSET_HOLE chunks (see `sparse_read`).
 fn compose_read(req: &mut Request, offset: u64, length: u32, df: bool) {
+    if req.pipe.is_some() || req.mapped.is_some() {
+        let to = req.to;
+        if req.hole {
+            return req.reply_inline(|out| reply::hole_chunk(out, to, offset, length, true));
+        }
+        req.reply_inline(|out| reply::read_data(out, to, offset, length));
+        return match req.mapped {
+            Some(at) => req.reply_mapped(at, length as usize),
+            None => req.reply_pipe(length as usize),
+        };
+    }
     let (to, head, len) = (req.to, req.task.span.head, length as usize);
     let mut runs = [Run { hole: false, start: 0, len: 0 }; sparse_read::CHUNKS_MAX];
     let count = if to.mode == ReplyMode::Simple || df {
