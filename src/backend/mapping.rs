@@ -48,6 +48,26 @@ impl Mapping {
         (end <= self.len).then(|| unsafe { self.base.as_ptr().add(offset as usize) })
     }
 
+    /// Whether every page of `offset..offset + len` is in memory, by
+    /// mincore: a hole of a tmpfs file (or a page swapped out) is not. The
+    /// mapping is not touched, so nothing is faulted in or allocated.
+    pub fn resident(&self, offset: u64, len: usize) -> bool {
+        const PAGE: usize = 4096;
+        let Some(at) = self.at(offset, len) else { return false };
+        let start = (at as usize) & !(PAGE - 1);
+        let end = at as usize + len;
+        let pages = (end - start).div_ceil(PAGE);
+        // One byte per page; a 1 MiB range is 256 of them.
+        let mut vector = [0u8; 512];
+        if pages > vector.len() {
+            return false;
+        }
+        // SAFETY: start is page-aligned within the mapping, and the vector
+        // has a byte for each page of the range.
+        let rc = unsafe { libc::mincore(start as *mut libc::c_void, end - start, vector.as_mut_ptr()) };
+        rc == 0 && vector[..pages].iter().all(|&v| v & 1 == 1)
+    }
+
     pub fn writable(&self) -> bool {
         self.writable
     }
@@ -76,6 +96,7 @@ mod tests {
         // SAFETY: within the mapping; the test owns the file.
         unsafe { *at = 9 };
         assert!(mapping.at(4097, 4096).is_none());
+        assert!(mapping.resident(0, 8192), "written pages are in memory");
         drop(mapping);
         assert_eq!(std::fs::read(&path).unwrap()[4096], 9, "written through to the file");
         std::fs::remove_file(path).unwrap();

@@ -141,16 +141,9 @@ pub fn drain(pipe: &Pipe, socket: RawFd, len: usize, more: bool) -> std::io::Res
     if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(n as usize) }
 }
 
-/// Whether `file` has data in all of `offset..offset + len` (no hole), by
-/// SEEK_HOLE. Errors say "not known to be all data".
-pub fn is_all_data(file: RawFd, offset: u64, len: usize) -> bool {
-    // SAFETY: as in `is_hole`.
-    let hole = unsafe { libc::lseek(file, offset as libc::off_t, libc::SEEK_HOLE) };
-    hole >= 0 && hole as u64 >= offset + len as u64
-}
-
 /// Whether `file` has no data in `offset..offset + len` (a hole), by
-/// SEEK_DATA. Errors say "not known to be a hole".
+/// SEEK_DATA (which finds data at `offset` at once, so the scan is long
+/// only across a long hole). Errors say "not known to be a hole".
 pub fn is_hole(file: RawFd, offset: u64, len: usize) -> bool {
     // SAFETY: lseek on the caller's descriptor; its file position is not
     // used by anyone (all I/O is positional).

@@ -159,19 +159,10 @@ fn contexts_of(export: &Export) -> Vec<(String, Arc<dyn ContextSource>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::{ExportOptions, TrackOptions, Usage, open_all};
+    use crate::export::{ExportOptions, Usage, open_all};
 
     fn exports(specs: &[&str]) -> Vec<Arc<Export>> {
-        let options = ExportOptions {
-            read_only: false,
-            direct_io: false,
-            descriptions: Vec::new(),
-            payload_bytes_max: 1 << 25,
-            extent_cache_entries: 0,
-            strict_alignment: false,
-            tracking: TrackOptions::default(),
-            checkpoints: Vec::new(),
-        };
+        let options = ExportOptions::for_tests();
         let specs: Vec<_> = specs.iter().map(|s| s.parse().unwrap()).collect();
         open_all(&specs, &options).unwrap().into_iter().map(Arc::new).collect()
     }

@@ -165,6 +165,24 @@ impl ExportOptions {
     }
 }
 
+#[cfg(test)]
+impl ExportOptions {
+    /// Writable, buffered, untracked, no extent cache: what unit tests of
+    /// exports start from.
+    pub fn for_tests() -> Self {
+        ExportOptions {
+            read_only: false,
+            direct_io: false,
+            descriptions: Vec::new(),
+            payload_bytes_max: 1 << 25,
+            extent_cache_entries: 0,
+            strict_alignment: false,
+            tracking: TrackOptions::default(),
+            checkpoints: Vec::new(),
+        }
+    }
+}
+
 /// Extents cached per file when an export turns its cache on while the
 /// global one is off.
 pub const EXTENT_CACHE_ENTRIES_DEFAULT: usize = 4 << 20;
@@ -345,16 +363,7 @@ mod tests {
 
     #[test]
     fn read_only_exports_do_not_offer_writes() {
-        let options = ExportOptions {
-            read_only: true,
-            direct_io: false,
-            descriptions: Vec::new(),
-            payload_bytes_max: 1 << 25,
-            extent_cache_entries: 0,
-            strict_alignment: false,
-            tracking: TrackOptions::default(),
-            checkpoints: Vec::new(),
-        };
+        let options = ExportOptions { read_only: true, ..ExportOptions::for_tests() };
         let e = open_all(&["memory:1M".parse().unwrap()], &options).unwrap().remove(0);
         assert_ne!(e.info.flags & TF_READ_ONLY, 0);
         assert_eq!(e.info.flags & (TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO), 0);
@@ -364,16 +373,7 @@ mod tests {
 
     #[test]
     fn duplicate_names_are_refused() {
-        let options = ExportOptions {
-            read_only: false,
-            direct_io: false,
-            descriptions: Vec::new(),
-            payload_bytes_max: 1 << 25,
-            extent_cache_entries: 0,
-            strict_alignment: false,
-            tracking: TrackOptions::default(),
-            checkpoints: Vec::new(),
-        };
+        let options = ExportOptions::for_tests();
         let specs = vec!["a=memory:1M".parse().unwrap(), "a=memory:2M".parse().unwrap()];
         assert!(matches!(open_all(&specs, &options), Err(ExportError::DuplicateName(_))));
     }
@@ -381,14 +381,8 @@ mod tests {
     #[test]
     fn descriptions_apply_per_export_or_to_all() {
         let options = |descriptions: &[&str]| ExportOptions {
-            read_only: false,
-            direct_io: false,
             descriptions: descriptions.iter().map(|d| d.to_string()).collect(),
-            payload_bytes_max: 1 << 25,
-            extent_cache_entries: 0,
-            strict_alignment: false,
-            tracking: TrackOptions::default(),
-            checkpoints: Vec::new(),
+            ..ExportOptions::for_tests()
         };
         let specs: Vec<ExportSpec> = vec!["a=memory:1M".parse().unwrap(), "b=memory:1M".parse().unwrap()];
         let texts = |d: &[&str]| -> Vec<String> {
@@ -411,16 +405,7 @@ mod sharing_tests {
         let path = dir.join("f.img");
         std::fs::File::create(&path).unwrap().set_len(1 << 20).unwrap();
         std::os::unix::fs::symlink(&path, dir.join("link.img")).unwrap();
-        let options = ExportOptions {
-            read_only: false,
-            direct_io: false,
-            descriptions: Vec::new(),
-            payload_bytes_max: 1 << 25,
-            extent_cache_entries: 1000,
-            strict_alignment: false,
-            tracking: TrackOptions::default(),
-            checkpoints: Vec::new(),
-        };
+        let options = ExportOptions { extent_cache_entries: 1000, ..ExportOptions::for_tests() };
         let specs: Vec<ExportSpec> = [format!("a={}", path.display()), format!("b={}/link.img", dir.display())]
             .iter()
             .map(|s| s.parse().unwrap())

@@ -74,20 +74,11 @@ impl Drop for Attachment {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::{ExportOptions, TrackOptions, open_all};
+    use crate::export::{ExportOptions, open_all};
 
     #[test]
     fn attachments_count_until_dropped_and_a_removed_export_takes_none() {
-        let options = ExportOptions {
-            read_only: false,
-            direct_io: false,
-            descriptions: Vec::new(),
-            payload_bytes_max: 1 << 25,
-            extent_cache_entries: 0,
-            strict_alignment: false,
-            tracking: TrackOptions::default(),
-            checkpoints: Vec::new(),
-        };
+        let options = ExportOptions::for_tests();
         let export = Arc::new(open_all(&["memory:1M".parse().unwrap()], &options).unwrap().remove(0));
         let (a, b) = (export.attach().unwrap(), export.attach().unwrap());
         assert_eq!(export.usage.connections(), 2);

@@ -445,8 +445,9 @@ impl Worker {
     /// so only images whose writes need nothing done first qualify: no
     /// change tracking (marks are durable before data moves) and no
     /// snapshot preserving old data. A read is sent from the mapping only
-    /// where the range is all data: touching a hole through a shared
-    /// mapping would allocate it (tmpfs fills it with a page of zeroes). A
+    /// where every page of the range is in memory: touching a hole through
+    /// a shared mapping would allocate it (tmpfs fills it with a page of
+    /// zeroes), and a page swapped out would be faulted in on the worker. A
     /// range that is all hole needs no data in structured replies (one
     /// hole chunk); anything else with holes is copied.
     fn in_place_target(&self, id: u32, to: ReplyTo, command: Command) -> Option<(*mut u8, bool)> {
@@ -468,7 +469,9 @@ impl Worker {
             && conn.tls.is_none()
             && (!write || (mapping.writable() && image.track.is_none() && !image.has_snapshots()));
         let at = mapping.at(offset, len).filter(|_| qualifies)?;
-        if write || pipes::is_all_data(file.buffered_fd(), offset, len) {
+        // mincore, not SEEK_HOLE: that scans from `offset` to the next
+        // hole, to the end of a full file (milliseconds for a GiB).
+        if write || mapping.resident(offset, len) {
             return Some((at, false));
         }
         let hole_chunk = to.mode != ReplyMode::Simple && !df;
