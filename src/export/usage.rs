@@ -15,6 +15,9 @@ use super::Export;
 pub struct Usage {
     connections: AtomicUsize,
     removed: AtomicBool,
+    /// Removed with `--force`: its connections are closed wherever they
+    /// are (also one that was moving between workers when it happened).
+    forced: AtomicBool,
 }
 
 impl Usage {
@@ -31,6 +34,15 @@ impl Usage {
     /// the flag, or the remover's later reading of the count sees it.
     pub fn remove(&self) {
         self.removed.store(true, Ordering::SeqCst);
+    }
+
+    /// Marks the removal as forced (before the workers are told).
+    pub fn force(&self) {
+        self.forced.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_forced(&self) -> bool {
+        self.forced.load(Ordering::SeqCst)
     }
 }
 
@@ -86,6 +98,9 @@ mod tests {
         drop(a);
         export.usage.remove();
         assert!(export.attach().is_none());
+        assert!(!export.usage.is_forced(), "a plain removal lets connections finish");
+        export.usage.force();
+        assert!(export.usage.is_forced());
         assert_eq!(export.usage.connections(), 1, "the refused attach left no count behind");
         drop(b);
         assert_eq!(export.usage.connections(), 0);

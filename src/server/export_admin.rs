@@ -338,6 +338,7 @@ impl ExportAdmin {
         self.catalog.remove(name);
         managed.export.usage.remove();
         if force {
+            managed.export.usage.force();
             self.workers.close_export(&managed.export);
         }
         crate::note!(

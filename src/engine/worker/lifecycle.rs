@@ -91,8 +91,14 @@ impl Worker {
             conn.counters_slot = counters.slot(&conn.export.info.name);
             counters.connection_opened(conn.counters_slot);
         }
+        let forced = conn.export.usage.is_forced();
         let id = self.conns.insert(conn) as u32;
         self.arm_housekeeping();
+        if forced {
+            // Negotiated just before its export was removed with --force,
+            // and handed over after this worker closed the others.
+            return self.close_gracefully(id, CloseReason::ExportRemoved);
+        }
         self.pump(id);
     }
 

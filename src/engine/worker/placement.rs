@@ -183,6 +183,11 @@ impl Worker {
         if self.draining {
             return self.close_gracefully(id, super::super::conn::CloseReason::Shutdown);
         }
+        // Its export was removed with --force while it was on its way: the
+        // workers' close order may have passed it by.
+        if self.conns[id as usize].export.usage.is_forced() {
+            return self.close_gracefully(id, super::super::conn::CloseReason::ExportRemoved);
+        }
         self.pump(id);
     }
 }
