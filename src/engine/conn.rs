@@ -308,21 +308,9 @@ impl Conn {
         let mut count = 0;
         let mut parts = parts(&self.send_queue, self.send_skip, requests).peekable();
         while let Some(part) = parts.next() {
-            match part {
-                Part::Bytes(rest) => {
-                    self.iovecs[count] = libc::iovec { iov_base: rest.as_ptr() as *mut _, iov_len: rest.len() };
-                    count += 1;
-                    if count == SEND_IOVECS_MAX {
-                        break;
-                    }
-                }
-                Part::Mapped { at, len } => {
-                    self.iovecs[count] = libc::iovec { iov_base: at as *mut _, iov_len: len };
-                    count += 1;
-                    if count == SEND_IOVECS_MAX {
-                        break;
-                    }
-                }
+            let (at, len) = match part {
+                Part::Bytes(rest) => (rest.as_ptr(), rest.len()),
+                Part::Mapped { at, len } => (at, len),
                 Part::Pipe { request, len } if count == 0 => {
                     return Some(SendPlan::Pipe { request, len, more: parts.peek().is_some() });
                 }
@@ -332,6 +320,11 @@ impl Conn {
                     self.message.msg_iovlen = count;
                     return Some(SendPlan::Gather { message: &*self.message, more: true });
                 }
+            };
+            self.iovecs[count] = libc::iovec { iov_base: at as *mut _, iov_len: len };
+            count += 1;
+            if count == SEND_IOVECS_MAX {
+                break;
             }
         }
         if count == 0 {

@@ -12,8 +12,8 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-/// Reads smaller than this are copied: a splice pair costs more than a
-/// small copy (and a 4k read is one page anyway).
+/// Reads smaller than this are copied, so the small-request paths (and
+/// their measured latency) stay exactly as they were.
 pub const SPLICE_READ_BYTES_MIN: usize = 64 << 10;
 /// The largest read spliced: what a pipe may hold without privileges
 /// (`/proc/sys/fs/pipe-max-size` defaults to 1 MiB); larger reads are
@@ -23,10 +23,10 @@ pub const PIPE_BYTES_MAX: usize = 1 << 20;
 /// while full, a ring of page references).
 pub const PIPES_MAX: usize = 256;
 
+/// A pipe that holds at least [`PIPE_BYTES_MAX`].
 pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
-    capacity: usize,
 }
 
 impl Pipe {
@@ -40,7 +40,7 @@ impl Pipe {
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         // SAFETY: fcntl on a pipe this function owns.
         let got = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, capacity as libc::c_int) };
-        (got as usize >= capacity).then_some(Pipe { read, write, capacity: got as usize })
+        (got >= 0 && got as usize >= capacity).then_some(Pipe { read, write })
     }
 
     pub fn read_fd(&self) -> RawFd {
@@ -101,7 +101,6 @@ impl PipePool {
 
     /// Takes a pipe back: kept when empty, closed when it still holds data.
     pub fn give(&mut self, pipe: Pipe) {
-        debug_assert!(pipe.capacity >= PIPE_BYTES_MAX);
         if pipe.queued() == 0 {
             self.spare.push(pipe);
         } else {
@@ -139,6 +138,12 @@ pub fn drain(pipe: &Pipe, socket: RawFd, len: usize, more: bool) -> std::io::Res
     // SAFETY: splice from this pipe to the caller's socket; no offsets.
     let n = unsafe { libc::splice(pipe.read_fd(), std::ptr::null_mut(), socket, std::ptr::null_mut(), len, flags) };
     if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+/// Whether a READ may be answered with one hole chunk: structured replies
+/// without DF.
+pub fn hole_chunk_allowed(mode: crate::proto::transmission::ReplyMode, df: bool) -> bool {
+    mode != crate::proto::transmission::ReplyMode::Simple && !df
 }
 
 /// Whether `file` has no data in `offset..offset + len` (a hole), by

@@ -62,8 +62,8 @@ pub struct Request {
     /// A READ spliced from the page cache holds its data here instead of
     /// in a buffer (see `engine::pipes`).
     pub pipe: Option<Pipe>,
-    /// A spliced read found its whole range a hole: its reply is one hole
-    /// chunk, and its pipe stays empty.
+    /// A spliced or in-place read found its whole range a hole: its reply
+    /// is one hole chunk (its pipe stays empty, its mapping untouched).
     pub hole: bool,
     /// A READ or WRITE served in place: where its range starts in the
     /// file's mapping. Its data never passes through a buffer.
@@ -164,11 +164,12 @@ impl Request {
         &self.segments[..self.segment_count]
     }
 
-    /// Appends the `len` bytes waiting in the request's pipe.
+    /// Appends `len` file bytes at `at` in the file's mapping.
     pub fn reply_mapped(&mut self, at: *const u8, len: usize) {
         self.push_segment(Segment::Mapped { at, len });
     }
 
+    /// Appends the `len` bytes waiting in the request's pipe.
     pub fn reply_pipe(&mut self, len: usize) {
         debug_assert!(self.pipe.is_some());
         self.push_segment(Segment::Pipe { len });

@@ -198,7 +198,7 @@ impl ExportAdmin {
         let definition = parse(table).map_err(|message| error(ErrorKind::BadRequest, message))?;
         let mut state = self.state();
         let export = self.add(&mut state, &definition, Origin::Control)?;
-        Ok(export_json(&export, Origin::Control, "serving"))
+        Ok(export_json(&export, json!(Origin::Control.name()), "serving"))
     }
 
     /// Checks, opens and offers one export.
@@ -360,17 +360,14 @@ impl ExportAdmin {
     pub fn list(&self) -> Value {
         let state = self.state();
         let mut exports: Vec<Value> =
-            state.managed.iter().map(|m| export_json(&m.export, m.origin, "serving")).collect();
+            state.managed.iter().map(|m| export_json(&m.export, json!(m.origin.name()), "serving")).collect();
         for snapshot in self.snapshots.list() {
             if let Some(export) = self.catalog.find(&snapshot.name) {
-                let mut entry = export_json(&export, Origin::Control, "serving");
-                entry["origin"] = json!("snapshot");
-                exports.push(entry);
+                exports.push(export_json(&export, json!("snapshot"), "serving"));
             }
         }
         for r in &state.retiring {
-            let mut entry = export_json(&r.export, Origin::Control, if r.replaced { "replaced" } else { "removing" });
-            entry["origin"] = Value::Null;
+            let mut entry = export_json(&r.export, Value::Null, if r.replaced { "replaced" } else { "removing" });
             entry["removed_s_ago"] = json!(r.since.elapsed().as_secs_f64());
             entry["forced"] = json!(r.forced);
             exports.push(entry);
@@ -520,8 +517,8 @@ impl ExportAdmin {
         for export in finished {
             let name = export.info.name.clone();
             let image = Arc::clone(&export.image);
-            let in_use = state.managed.iter().map(|m| &m.export).chain(state.retiring.iter().map(|r| &r.export));
-            let shared = in_use.filter(|e| Arc::ptr_eq(&e.image, &image)).count() > 0;
+            let mut in_use = state.managed.iter().map(|m| &m.export).chain(state.retiring.iter().map(|r| &r.export));
+            let shared = in_use.any(|e| Arc::ptr_eq(&e.image, &image));
             if !shared {
                 finish_image(&image, opened_writable(&image));
                 self.catalog.release_image_id(image.id);
@@ -584,10 +581,11 @@ pub fn opened_writable(image: &Image) -> bool {
     }
 }
 
-fn export_json(export: &Export, origin: Origin, state: &str) -> Value {
+/// An export as listed; `origin` is where it came from (null once removed).
+fn export_json(export: &Export, origin: Value, state: &str) -> Value {
     json!({
         "name": export.info.name,
-        "origin": origin.name(),
+        "origin": origin,
         "state": state,
         "size": export.info.size,
         "read_only": export.read_only,

@@ -12,7 +12,7 @@ use crate::faults::{self, Direction};
 use crate::meta::context::{Gathered, Query};
 use crate::proto::Failure;
 use crate::proto::reply;
-use crate::proto::transmission::{Command, ReplyMode};
+use crate::proto::transmission::Command;
 
 use super::super::block_status;
 use super::super::lookup::{LookupDone, LookupJob};
@@ -100,7 +100,7 @@ impl Worker {
         };
         let fd = file.buffered_fd();
         let len = length as usize;
-        let result = if req.to.mode != ReplyMode::Simple && !df && pipes::is_hole(fd, offset, len) {
+        let result = if pipes::hole_chunk_allowed(req.to.mode, df) && pipes::is_hole(fd, offset, len) {
             req.hole = true;
             Ok(())
         } else {

@@ -91,12 +91,20 @@ impl Worker {
             conn.counters_slot = counters.slot(&conn.export.info.name);
             counters.connection_opened(conn.counters_slot);
         }
+        self.serve(conn);
+    }
+
+    /// Starts serving a connection that arrived (new, or moved here).
+    pub(super) fn serve(&mut self, conn: Box<Conn>) {
         let forced = conn.export.usage.is_forced();
         let id = self.conns.insert(conn) as u32;
         self.arm_housekeeping();
+        if self.draining {
+            return self.close_gracefully(id, CloseReason::Shutdown);
+        }
         if forced {
-            // Negotiated just before its export was removed with --force,
-            // and handed over after this worker closed the others.
+            // Its export was removed with --force while it was on its way
+            // here, after this worker closed the export's other connections.
             return self.close_gracefully(id, CloseReason::ExportRemoved);
         }
         self.pump(id);

@@ -90,7 +90,7 @@ impl Worker {
             return;
         }
         let traffic = judge(&conn.window, elapsed);
-        conn.window = super::placement::Window::new(now);
+        conn.window = Window::new(now);
         if !self.config.move_connections || conn.tls.is_some() || conn.moving_to.is_some() {
             return;
         }
@@ -141,15 +141,15 @@ impl Worker {
         self.release_if_idle(id);
     }
 
-    /// Whether the connection is moving and nothing of it is in flight.
+    /// Whether the connection is moving and nothing of it is in flight (a
+    /// request counts in `inflight` from its header until its reply is
+    /// sent, a WRITE payload still arriving and a queued reply included).
     pub(super) fn ready_to_move(conn: &Conn) -> bool {
         conn.moving_to.is_some()
             && conn.closing == Closing::Open
             && !conn.recv_in_flight
             && !conn.send_in_flight
             && conn.inflight == 0
-            && conn.payload_request.is_none()
-            && conn.send_queue.is_empty()
     }
 
     /// Hands an idle moving connection to its new worker.
@@ -158,8 +158,7 @@ impl Worker {
         self.stalled.retain(|&s| s != id);
         let target = conn.moving_to.take().expect("only moving connections move");
         conn.stalled = None;
-        let Some(peers) = self.peers.get() else { return };
-        let peer = &peers[target];
+        let peer = &self.peers.get().expect("a move target comes from the peers")[target];
         peer.load.fetch_add(1, Ordering::Relaxed);
         self.load.fetch_sub(1, Ordering::Relaxed);
         if peer.sender.send(WorkerMessage::Moved(MovingConn(conn))).is_ok() {
@@ -178,17 +177,7 @@ impl Worker {
         if let Some(counters) = &mut self.counters {
             conn.counters_slot = counters.slot(&conn.export.info.name);
         }
-        let id = self.conns.insert(conn) as u32;
-        self.arm_housekeeping();
-        if self.draining {
-            return self.close_gracefully(id, super::super::conn::CloseReason::Shutdown);
-        }
-        // Its export was removed with --force while it was on its way: the
-        // workers' close order may have passed it by.
-        if self.conns[id as usize].export.usage.is_forced() {
-            return self.close_gracefully(id, super::super::conn::CloseReason::ExportRemoved);
-        }
-        self.pump(id);
+        self.serve(conn);
     }
 }
 
