@@ -139,7 +139,8 @@ struct State {
 /// that began before its removal, which end within the handshake timeout)
 /// before it is finished anyway.
 const SETTLE_MAX: Duration = Duration::from_secs(15);
-/// How often the reaper looks at retiring exports.
+/// How often the reaper looks at retiring exports while there are any
+/// (with none it sleeps until one retires: an idle server does not wake).
 pub const REAP_PERIOD: Duration = Duration::from_millis(50);
 /// Commit tokens carry an image id in 16 bits.
 const IMAGE_IDS_MAX: usize = u16::MAX as usize;
@@ -155,6 +156,9 @@ pub struct ExportAdmin {
     /// Snapshot export names (`EXPORT@NAME`) are the snapshot verbs'.
     pub snapshots: Arc<export::snapshot::Snapshots>,
     state: Mutex<State>,
+    /// Signalled, under `state`'s lock, when an export starts retiring and
+    /// at shutdown (see [`ExportAdmin::run_reaper`]).
+    reaper_wake: std::sync::Condvar,
 }
 
 fn error(kind: ErrorKind, message: impl Into<String>) -> ControlError {
@@ -183,7 +187,37 @@ impl ExportAdmin {
             })
             .collect();
         let state = Mutex::new(State { managed, ..Default::default() });
-        Self { catalog, workers, access, limits, security, options, source, snapshots, state }
+        let reaper_wake = std::sync::Condvar::new();
+        Self { catalog, workers, access, limits, security, options, source, snapshots, state, reaper_wake }
+    }
+
+    /// The reaper thread's loop: while exports are retiring, finishes them
+    /// every [`REAP_PERIOD`]; otherwise sleeps until one retires, so an
+    /// idle server (and every short connection's CPU count) pays nothing
+    /// for it. Returns once `shutdown` is set and [`Self::wake_reaper`]
+    /// has been called.
+    pub fn run_reaper(&self, shutdown: &std::sync::atomic::AtomicBool) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let mut state = self.state();
+            // Checked under the lock that `wake_reaper` takes, so a wake
+            // between the check and the wait is never lost.
+            while state.retiring.is_empty() && state.waiting.is_empty() && !shutdown.load(Ordering::Acquire) {
+                state = self.reaper_wake.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
+            drop(state);
+            if shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(REAP_PERIOD);
+            self.reap();
+        }
+    }
+
+    /// Wakes the reaper to look again (an export retired, or shutdown).
+    pub fn wake_reaper(&self) {
+        let _state = self.state();
+        self.reaper_wake.notify_all();
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -353,6 +387,7 @@ impl ExportAdmin {
             replaced: false,
             drained_at: None,
         });
+        self.reaper_wake.notify_all();
         Ok(managed.export)
     }
 
@@ -480,12 +515,14 @@ impl ExportAdmin {
                 replaced: true,
                 drained_at: None,
             });
+            self.reaper_wake.notify_all();
             return Ok(false);
         }
         self.remove(state, definition.name(), force)?;
         let behind = Arc::downgrade(&old);
         drop(old);
         state.waiting.push(Waiting { definition: definition.clone(), origin: Origin::Config, behind });
+        self.reaper_wake.notify_all();
         Ok(true)
     }
 

@@ -192,12 +192,7 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<Served, S
         let (admin, shutdown) = (Arc::clone(&admin), Arc::clone(&shutdown));
         std::thread::Builder::new()
             .name("ringnbd-exports".into())
-            .spawn(move || {
-                while !shutdown.load(Ordering::Acquire) {
-                    std::thread::sleep(export_admin::REAP_PERIOD);
-                    admin.reap();
-                }
-            })
+            .spawn(move || admin.run_reaper(&shutdown))
             .map_err(system("spawn the export reaper"))?
     };
     let accept_config = Arc::new(AcceptConfig {
@@ -304,6 +299,7 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<Served, S
     };
 
     shutdown.store(true, Ordering::Release);
+    admin.wake_reaper();
     signal(&stop);
     let _ = acceptor.join();
     if let Some(controller) = controller {
