@@ -1,23 +1,31 @@
-//! The accept thread and the handshake threads.
+//! The accepting threads: each waits for a client on every listener,
+//! accepts it, negotiates with blocking I/O under the handshake deadline
+//! and hands the socket to a worker.
 //!
-//! The accept thread polls every listener plus a stop eventfd. Each
-//! accepted socket (admitted by `admission`) goes to a handshake thread
-//! that negotiates with blocking I/O under the handshake deadline and then
-//! hands the socket to a worker.
+//! A thread accepts for itself, rather than being handed sockets by one
+//! accept thread, because a hand-off is a second wake-up per connection,
+//! and on small machines a wake-up is much of what a short connection
+//! (nbdinfo, a backup tool's probe, one map of a dirty context) costs the
+//! server. They share one epoll set: its waiters are woken one at a time,
+//! each listener is registered one-shot (the thread it wakes accepts one
+//! client and re-arms it, which wakes the next waiter if more are queued),
+//! and the stop eventfd level-triggered, so that stopping wakes them all in
+//! turn.
 //!
-//! Handshake threads are kept for a while after their handshake, waiting
-//! for the next socket: starting a thread costs more server CPU than a
-//! whole short connection (nbdinfo, a backup tool's probe, one map of a
-//! dirty context), so a steady stream of them reuses a few threads, and a
-//! burst starts as many as it needs, which then wind down to
-//! [`IDLE_THREADS_MAX`].
+//! So that a client never waits behind another's handshake, a thread that
+//! accepts when no other is waiting starts one first. Threads are kept
+//! after their handshake, because starting a thread costs more server CPU
+//! than a whole short connection: one for good, and others while fewer
+//! than [`IDLE_THREADS_MAX`] wait, each leaving after [`IDLE_THREAD_KEEP`]
+//! without a client. The thread that calls [`accept_loop`] only waits for
+//! the stop signal; it then ends the handshakes in progress.
 
 use std::io;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::engine::handoff::{NewConnection, Offers};
@@ -56,199 +64,304 @@ pub struct AcceptConfig {
     pub limits: Arc<ConnectionLimits>,
 }
 
-/// Handshake threads kept waiting for a socket once theirs is done.
+/// Accepting threads kept waiting once their handshake is done (the
+/// permanent one always waits, and counts).
 const IDLE_THREADS_MAX: usize = 4;
-/// A kept thread with no socket for this long exits.
+/// A kept thread with no client for this long exits.
 const IDLE_THREAD_KEEP: Duration = Duration::from_secs(30);
 
-/// A socket on its way to a handshake thread.
+/// A socket and its handshake slot.
 type Job = (Socket, Ticket);
 
-/// How long the accept loop pauses after hitting the descriptor limit, so
-/// shed handshakes can close theirs.
+/// How long an accepting thread pauses after hitting the descriptor
+/// limit, so shed handshakes can close theirs.
 const FD_LIMIT_BACKOFF: Duration = Duration::from_millis(5);
 /// At most one log line about the descriptor limit per this long.
 const FD_LIMIT_LOG_PERIOD: Duration = Duration::from_secs(10);
 
-/// Accept-side state: the handshakes in progress and what to do at the
-/// descriptor limit.
-struct Acceptor {
+/// What every accepting thread shares.
+struct Acceptors {
+    listeners: Vec<Listener>,
+    poller: Poller,
+    config: Arc<AcceptConfig>,
+    dispatch: Arc<dyn Dispatch>,
     handshakes: Arc<Handshakes>,
+    /// Threads in `epoll_wait` now: one that accepts when this is 0 starts
+    /// another first.
+    waiting: AtomicUsize,
+    fd_limit: Mutex<FdLimit>,
+}
+
+/// What to do at the descriptor limit.
+struct FdLimit {
     /// Held open so that, at the descriptor limit, one can be given up to
     /// accept a waiting client and close it at once: it learns it was
     /// refused instead of hanging in the backlog.
     reserve_fd: Option<std::fs::File>,
     refused_since_log: u64,
     last_log: Option<Instant>,
-    kept: Arc<KeptThreads>,
 }
 
-impl Drop for Acceptor {
-    fn drop(&mut self) {
-        self.kept.close();
-    }
+/// The epoll set every accepting thread waits in: the listeners (by
+/// index, one-shot) and the stop eventfd.
+struct Poller {
+    epoll: OwnedFd,
+    /// The stop eventfd (owned here, so that no thread ever polls a
+    /// descriptor number that was closed and reused).
+    stop: OwnedFd,
 }
 
-/// Handshake threads waiting for a socket. A socket is given only to a
-/// thread already waiting, so it never queues behind another's handshake.
-/// (A mutex and condvar rather than a channel: waiting threads sleep in the
-/// kernel at once instead of spinning and yielding first, which on a small
-/// machine takes the CPU from the very connection being served.)
-#[derive(Default)]
-struct KeptThreads {
-    state: std::sync::Mutex<KeptState>,
-    wake: std::sync::Condvar,
+/// The event data that marks the stop eventfd.
+const STOP_TOKEN: u64 = u64::MAX;
+const LISTENER_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLONESHOT) as u32;
+
+enum Woken {
+    Stop,
+    TimedOut,
+    /// This listener has a client; it stays disarmed until [`Poller::rearm`].
+    Ready(usize),
 }
 
-#[derive(Default)]
-struct KeptState {
-    waiting: usize,
-    /// Given but not yet taken; never more than `waiting`.
-    jobs: std::collections::VecDeque<Job>,
-    closed: bool,
-}
-
-impl KeptThreads {
-    /// Hands `job` to a waiting thread, or gives it back.
-    fn give(&self, job: Job) -> Result<(), Job> {
-        let mut state = self.state.lock().expect("handshake pool lock");
-        if state.waiting <= state.jobs.len() {
-            return Err(job);
+impl Poller {
+    fn new(listeners: &[Listener], stop: OwnedFd) -> io::Result<Self> {
+        // SAFETY: epoll_create1 takes flags only and returns a new descriptor or -1.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
         }
-        state.jobs.push_back(job);
-        self.wake.notify_one();
-        Ok(())
-    }
-
-    /// The next socket for a thread whose handshake is done, or None when
-    /// it should exit: enough threads are kept already, none came within
-    /// [`IDLE_THREAD_KEEP`], or the accept loop is gone.
-    fn take(&self) -> Option<Job> {
-        let mut state = self.state.lock().expect("handshake pool lock");
-        if state.waiting >= IDLE_THREADS_MAX || state.closed {
-            return None;
+        // SAFETY: fd is a fresh descriptor this function owns.
+        let poller = Self { epoll: unsafe { OwnedFd::from_raw_fd(fd) }, stop };
+        for (index, listener) in listeners.iter().enumerate() {
+            poller.control(libc::EPOLL_CTL_ADD, listener.fd(), LISTENER_EVENTS, index as u64)?;
         }
-        state.waiting += 1;
-        let deadline = Instant::now() + IDLE_THREAD_KEEP;
-        let job = loop {
-            // Jobs are checked first, so one given just before a timeout
-            // or close is still taken.
-            if let Some(job) = state.jobs.pop_front() {
-                break Some(job);
-            }
-            let now = Instant::now();
-            if state.closed || now >= deadline {
-                break None;
-            }
-            state = self.wake.wait_timeout(state, deadline - now).expect("handshake pool lock").0;
-        };
-        state.waiting -= 1;
-        job
+        poller.control(libc::EPOLL_CTL_ADD, poller.stop.as_raw_fd(), libc::EPOLLIN as u32, STOP_TOKEN)?;
+        Ok(poller)
     }
 
-    fn close(&self) {
-        self.state.lock().expect("handshake pool lock").closed = true;
-        self.wake.notify_all();
+    fn control(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event { events, u64: token };
+        // SAFETY: (re)registers an open descriptor with our epoll set;
+        // `event` is a live local the kernel copies.
+        let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut event) };
+        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    }
+
+    /// Lets listener `index` wake a thread again (after its one client).
+    fn rearm(&self, listeners: &[Listener], index: usize) {
+        if let Err(e) = self.control(libc::EPOLL_CTL_MOD, listeners[index].fd(), LISTENER_EVENTS, index as u64) {
+            // Cannot happen for a listener we registered and keep open; if
+            // it did, that listener would take no more clients.
+            crate::note!("cannot re-arm a listener: {e}");
+        }
+    }
+
+    /// Waits for one client or the stop signal, up to `timeout` (None: for
+    /// ever).
+    fn wait(&self, timeout: Option<Duration>) -> io::Result<Woken> {
+        let mut event = libc::epoll_event { events: 0, u64: 0 };
+        let timeout_ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+        // SAFETY: room for the one event asked for.
+        let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), &mut event, 1, timeout_ms) };
+        match n {
+            n if n < 0 => Err(io::Error::last_os_error()),
+            0 => Ok(Woken::TimedOut),
+            _ if event.u64 == STOP_TOKEN => Ok(Woken::Stop),
+            _ => Ok(Woken::Ready(event.u64 as usize)),
+        }
     }
 }
 
-/// Runs until `stop_fd` (an eventfd) becomes readable.
-pub fn accept_loop(listeners: &[Listener], stop_fd: RawFd, config: Arc<AcceptConfig>, dispatch: Arc<dyn Dispatch>) {
-    let mut acceptor = Acceptor {
+/// Serves the listeners until `stop` (an eventfd) becomes readable, on the
+/// threads it starts, while this one waits for the stop signal; then ends
+/// the handshakes in progress and removes the Unix socket files this
+/// process bound. The listeners must be non-blocking
+/// ([`Listener::set_nonblocking`]), so that a thread never blocks in
+/// accept.
+pub fn accept_loop(
+    listeners: Vec<Listener>,
+    stop: OwnedFd,
+    config: Arc<AcceptConfig>,
+    dispatch: Arc<dyn Dispatch>,
+) -> io::Result<()> {
+    let stop_fd = stop.as_raw_fd();
+    let shared = Arc::new(Acceptors {
+        poller: Poller::new(&listeners, stop)?,
+        listeners,
         handshakes: Handshakes::new(config.handshakes_max),
-        reserve_fd: std::fs::File::open("/dev/null").ok(),
-        refused_since_log: 0,
-        last_log: None,
-        kept: Arc::default(),
-    };
-    let mut fds: Vec<libc::pollfd> = listeners
-        .iter()
-        .map(|l| l.fd())
-        .chain(std::iter::once(stop_fd))
-        .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
-        .collect();
+        config,
+        dispatch,
+        waiting: AtomicUsize::new(0),
+        fd_limit: Mutex::new(FdLimit {
+            reserve_fd: std::fs::File::open("/dev/null").ok(),
+            refused_since_log: 0,
+            last_log: None,
+        }),
+    });
+    shared.start_thread(true)?;
+    wait_readable(stop_fd);
+    // Threads blocked on a silent client would otherwise wait for their
+    // deadline; the rest see the stop signal or the shutdown flag.
+    shared.handshakes.end_all();
+    for listener in &shared.listeners {
+        listener.remove_socket_file();
+    }
+    Ok(())
+}
+
+/// Blocks until `fd` is readable (it is never read: others poll it too).
+fn wait_readable(fd: RawFd) {
+    let mut pollfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
     loop {
-        // SAFETY: fds is a valid array of pollfd for its length.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if rc < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+        // SAFETY: one valid pollfd, as passed.
+        let rc = unsafe { libc::poll(&mut pollfd, 1, -1) };
+        if rc > 0 || (rc < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted) {
+            return;
+        }
+    }
+}
+
+/// One accepting thread. The `permanent` one never times out and returns
+/// only at stop.
+fn accepting_thread(shared: &Arc<Acceptors>, permanent: bool) {
+    no_wakeup_preemption();
+    loop {
+        if !shared.enter_wait(permanent) {
+            return;
+        }
+        let woken = shared.poller.wait(if permanent { None } else { Some(IDLE_THREAD_KEEP) });
+        shared.waiting.fetch_sub(1, Ordering::AcqRel);
+        let index = match woken {
+            Ok(Woken::Stop) => return,
+            Ok(Woken::TimedOut) if !permanent => return,
+            Ok(Woken::TimedOut) => continue,
+            Ok(Woken::Ready(index)) => index,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                crate::note!("epoll_wait failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
-            crate::note!("poll failed: {}", io::Error::last_os_error());
-            return;
+        };
+        let job = shared.accept_one(&shared.listeners[index]);
+        shared.poller.rearm(&shared.listeners, index);
+        let Some(job) = job else { continue };
+        // Nobody else waits: start a thread before this handshake, so the
+        // next client is not kept behind it.
+        if shared.waiting.load(Ordering::Acquire) == 0
+            && let Err(e) = shared.start_thread(false)
+        {
+            crate::note!("cannot start an accepting thread: {e}");
         }
-        if fds.last().is_some_and(|p| p.revents != 0) {
-            return;
-        }
-        for (listener, pollfd) in listeners.iter().zip(&fds) {
-            if pollfd.revents != 0 {
-                acceptor.accept_one(listener, &config, &dispatch);
-            }
-        }
+        handshake(job.0, job.1, &shared.config, &*shared.dispatch);
     }
 }
 
-impl Acceptor {
-    fn accept_one(&mut self, listener: &Listener, config: &Arc<AcceptConfig>, dispatch: &Arc<dyn Dispatch>) {
+/// Puts the calling thread in SCHED_BATCH, whose only effect that matters
+/// here is that waking it does not preempt the task running on its core.
+///
+/// A client sends an option in pieces (libnbd: a send per field, with
+/// MSG_MORE, which Unix sockets ignore), and its connect wakes this thread
+/// on the client's own core. With wakeup preemption each piece switched to
+/// this thread, which read it and slept again until the next: 16 switches
+/// per nbdinfo connection instead of one per client round trip, and most
+/// of a short connection's server CPU (doc/benchmarks.md). Without it the
+/// client finishes its option and blocks for the reply, and this thread
+/// then reads the whole option at once. A handshake is not
+/// latency-critical to the microsecond; workers keep normal scheduling.
+fn no_wakeup_preemption() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sets the calling thread's policy (pid 0) from a live local;
+    // failure leaves the default policy, which only costs CPU.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+}
+
+impl Acceptors {
+    fn start_thread(self: &Arc<Self>, permanent: bool) -> io::Result<()> {
+        let shared = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("ringnbd-handshake".into())
+            .stack_size(256 * 1024)
+            .spawn(move || accepting_thread(&shared, permanent))
+            .map(drop)
+    }
+
+    /// Counts the caller as waiting, or says it should exit: after stop,
+    /// and for a thread that would be one more than [`IDLE_THREADS_MAX`]
+    /// waiting (the permanent one always waits).
+    fn enter_wait(&self, permanent: bool) -> bool {
+        if permanent {
+            self.waiting.fetch_add(1, Ordering::AcqRel);
+            return true;
+        }
+        if self.config.shutdown.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut waiting = self.waiting.load(Ordering::Acquire);
+        loop {
+            if waiting >= IDLE_THREADS_MAX {
+                return false;
+            }
+            match self.waiting.compare_exchange_weak(waiting, waiting + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(now) => waiting = now,
+            }
+        }
+    }
+
+    /// Accepts one client of `listener` and gives it a handshake slot; None
+    /// when there was none (another thread took it), or it was refused.
+    fn accept_one(&self, listener: &Listener) -> Option<Job> {
         let accepted = match listener {
             Listener::Tcp(l) => l.accept().map(|(s, peer)| Socket::Tcp(s, peer)),
             Listener::Unix(l, path, _) => l.accept().map(|(s, _)| Socket::Unix(s, path.display().to_string())),
         };
         let socket = match accepted {
             Ok(socket) => socket,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
-                return self.at_fd_limit(listener);
+                self.at_fd_limit(listener);
+                return None;
             }
             Err(e) => {
                 crate::note!("accept: {e}");
                 std::thread::sleep(Duration::from_millis(10));
-                return;
+                return None;
             }
         };
         let Some(ticket) = self.handshakes.admit(socket.fd(), &socket.peer_address()) else {
-            if config.verbose {
+            if self.config.verbose {
                 crate::note!("refusing {}: every handshake slot is busy", socket.peer());
             }
-            return; // dropping closes it
+            return None; // dropping closes it
         };
-        let Err(job) = self.kept.give((socket, ticket)) else { return };
-        let (config, dispatch, kept) = (Arc::clone(config), Arc::clone(dispatch), Arc::clone(&self.kept));
-        let spawned = std::thread::Builder::new()
-            .name("ringnbd-handshake".into())
-            .stack_size(256 * 1024)
-            .spawn(move || handshake_thread(job, &kept, &config, &*dispatch));
-        if let Err(e) = spawned {
-            crate::note!("cannot start handshake thread: {e}");
-        }
+        Some((socket, ticket))
     }
 
     /// Out of descriptors: make room by shedding an idle handshake if there
     /// is one (the waiting client is accepted on the next turn), else refuse
     /// the waiting client cleanly through the reserve descriptor. Either way
-    /// the loop does not spin, and the log gets one line per period.
-    fn at_fd_limit(&mut self, listener: &Listener) {
-        self.refused_since_log += 1;
+    /// the thread does not spin, and the log gets one line per period.
+    fn at_fd_limit(&self, listener: &Listener) {
+        let mut limit = self.fd_limit.lock().unwrap_or_else(|e| e.into_inner());
+        limit.refused_since_log += 1;
         let now = Instant::now();
-        if self.last_log.is_none_or(|at| now.duration_since(at) >= FD_LIMIT_LOG_PERIOD) {
+        if limit.last_log.is_none_or(|at| now.duration_since(at) >= FD_LIMIT_LOG_PERIOD) {
             crate::note!(
                 "accept: out of file descriptors ({} connection attempt(s) held back since the last \
                  report); raise the limit (ulimit -n, LimitNOFILE=) or reduce the clients",
-                self.refused_since_log
+                limit.refused_since_log
             );
-            self.last_log = Some(now);
-            self.refused_since_log = 0;
+            limit.last_log = Some(now);
+            limit.refused_since_log = 0;
         }
-        if self.handshakes.shed_idle() {
-            std::thread::sleep(FD_LIMIT_BACKOFF);
-            return;
-        }
-        if self.reserve_fd.take().is_some() {
+        if !self.handshakes.shed_idle() && limit.reserve_fd.take().is_some() {
             let _ = match listener {
                 Listener::Tcp(l) => l.accept().map(drop),
                 Listener::Unix(l, _, _) => l.accept().map(drop),
             };
-            self.reserve_fd = std::fs::File::open("/dev/null").ok();
+            limit.reserve_fd = std::fs::File::open("/dev/null").ok();
         }
+        drop(limit);
         std::thread::sleep(FD_LIMIT_BACKOFF);
     }
 }
@@ -308,15 +421,6 @@ fn peer_uid(fd: RawFd) -> Option<u32> {
         libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len)
     };
     (rc == 0).then_some(cred.uid)
-}
-
-/// Runs `first`, then later sockets while it is one of the kept threads.
-fn handshake_thread(first: Job, kept: &KeptThreads, config: &AcceptConfig, dispatch: &dyn Dispatch) {
-    let mut job = Some(first);
-    while let Some((socket, ticket)) = job {
-        handshake(socket, ticket, config, dispatch);
-        job = kept.take();
-    }
 }
 
 /// Negotiates on `socket` and hands it on; returns whether it reached

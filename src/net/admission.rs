@@ -125,6 +125,19 @@ impl Handshakes {
         self.shed_oldest(&mut table, None).is_some()
     }
 
+    /// At shutdown: ends the reading side of every handshake in progress,
+    /// so that a thread blocked on a client that sends nothing sees end of
+    /// file at once instead of at its deadline. One that has read an option
+    /// still answers it (NBD_REP_ERR_SHUTDOWN) before it closes.
+    pub fn end_all(&self) {
+        let table = self.table.lock().expect("handshake table lock");
+        for (_, entry) in table.entries.iter().filter(|(_, e)| !e.shed) {
+            // SAFETY: as in `shed_oldest`: registered fds are not closed or
+            // handed off before they deregister under the lock we hold.
+            unsafe { libc::shutdown(entry.fd, libc::SHUT_RD) };
+        }
+    }
+
     fn shed_oldest(&self, table: &mut Table, peer: Option<&str>) -> Option<()> {
         let idle_before = self.now_ms().saturating_sub(IDLE_BEFORE_SHED.as_millis() as u64);
         let (_, oldest) = table

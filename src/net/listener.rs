@@ -140,15 +140,31 @@ impl Listener {
             Listener::Unix(l, _, _) => l.as_raw_fd(),
         }
     }
-}
 
-impl Drop for Listener {
-    fn drop(&mut self) {
+    /// Accepts without blocking when the listener is non-blocking (see
+    /// [`Self::set_nonblocking`]); accepted sockets are blocking either way.
+    pub fn set_nonblocking(&self) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(true),
+            Listener::Unix(l, _, _) => l.set_nonblocking(true),
+        }
+    }
+
+    /// Removes the socket file this process bound, if it is still ours;
+    /// the listener itself stays open. Called at shutdown, when threads
+    /// that may outlive the caller still hold the listener.
+    pub fn remove_socket_file(&self) {
         if let Listener::Unix(_, path, Some(ours)) = self
             && SocketFile::of(path) == Some(*ours)
         {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.remove_socket_file();
     }
 }
 

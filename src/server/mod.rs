@@ -223,11 +223,18 @@ pub fn serve(config: ServerConfig, mut exports: Vec<Export>) -> Result<Served, S
             })
             .map_err(system("spawn the -s handshake"))?;
     }
+    for listener in &listeners {
+        listener.set_nonblocking().map_err(system("make a listener non-blocking"))?;
+    }
+    let accept_stop = stop.try_clone().map_err(system("copy the stop eventfd"))?;
     let acceptor = std::thread::Builder::new()
         .name("ringnbd-accept".into())
         .spawn(move || {
-            accept_loop(&listeners, stop_fd, accept_config, dispatch);
-            drop(listeners); // removes Unix socket files
+            if let Err(e) = accept_loop(listeners, accept_stop, accept_config, dispatch) {
+                // Nothing would ever be served: end the process loudly.
+                crate::note!("cannot start accepting clients: {e}");
+                std::process::exit(1);
+            }
         })
         .map_err(system("spawn acceptor"))?;
     let metrics_endpoint = match metrics_listener {
