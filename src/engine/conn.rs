@@ -182,6 +182,8 @@ pub struct Conn {
     pub bytes_written: u64,
     /// The core the client's packets arrive on (its home, for placement).
     pub incoming_cpu: Option<usize>,
+    /// How sure placement is of that home.
+    pub home: crate::engine::worker::Home,
     /// Traffic in the current placement window.
     pub window: crate::engine::worker::Window,
     /// The worker this connection is moving to, once idle.
@@ -235,6 +237,7 @@ impl Conn {
             bytes_read: 0,
             bytes_written: 0,
             incoming_cpu: None,
+            home: crate::engine::worker::Home::Known,
             window: crate::engine::worker::Window::new(now),
             moving_to: None,
         }

@@ -58,6 +58,9 @@ pub struct NewConnection {
     /// The core the socket's packets arrive on (SO_INCOMING_CPU), or for a
     /// Unix socket the core its handshake ended on; None if unknown.
     pub incoming_cpu: Option<usize>,
+    /// Whether `incoming_cpu` was measured (SO_INCOMING_CPU) rather than
+    /// guessed from where the handshake ended (see `worker::placement`).
+    pub home_measured: bool,
     /// The TLS session, if the client upgraded with STARTTLS.
     pub tls: Option<Parts>,
     /// Its place under the connection limits, given back when it closes.

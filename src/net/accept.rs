@@ -446,14 +446,15 @@ fn handshake(socket: Socket, ticket: Ticket, config: &AcceptConfig, dispatch: &d
                 crate::note!("{peer}: export {:?} was removed during the handshake; closing", export.info.name);
                 return false;
             };
-            let incoming_cpu = incoming_cpu(&fd).or_else(current_cpu);
+            let measured = incoming_cpu(&fd);
             dispatch.dispatch(NewConnection {
                 socket: fd,
                 negotiated,
                 export,
                 contexts,
                 peer,
-                incoming_cpu,
+                incoming_cpu: measured.or_else(current_cpu),
+                home_measured: measured.is_some(),
                 tls,
                 slot,
             });

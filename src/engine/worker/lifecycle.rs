@@ -87,6 +87,9 @@ impl Worker {
         conn.tls = new.tls.map(|parts| Box::new(TlsTransport::new(parts)));
         conn.slot = new.slot;
         conn.incoming_cpu = new.incoming_cpu;
+        if !new.home_measured {
+            conn.home = super::Home::Guessed;
+        }
         if let Some(counters) = &mut self.counters {
             conn.counters_slot = counters.slot(&conn.export.info.name);
             counters.connection_opened(conn.counters_slot);

@@ -185,7 +185,7 @@ pub struct Worker {
     peers: placement::Peers,
 }
 
-pub use placement::{Peers, Window};
+pub use placement::{Home, Peers, Window};
 
 pub struct WorkerParts {
     pub index: usize,

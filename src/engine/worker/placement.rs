@@ -14,6 +14,15 @@
 //! connections than this one, so two streams from two cores never trade
 //! places back and forth.
 //!
+//! A Unix socket has no incoming core. Its home is guessed from the core
+//! the handshake ended on, which is often not the client's: the handshake
+//! thread runs wherever the scheduler found room, and a client pinned to
+//! one core never meets it there (4k QD1 then ran at 22k instead of 88k
+//! IOPS on the 2-vCPU test VM). So the first latency-bound window of a
+//! connection with a guessed home measures its request rate and moves it
+//! to a worker on another core for one window ([`Home::Trying`]); the
+//! connection stays where it ran faster, and that core becomes its home.
+//!
 //! Moving: the connection stops parsing, its header receive is cancelled,
 //! and once nothing of it is in flight (no receive, no send, no request)
 //! the whole connection, unparsed bytes included, goes to the other worker
@@ -38,6 +47,22 @@ pub const STREAM_REQUEST_BYTES_MIN: u64 = 64 << 10;
 pub const STREAM_BYTES_PER_S_MIN: u64 = 256 << 20;
 /// Average request size below which a connection is latency-bound.
 pub const LATENCY_REQUEST_BYTES_MAX: u64 = 32 << 10;
+
+/// A latency-bound connection that runs at least this fraction of the
+/// request rate it had before a trial move stays on the tried core.
+pub const TRIAL_KEEP_RATIO: f64 = 0.9;
+
+/// How sure placement is of a connection's home core.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Home {
+    /// Measured (SO_INCOMING_CPU), settled by a trial, or not worth one.
+    Known,
+    /// Guessed from where the handshake ended (Unix sockets).
+    Guessed,
+    /// Moved here from worker `from` to try this core; it ran `rate`
+    /// requests per second there.
+    Trying { from: usize, rate: f64 },
+}
 
 /// What a connection moved in the current window.
 #[derive(Debug, Clone, Copy)]
@@ -90,13 +115,78 @@ impl Worker {
             return;
         }
         let traffic = judge(&conn.window, elapsed);
+        let rate = conn.window.requests as f64 / elapsed.as_secs_f64();
         conn.window = Window::new(now);
         if !self.config.move_connections || conn.tls.is_some() || conn.moving_to.is_some() {
+            return;
+        }
+        if self.settle_home(id, traffic, rate) {
             return;
         }
         if let Some(target) = self.better_worker(&self.conns[id as usize], traffic) {
             self.begin_move(id, target, traffic);
         }
+    }
+
+    /// Runs the trial of a guessed home (see the module's comment); true
+    /// when it moved the connection.
+    fn settle_home(&mut self, id: u32, traffic: Traffic, rate: f64) -> bool {
+        let conn = &self.conns[id as usize];
+        let home = conn.home;
+        if traffic != Traffic::LatencyBound {
+            // Only a latency-bound rate says anything about wake-ups.
+            if matches!(home, Home::Trying { .. }) {
+                self.conns[id as usize].home = Home::Known;
+            }
+            return false;
+        }
+        match home {
+            Home::Known => false,
+            // Away from its guessed home (it streamed), it goes home first.
+            Home::Guessed if conn.incoming_cpu != self.cpu => false,
+            Home::Guessed => {
+                let Some(target) = self.trial_worker() else {
+                    self.conns[id as usize].home = Home::Known;
+                    return false;
+                };
+                self.conns[id as usize].home = Home::Trying { from: self.index, rate };
+                self.begin_move(id, target, traffic);
+                true
+            }
+            Home::Trying { from, rate: before } => {
+                let conn = &mut self.conns[id as usize];
+                conn.home = Home::Known;
+                if rate >= before * TRIAL_KEEP_RATIO {
+                    conn.incoming_cpu = self.cpu;
+                } else if let Some(peers) = self.peers.get() {
+                    // Back to where it ran faster (`better_worker` moves it).
+                    conn.incoming_cpu = peers[from].cpu;
+                }
+                if self.config.verbose {
+                    let home = conn.incoming_cpu.map_or_else(|| "unknown".to_owned(), |cpu| cpu.to_string());
+                    crate::note!(
+                        "worker {}: {} ran {rate:.0} requests/s here, {before:.0} on worker {from}: its home is core {home}",
+                        self.index,
+                        conn.peer,
+                    );
+                }
+                false
+            }
+        }
+    }
+
+    /// A worker on another core, with no more connections than this one,
+    /// to try a guessed home against.
+    fn trial_worker(&self) -> Option<usize> {
+        let peers = self.peers.get()?;
+        let mine = peers[self.index].load.load(Ordering::Relaxed);
+        peers
+            .iter()
+            .enumerate()
+            .filter(|(index, p)| *index != self.index && p.cpu.is_some() && p.cpu != self.cpu)
+            .filter(|(_, p)| p.load.load(Ordering::Relaxed) <= mine)
+            .min_by_key(|(_, p)| p.load.load(Ordering::Relaxed))
+            .map(|(index, _)| index)
     }
 
     /// The worker `conn` should be on, if it is not this one and that one
@@ -131,7 +221,11 @@ impl Worker {
                 "worker {}: moving {} to worker {target} ({})",
                 self.index,
                 conn.peer,
-                if traffic == Traffic::Streaming { "it streams" } else { "it is latency-bound again" }
+                match (traffic, conn.home) {
+                    (Traffic::Streaming, _) => "it streams",
+                    (_, Home::Trying { .. }) => "to try its core",
+                    _ => "it is latency-bound again",
+                }
             );
         }
         if conn.recv_in_flight && conn.payload_request.is_none() {
