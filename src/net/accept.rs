@@ -263,8 +263,9 @@ fn accepting_thread(shared: &Arc<Acceptors>, permanent: bool) {
 /// MSG_MORE, which Unix sockets ignore), and its connect wakes this thread
 /// on the client's own core. With wakeup preemption each piece switched to
 /// this thread, which read it and slept again until the next: 16 switches
-/// per nbdinfo connection instead of one per client round trip, and most
-/// of a short connection's server CPU (doc/benchmarks.md). Without it the
+/// per nbdinfo connection instead of about 5, and with them the handshake
+/// took 27% of a dirty-map connection's server samples in perf
+/// (doc/benchmarks.md). Without it the
 /// client finishes its option and blocks for the reply, and this thread
 /// then reads the whole option at once. A handshake is not
 /// latency-critical to the microsecond; workers keep normal scheduling.
