@@ -4,6 +4,7 @@
 //! `CI=true` a missing tool fails the test instead of skipping it.
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod raw;
 
 use std::io::{BufRead, BufReader};

@@ -208,7 +208,14 @@ impl Worker {
                 if tls.wants_write() {
                     self.flush_send(id);
                 }
-                self.post_recv(id);
+                let conn = &self.conns[id as usize];
+                if conn.moving_to.is_some() && conn.payload_request.is_none() {
+                    // The partial record stays in the transport and goes
+                    // with the connection; the next worker receives the rest.
+                    self.release_if_idle(id);
+                } else {
+                    self.post_recv(id);
+                }
                 None
             }
             Ok(n) => Some(n as i32),
