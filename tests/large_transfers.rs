@@ -1,8 +1,9 @@
-//! Large READs and WRITEs of in-memory files take their own paths
-//! (`--large-reads copy|in-place|splice`, `--large-writes copy|in-place`):
-//! every combination moves exactly the right bytes (fio verify, nbdcopy
-//! and qemu-img compare), answers sparse ranges with hole chunks, and
-//! survives clients that vanish mid-transfer without leaking anything.
+//! Large READs and WRITEs take their own paths (`--large-reads
+//! copy|in-place|splice` and `--large-writes copy|in-place` for files in
+//! memory, `--zero-copy-sends` for replies from buffers): every
+//! combination moves exactly the right bytes (fio verify, nbdcopy and
+//! qemu-img compare), answers sparse ranges with hole chunks, and survives
+//! clients that vanish mid-transfer without leaking anything.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -35,8 +36,17 @@ impl Drop for ShmDir {
     }
 }
 
-const MODES: [(&str, &str); 4] =
-    [("in-place", "copy"), ("splice", "in-place"), ("copy", "copy"), ("in-place", "in-place")];
+/// `--large-reads`, `--large-writes`, `--zero-copy-sends`. Copied reads
+/// are the ones sent from buffers; on loopback the kernel copies
+/// zero-copy sends anyway, so `auto` turns them off after the first and
+/// only `on` keeps them on the zero-copy path.
+const MODES: [(&str, &str, &str); 5] = [
+    ("in-place", "copy", "auto"),
+    ("splice", "in-place", "auto"),
+    ("copy", "copy", "off"),
+    ("copy", "in-place", "on"),
+    ("in-place", "in-place", "auto"),
+];
 
 /// Data in 0..16 MiB and 40..48 MiB of a 64 MiB file, holes elsewhere.
 fn sparse_image(path: &Path, golden: &Path) {
@@ -67,13 +77,21 @@ fn every_large_transfer_path_moves_exactly_the_right_bytes() {
     if !require("fio") || !require("qemu-img") || !require("nbdcopy") || !require("nbd-python") {
         return;
     }
-    for (reads, writes) in MODES {
-        let what = format!("--large-reads {reads} --large-writes {writes}");
-        let dir = ShmDir::new(&format!("large-{reads}-{writes}"));
+    for (reads, writes, zero_copy) in MODES {
+        let what = format!("--large-reads {reads} --large-writes {writes} --zero-copy-sends {zero_copy}");
+        let dir = ShmDir::new(&format!("large-{reads}-{writes}-{zero_copy}"));
         let (image, golden) = (dir.path("disk.img"), dir.path("golden.img"));
         sparse_image(&image, &golden);
         let image_arg = image.display().to_string();
-        let server = Server::start(&["--large-reads", reads, "--large-writes", writes, &image_arg]);
+        let server = Server::start(&[
+            "--large-reads",
+            reads,
+            "--large-writes",
+            writes,
+            "--zero-copy-sends",
+            zero_copy,
+            &image_arg,
+        ]);
         let (tcp, unix) = (uri(&server, Transport::Tcp, ""), uri(&server, Transport::Unix, ""));
 
         // Reads: the whole image, through both transports; reading its
@@ -144,12 +162,22 @@ fn clients_that_vanish_mid_transfer_leave_nothing_behind() {
     if !require("nbd-python") {
         return;
     }
-    for reads in ["in-place", "splice"] {
+    // Copied reads with zero-copy sends on: replies whose buffers the
+    // kernel still holds when their client goes.
+    for (reads, zero_copy) in [("in-place", "auto"), ("splice", "auto"), ("copy", "on")] {
         let dir = ShmDir::new(&format!("vanish-{reads}"));
         let image = dir.path("disk.img");
         std::fs::write(&image, random_bytes((32 * MIB) as usize, 4)).unwrap();
         let image_arg = image.display().to_string();
-        let mut server = Server::start(&["--large-reads", reads, "--large-writes", "in-place", &image_arg]);
+        let mut server = Server::start(&[
+            "--large-reads",
+            reads,
+            "--large-writes",
+            "in-place",
+            "--zero-copy-sends",
+            zero_copy,
+            &image_arg,
+        ]);
         let addr = server.addr();
         let idle = sockets(&server);
         for round in 0..3 {
@@ -181,5 +209,64 @@ fn clients_that_vanish_mid_transfer_leave_nothing_behind() {
             &[server.uri()],
         );
         assert_eq!(check.trim(), "True", "{reads}");
+        assert_eq!(server.stop(), Some(0), "{reads}: a clean shutdown");
     }
+}
+
+/// An O_DIRECT file on disk (ext4 under /tmp): its reads land in
+/// registered buffers and, with `--zero-copy-sends on`, leave from them
+/// zero-copy, each buffer held until the kernel's notification. Every byte
+/// must arrive, holes included, while writes go on alongside; with `auto`
+/// the loopback peer is found to be copied to and the connection copies.
+#[test]
+fn zero_copy_sends_from_o_direct_buffers_move_the_right_bytes() {
+    if !require("fio") || !require("qemu-img") || !require("nbd-python") {
+        return;
+    }
+    let dir = TempDir::new("zero-copy");
+    let (image, golden) = (dir.path("disk.img"), dir.path("golden.img"));
+    sparse_image(&image, &golden);
+    let image_arg = image.display().to_string();
+    let server = Server::start(&["--zero-copy-sends", "on", &image_arg]);
+    let (tcp, unix) = (uri(&server, Transport::Tcp, ""), uri(&server, Transport::Unix, ""));
+    for u in [&tcp, &unix] {
+        let out = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", golden.to_str().unwrap(), u]);
+        assert!(out.status.success(), "{u}: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    let chunks = python(CHUNKS, &[&tcp]);
+    assert!(chunks.lines().next() == Some("0:2:1048576:0"), "an all-hole read is one hole chunk: {chunks}");
+    // Large reads verify what fio wrote, two jobs at once, one per transport.
+    let fio = |u: &str, offset: &str| {
+        let u = u.to_owned();
+        let offset = offset.to_owned();
+        std::thread::spawn(move || {
+            run(
+                "fio",
+                &[
+                    "--name=verify",
+                    "--ioengine=nbd",
+                    &format!("--uri={u}"),
+                    "--rw=randwrite",
+                    "--bsrange=64k-2m",
+                    "--iodepth=8",
+                    "--size=24M",
+                    &format!("--offset={offset}"),
+                    "--verify=crc32c",
+                    "--verify_fatal=1",
+                    "--do_verify=1",
+                ],
+            )
+        })
+    };
+    let jobs = [fio(&tcp, "0"), fio(&unix, "32M")];
+    for job in jobs {
+        let out = job.join().unwrap();
+        assert!(out.status.success(), "fio: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    drop(server);
+
+    let server = Server::start(&["-v", "--zero-copy-sends", "auto", &image_arg]);
+    run_ok("nbdcopy", &[server.uri(), "null:"]);
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(log.contains("the kernel copies zero-copy sends to this peer"), "{log}");
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::backend::copy_before_write::{ScratchFull, ScratchPolicy};
-use crate::engine::worker::{LargeReads, LargeWrites, WorkerConfig};
+use crate::engine::worker::{LargeReads, LargeWrites, WorkerConfig, ZeroCopySends};
 pub mod config;
 pub mod ctl;
 pub mod export_spec;
@@ -111,6 +111,13 @@ pub struct Cli {
     /// mapping; untracked exports without snapshots).
     #[arg(long, value_enum, value_name = "HOW", default_value = "copy")]
     pub large_writes: LargeWrites,
+
+    /// Whether the data of reads of 64 KiB and more that are served from
+    /// buffers (files on disk) is sent zero-copy from the buffer: auto
+    /// (until the kernel reports it copied anyway, as it does for peers on
+    /// this host), on, or off.
+    #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
+    pub zero_copy_sends: ZeroCopySends,
 
     /// Advertise the O_DIRECT alignment as the minimum block size, holding
     /// clients that ask for block sizes to it. By default the minimum is 1
@@ -604,6 +611,7 @@ impl Cli {
                 count_requests: self.stats,
                 move_connections: self.placement == Placement::Local,
                 large_reads: self.large_reads,
+                zero_copy_sends: self.zero_copy_sends,
                 large_writes: self.large_writes,
                 verbose: self.verbose,
             },

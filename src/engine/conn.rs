@@ -19,7 +19,7 @@ use crate::net::access::Slot;
 use crate::proto::transmission::{ReplyMode, RequestLimits};
 
 use super::buffers::Refusal;
-use super::request::{Bytes, Request, advance_sent};
+use super::request::{Bytes, Request, Segment, advance_sent};
 use super::tls_transport::TlsTransport;
 
 /// Holds many pipelined headers and small WRITE payloads per receive.
@@ -188,7 +188,17 @@ pub struct Conn {
     pub window: crate::engine::worker::Window,
     /// The worker this connection is moving to, once idle.
     pub moving_to: Option<usize>,
+    /// Unique in the process: tells this connection from a later one in
+    /// the same slot (a zero-copy notification may outlive it).
+    pub serial: u64,
+    /// Large READ replies from buffers go zero-copy (`ZeroCopySends`; TCP
+    /// only); cleared once the kernel reports it copied them anyway, or
+    /// refused.
+    pub zero_copy: bool,
 }
+
+/// Source of `Conn::serial`.
+static SERIALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Conn {
     #[allow(clippy::too_many_arguments)]
@@ -240,6 +250,8 @@ impl Conn {
             home: crate::engine::worker::Home::Known,
             window: crate::engine::worker::Window::new(now),
             moving_to: None,
+            serial: SERIALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            zero_copy: false,
         }
     }
 
@@ -309,7 +321,7 @@ impl Conn {
     /// reallocation would move them under the kernel.
     pub fn plan_send(&mut self, requests: &Slab<Request>) -> Option<SendPlan> {
         let mut count = 0;
-        let mut parts = parts(&self.send_queue, self.send_skip, requests).peekable();
+        let mut parts = parts(&self.send_queue, self.send_skip, requests, self.zero_copy).peekable();
         while let Some(part) = parts.next() {
             let (at, len) = match part {
                 Part::Bytes(rest) => (rest.as_ptr(), rest.len()),
@@ -317,8 +329,12 @@ impl Conn {
                 Part::Pipe { request, len } if count == 0 => {
                     return Some(SendPlan::Pipe { request, len, more: parts.peek().is_some() });
                 }
-                Part::Pipe { .. } => {
-                    // The gathered bytes go first; the pipe follows at once.
+                Part::ZeroCopy { request, bytes } if count == 0 => {
+                    let (at, len, more) = (bytes.as_ptr(), bytes.len(), parts.peek().is_some());
+                    return Some(SendPlan::ZeroCopy { request, at, len, more });
+                }
+                Part::Pipe { .. } | Part::ZeroCopy { .. } => {
+                    // The gathered bytes go first; the rest follows at once.
                     self.message.msg_iov = self.iovecs.as_mut_ptr();
                     self.message.msg_iovlen = count;
                     return Some(SendPlan::Gather { message: &*self.message, more: true });
@@ -367,6 +383,11 @@ enum Part<'a> {
         request: u32,
         len: usize,
     },
+    /// Bytes of `request`'s buffer that go zero-copy.
+    ZeroCopy {
+        request: u32,
+        bytes: &'a [u8],
+    },
 }
 
 /// What `Conn::plan_send` found to send next.
@@ -375,19 +396,30 @@ pub enum SendPlan {
     Gather { message: *const libc::msghdr, more: bool },
     /// `len` bytes from `request`'s pipe; `more`: other bytes follow.
     Pipe { request: u32, len: usize, more: bool },
+    /// `len` bytes of `request`'s buffer from `at`, zero-copy; `more`:
+    /// other bytes follow.
+    ZeroCopy { request: u32, at: *const u8, len: usize, more: bool },
 }
 
 /// The parts of queued replies still to go, skipping the first `skip`
 /// bytes (already on the wire).
-fn parts<'a>(queue: &'a VecDeque<u32>, skip: usize, requests: &'a Slab<Request>) -> impl Iterator<Item = Part<'a>> {
+fn parts<'a>(
+    queue: &'a VecDeque<u32>,
+    skip: usize,
+    requests: &'a Slab<Request>,
+    zero_copy: bool,
+) -> impl Iterator<Item = Part<'a>> {
     let mut skip = skip;
     queue
         .iter()
         .flat_map(move |&id| {
             let request = &requests[id as usize];
-            request.segments().iter().map(move |&segment| (id, segment, request.segment_bytes(segment)))
+            request.segments().iter().map(move |&segment| {
+                let zero_copy = zero_copy && request.zero_copy && matches!(segment, Segment::Buffer { .. });
+                (id, segment, request.segment_bytes(segment), zero_copy)
+            })
         })
-        .filter_map(move |(id, segment, bytes)| {
+        .filter_map(move |(id, segment, bytes, zero_copy)| {
             let len = segment.len();
             if skip >= len {
                 skip -= len;
@@ -395,6 +427,7 @@ fn parts<'a>(queue: &'a VecDeque<u32>, skip: usize, requests: &'a Slab<Request>)
             }
             let from = std::mem::take(&mut skip);
             Some(match bytes {
+                Some(Bytes::Owned(bytes)) if zero_copy => Part::ZeroCopy { request: id, bytes: &bytes[from..] },
                 Some(Bytes::Owned(bytes)) => Part::Bytes(&bytes[from..]),
                 // SAFETY: from < len, so the pointer stays inside the segment.
                 Some(Bytes::Mapped { at, len }) => Part::Mapped { at: unsafe { at.add(from) }, len: len - from },
@@ -407,8 +440,8 @@ fn parts<'a>(queue: &'a VecDeque<u32>, skip: usize, requests: &'a Slab<Request>)
 /// mapped bytes (TLS encrypts from memory it owns, so its reads are never
 /// spliced or served in place).
 fn unsent<'a>(queue: &'a VecDeque<u32>, skip: usize, requests: &'a Slab<Request>) -> impl Iterator<Item = &'a [u8]> {
-    parts(queue, skip, requests).map(|part| match part {
-        Part::Bytes(bytes) => bytes,
+    parts(queue, skip, requests, false).map(|part| match part {
+        Part::Bytes(bytes) | Part::ZeroCopy { bytes, .. } => bytes,
         Part::Pipe { .. } | Part::Mapped { .. } => unreachable!("TLS connections splice and map nothing"),
     })
 }

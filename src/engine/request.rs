@@ -85,6 +85,18 @@ pub struct Request {
     /// as, also when it is refused), and when its header arrived.
     pub kind: u16,
     pub started: Instant,
+    /// Its reply's buffer bytes may go to the socket zero-copy, where the
+    /// connection sends so (see `worker::replies`); `conn_serial` says
+    /// which connection asked, for the kernel's report on whether it
+    /// copied anyway.
+    pub zero_copy: bool,
+    pub conn_serial: u64,
+    /// Zero-copy sends of its buffer whose notification is still to come:
+    /// until then the kernel may read the buffer, so it stays allocated.
+    pub zc_notifs: u32,
+    /// Its reply is done (sent or abandoned) and the connection has let go
+    /// of it; only `zc_notifs` keep the slot and buffer.
+    pub retired: bool,
     /// Reply bytes that do not live in `buffer` (headers, errors).
     inline: [u8; REPLY_INLINE_BYTES],
     inline_len: usize,
@@ -110,6 +122,10 @@ impl Request {
             payload_received: 0,
             status_mask: u64::MAX,
             error: None,
+            zero_copy: false,
+            conn_serial: 0,
+            zc_notifs: 0,
+            retired: false,
             inline: [0; REPLY_INLINE_BYTES],
             inline_len: 0,
             segments: [Segment::Inline { start: 0, len: 0 }; SEGMENTS_MAX],

@@ -26,6 +26,8 @@ pub const KERNEL_WORKERS_UNBOUNDED_MAX: u32 = 4;
 pub struct Completion {
     pub user_data: u64,
     pub result: i32,
+    /// IORING_CQE_F_* (MORE and NOTIF matter: zero-copy sends).
+    pub flags: u32,
 }
 
 pub struct Ring {
@@ -114,7 +116,7 @@ impl Ring {
         batch.clear();
         let cq: cqueue::CompletionQueue<'_> = self.ring.completion();
         for cqe in cq.take(REAP_BATCH_MAX) {
-            batch.push(Completion { user_data: cqe.user_data(), result: cqe.result() });
+            batch.push(Completion { user_data: cqe.user_data(), result: cqe.result(), flags: cqe.flags() });
         }
     }
 }

@@ -30,6 +30,9 @@ pub enum Token {
     /// A poll for room in a connection's socket, while a spliced read's
     /// pipe waits to be sent.
     Writable { conn: u32 },
+    /// A zero-copy send of `request`'s reply data: its result, then (with
+    /// IORING_CQE_F_NOTIF) the kernel's word that the buffer is free.
+    SendZc { request: u32 },
     /// The fdatasync of an image's change-tracking state file that makes
     /// the marks of waiting mutations durable; `sequence` (wrapping) tells
     /// a worker's syncs of one image apart.
@@ -51,6 +54,7 @@ const KIND_SEND: u64 = 2;
 const KIND_REQUEST: u64 = 3;
 const KIND_COMMIT: u64 = 4;
 const KIND_WRITABLE: u64 = 5;
+const KIND_SEND_ZC: u64 = 6;
 
 impl Token {
     pub fn encode(self) -> u64 {
@@ -60,6 +64,7 @@ impl Token {
             Token::Send { conn } => pack(KIND_SEND, conn),
             Token::Request { request } => pack(KIND_REQUEST, request),
             Token::Writable { conn } => pack(KIND_WRITABLE, conn),
+            Token::SendZc { request } => pack(KIND_SEND_ZC, request),
             Token::Commit { image, sequence } => pack(KIND_COMMIT, u32::from(image) << 16 | u32::from(sequence)),
             Token::Wake => WAKE,
             Token::Tick => TICK,
@@ -88,6 +93,7 @@ impl Token {
             KIND_SEND => Token::Send { conn: slot },
             KIND_REQUEST => Token::Request { request: slot },
             KIND_WRITABLE => Token::Writable { conn: slot },
+            KIND_SEND_ZC => Token::SendZc { request: slot },
             KIND_COMMIT => Token::Commit { image: (slot >> 16) as u16, sequence: slot as u16 },
             kind => panic!("unknown user_data kind {kind} in {user_data:#x}"),
         }
@@ -106,6 +112,7 @@ mod tests {
                 Token::Send { conn: slot },
                 Token::Request { request: slot },
                 Token::Writable { conn: slot },
+                Token::SendZc { request: slot },
                 Token::Commit { image: (slot >> 16) as u16, sequence: slot as u16 },
             ];
             for token in tokens {

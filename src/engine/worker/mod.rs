@@ -80,6 +80,8 @@ pub struct WorkerConfig {
     /// How large READs and WRITEs of in-memory files move.
     pub large_reads: LargeReads,
     pub large_writes: LargeWrites,
+    /// Whether large READ replies leave their buffers zero-copy.
+    pub zero_copy_sends: ZeroCopySends,
     pub verbose: bool,
 }
 
@@ -107,6 +109,24 @@ pub enum LargeWrites {
     /// Received straight into the file's mapping (untracked images without
     /// snapshots only: the data lands as it arrives).
     InPlace,
+}
+
+/// Whether the data of large READ replies served from buffers (O_DIRECT
+/// and buffered files on disk, anything not in place or spliced) goes to
+/// the socket zero-copy (`--zero-copy-sends`, see `replies`): the kernel
+/// sends from the buffer itself, which stays the request's until the
+/// kernel says it is done with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ZeroCopySends {
+    /// Zero-copy until the kernel reports, for a connection, that it had
+    /// to copy anyway (a peer on this host: loopback, veth), where a plain
+    /// send is cheaper; that connection then copies.
+    #[default]
+    Auto,
+    /// Always zero-copy (to measure it where the kernel copies anyway).
+    On,
+    /// Always copy into the socket.
+    Off,
 }
 
 /// How long deferred requests (waiting for a block lock) and connections
@@ -162,6 +182,11 @@ pub struct Worker {
     stalled: VecDeque<u32>,
     /// A slot or buffer was freed since stalled connections were retried.
     freed: bool,
+    /// Requests kept only for their zero-copy notifications (see
+    /// `free_request`).
+    zero_copy_retired: usize,
+    /// Shutdown's drain deadline passed: stop waiting for anything.
+    drain_deadline_passed: bool,
     /// Connections released since freed heap memory was last handed back.
     released_since_trim: usize,
     load: Arc<AtomicUsize>,
@@ -244,6 +269,8 @@ impl Worker {
             deferred: VecDeque::with_capacity(config.requests_max),
             stalled: VecDeque::with_capacity(64),
             freed: false,
+            zero_copy_retired: 0,
+            drain_deadline_passed: false,
             released_since_trim: 0,
             load: parts.load,
             shutdown: parts.shutdown,
@@ -262,7 +289,11 @@ impl Worker {
 
     pub fn run(mut self) -> Result<(), EngineError> {
         self.post_wake_read();
-        while !(self.draining && self.conns.is_empty()) {
+        // Notifications of zero-copy sends come once the peer has the data;
+        // a peer that stopped acknowledging holds them until the deadline.
+        // Then the worker leaves anyway: the kernel holds its own reference
+        // to the pages it still sends, so unmapping the buffers is safe.
+        while !(self.draining && self.conns.is_empty() && (self.zero_copy_retired == 0 || self.drain_deadline_passed)) {
             self.ring.submit_and_wait().map_err(EngineError::Ring)?;
             self.now = Instant::now();
             let mut batch = std::mem::take(&mut self.batch);
@@ -291,6 +322,7 @@ impl Worker {
             Token::Recv { conn } => self.on_recv(conn, c.result),
             Token::Send { conn } => self.on_send(conn, c.result),
             Token::Writable { conn } => self.on_writable(conn, c.result),
+            Token::SendZc { request } => self.on_send_zc(request, c.result, c.flags),
             Token::Request { request } => self.on_io(request, c.result),
             Token::Commit { image, sequence } => self.on_commit(usize::from(image), sequence, c.result),
             Token::Wake => self.on_wake(),

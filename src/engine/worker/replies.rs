@@ -15,7 +15,17 @@ use super::super::request::Request;
 use super::super::sparse_read::{self, Run};
 use super::super::user_data::Token;
 use super::super::{metrics, write_path};
-use super::Worker;
+use super::{Worker, ZeroCopySends};
+
+/// READ replies of at least this much data go zero-copy (when they do at
+/// all): below it, pinning pages and waiting for a notification cost more
+/// than the copy saves, and the 4k paths stay exactly as measured.
+pub const ZERO_COPY_BYTES_MIN: usize = 64 << 10;
+/// `IORING_SEND_ZC_REPORT_USAGE` (Linux 6.2): the notification says
+/// whether the kernel had to copy after all.
+const SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
+/// `IORING_NOTIF_USAGE_ZC_COPIED`, in a notification's result.
+const NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
 
 impl Worker {
     /// Encodes the reply and queues it on its connection.
@@ -31,7 +41,13 @@ impl Worker {
                 req.clear_reply();
                 req.reply_inline(|out| reply::error(out, to, error.code.code(), error.message));
             }
-            (None, Command::Read { offset, length, df }) if is_read => compose_read(req, offset, length, df),
+            (None, Command::Read { offset, length, df }) if is_read => {
+                compose_read(req, offset, length, df);
+                if req.buffer.is_some() && length as usize >= ZERO_COPY_BYTES_MIN {
+                    req.zero_copy = true;
+                    req.conn_serial = conn.serial;
+                }
+            }
             (None, Command::BlockStatus { .. }) => {} // encoded into the buffer already
             (None, _) => req.reply_inline(|out| reply::success(out, to, is_read)),
         }
@@ -96,6 +112,23 @@ impl Worker {
                         .flags(flags as u32)
                         .build()
                         .user_data(Token::Send { conn: id }.encode());
+                    self.push(entry);
+                    break;
+                }
+                Some(SendPlan::ZeroCopy { request, at, len, more }) => {
+                    conn.send_in_flight = true;
+                    let req = &mut self.requests[request as usize];
+                    req.zc_notifs += 1;
+                    let fixed = req.buffer.as_ref().and_then(|b| b.fixed_index());
+                    let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+                    // The buffer is the request's until the notification
+                    // (`on_send_zc`), and `free_request` keeps it that long.
+                    let entry = opcode::SendZc::new(types::Fd(conn.fd()), at, len as u32)
+                        .buf_index(fixed)
+                        .flags(flags)
+                        .zc_flags(SEND_ZC_REPORT_USAGE)
+                        .build()
+                        .user_data(Token::SendZc { request }.encode());
                     self.push(entry);
                     break;
                 }
@@ -207,10 +240,90 @@ impl Worker {
         }
     }
 
+    /// A zero-copy send's completion: first its result, as for any send
+    /// (with IORING_CQE_F_MORE when a notification follows), then the
+    /// notification that the kernel no longer reads the buffer.
+    pub(super) fn on_send_zc(&mut self, request: u32, result: i32, flags: u32) {
+        let req = &mut self.requests[request as usize];
+        if io_uring::cqueue::notif(flags) {
+            req.zc_notifs -= 1;
+            if (result as u32) & NOTIF_USAGE_ZC_COPIED != 0 && self.config.zero_copy_sends == ZeroCopySends::Auto {
+                self.zero_copy_copied(request);
+            }
+            let req = &self.requests[request as usize];
+            if req.retired && req.zc_notifs == 0 {
+                self.release_retired(request);
+            }
+            return;
+        }
+        let id = req.conn;
+        if !io_uring::cqueue::more(flags) {
+            // Refused before it took the buffer: no notification comes.
+            req.zc_notifs -= 1;
+        }
+        let conn = &mut self.conns[id as usize];
+        if result < 0 && conn.closing != Closing::Hard {
+            // Nothing was sent. Where zero-copy itself is refused (a socket
+            // without it, EOPNOTSUPP; pinned pages over RLIMIT_MEMLOCK,
+            // ENOBUFS) the connection copies from now on; a dead socket
+            // fails that send too and closes as usual.
+            conn.send_in_flight = false;
+            conn.zero_copy = false;
+            if self.config.verbose {
+                let error = std::io::Error::from_raw_os_error(-result);
+                crate::note!(
+                    "worker {}: {}: zero-copy send refused ({error}); sending with a copy",
+                    self.index,
+                    conn.peer
+                );
+            }
+            self.flush_send(id);
+            if self.conns.contains(id as usize) {
+                self.release_if_idle(id);
+            }
+            return;
+        }
+        self.on_send(id, result);
+    }
+
+    /// The kernel copied a zero-copy send after all (the peer is on this
+    /// host): pinning and notifying cost more than a plain send's copy, so
+    /// the connection that sent it copies from now on.
+    fn zero_copy_copied(&mut self, request: u32) {
+        let req = &self.requests[request as usize];
+        let serial = req.conn_serial;
+        let Some(conn) = self.conns.get_mut(req.conn as usize).filter(|c| c.serial == serial) else {
+            return; // closed or moved on since
+        };
+        if std::mem::take(&mut conn.zero_copy) && self.config.verbose {
+            crate::note!(
+                "worker {}: {}: the kernel copies zero-copy sends to this peer; sending with a copy",
+                self.index,
+                conn.peer
+            );
+        }
+    }
+
     /// Returns a request's slot and buffer, and notes that stalled
     /// connections may now get theirs. Never releases the connection:
     /// callers may still be using it, and call `release_if_idle`.
+    ///
+    /// A request whose buffer a zero-copy send may still be reading is
+    /// retired instead: its connection lets go of it now (it no longer
+    /// counts in flight, so the connection may close or move), and the
+    /// slot and buffer wait for the last notification (`release_retired`).
     pub(super) fn free_request(&mut self, request: u32) {
+        let req = &mut self.requests[request as usize];
+        if req.zc_notifs > 0 {
+            debug_assert!(!req.retired, "a request is retired once");
+            req.retired = true;
+            let held = req.buffer.as_ref().map_or(0, |b| b.len());
+            let conn = self.conns.get_mut(req.conn as usize).expect("a connection outlives its requests");
+            conn.inflight -= 1;
+            conn.buffer_bytes -= held;
+            self.zero_copy_retired += 1;
+            return;
+        }
         let req = self.requests.remove(request as usize);
         debug_assert!(!req.task.holds_locks(), "a request is freed only after its backend work");
         let conn = self.conns.get_mut(req.conn as usize).expect("a connection outlives its requests");
@@ -222,6 +335,17 @@ impl Worker {
         if let Some(pipe) = req.pipe {
             self.pipes.give(pipe);
         }
+        self.freed = true;
+    }
+
+    /// A retired request's last notification came: the kernel is done
+    /// with its buffer.
+    fn release_retired(&mut self, request: u32) {
+        let req = self.requests.remove(request as usize);
+        if let Some(buffer) = req.buffer {
+            self.pool.free(buffer);
+        }
+        self.zero_copy_retired -= 1;
         self.freed = true;
     }
 }
