@@ -22,6 +22,10 @@ use super::buffers::Refusal;
 use super::request::{Bytes, Request, Segment, advance_sent};
 use super::tls_transport::TlsTransport;
 
+/// A zero-copy reply's data runs shorter than this (the pieces of a sparse
+/// read between its holes) are gathered and copied with the headers: each
+/// zero-copy send costs a round trip and a notification of its own.
+pub const ZERO_COPY_SEGMENT_BYTES_MIN: usize = 16 << 10;
 /// Holds many pipelined headers and small WRITE payloads per receive.
 pub const RECV_BUFFER_BYTES: usize = 256 * 1024;
 /// WRITE payloads up to this size are parsed from the receive buffer once
@@ -415,7 +419,9 @@ fn parts<'a>(
         .flat_map(move |&id| {
             let request = &requests[id as usize];
             request.segments().iter().map(move |&segment| {
-                let zero_copy = zero_copy && request.zero_copy && matches!(segment, Segment::Buffer { .. });
+                let zero_copy = zero_copy
+                    && request.zero_copy
+                    && matches!(segment, Segment::Buffer { len, .. } if len >= ZERO_COPY_SEGMENT_BYTES_MIN);
                 (id, segment, request.segment_bytes(segment), zero_copy)
             })
         })
