@@ -58,6 +58,27 @@ fn sparse_image(path: &Path, golden: &Path) {
     std::fs::copy(path, golden).unwrap();
 }
 
+/// fio random writes of `sizes` at QD8 over 24 MiB from `offset`, each
+/// block read back and checked (crc32c).
+fn fio_verify(uri: &str, offset: &str, sizes: &str) -> std::process::Output {
+    run(
+        "fio",
+        &[
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            &format!("--bsrange={sizes}"),
+            "--iodepth=8",
+            "--size=24M",
+            &format!("--offset={offset}"),
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+        ],
+    )
+}
+
 /// The chunks of a structured read: (offset, type 1 data / 2 hole, len).
 const CHUNKS: &str = r#"
 import nbd, sys
@@ -123,22 +144,7 @@ fn every_large_transfer_path_moves_exactly_the_right_bytes() {
         // Writes of 64k..1M, verified by fio on each transport in its own
         // region, then a whole new image copied in and compared.
         for (u, offset) in [(&tcp, "0"), (&unix, "32M")] {
-            let out = run(
-                "fio",
-                &[
-                    "--name=verify",
-                    "--ioengine=nbd",
-                    &format!("--uri={u}"),
-                    "--rw=randwrite",
-                    "--bsrange=64k-1m",
-                    "--iodepth=8",
-                    "--size=24M",
-                    &format!("--offset={offset}"),
-                    "--verify=crc32c",
-                    "--verify_fatal=1",
-                    "--do_verify=1",
-                ],
-            );
+            let out = fio_verify(u, offset, "64k-1m");
             assert!(out.status.success(), "{what}: fio on {u}: {}", String::from_utf8_lossy(&out.stdout));
         }
         let source = dir.path("source.img");
@@ -236,27 +242,9 @@ fn zero_copy_sends_from_o_direct_buffers_move_the_right_bytes() {
     let chunks = python(CHUNKS, &[&tcp]);
     assert!(chunks.lines().next() == Some("0:2:1048576:0"), "an all-hole read is one hole chunk: {chunks}");
     // Large reads verify what fio wrote, two jobs at once, one per transport.
-    let fio = |u: &str, offset: &str| {
+    let fio = |u: &str, offset: &'static str| {
         let u = u.to_owned();
-        let offset = offset.to_owned();
-        std::thread::spawn(move || {
-            run(
-                "fio",
-                &[
-                    "--name=verify",
-                    "--ioengine=nbd",
-                    &format!("--uri={u}"),
-                    "--rw=randwrite",
-                    "--bsrange=64k-2m",
-                    "--iodepth=8",
-                    "--size=24M",
-                    &format!("--offset={offset}"),
-                    "--verify=crc32c",
-                    "--verify_fatal=1",
-                    "--do_verify=1",
-                ],
-            )
-        })
+        std::thread::spawn(move || fio_verify(&u, offset, "64k-2m"))
     };
     let jobs = [fio(&tcp, "0"), fio(&unix, "32M")];
     for job in jobs {

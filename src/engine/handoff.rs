@@ -61,6 +61,8 @@ pub struct NewConnection {
     /// Whether `incoming_cpu` was measured (SO_INCOMING_CPU) rather than
     /// guessed from where the handshake ended (see `worker::placement`).
     pub home_measured: bool,
+    /// A TCP socket (zero-copy sends need one; Unix sockets have none).
+    pub tcp: bool,
     /// The TLS session, if the client upgraded with STARTTLS.
     pub tls: Option<Parts>,
     /// Its place under the connection limits, given back when it closes.

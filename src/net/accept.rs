@@ -429,6 +429,7 @@ fn peer_uid(fd: RawFd) -> Option<u32> {
 fn handshake(socket: Socket, ticket: Ticket, config: &AcceptConfig, dispatch: &dyn Dispatch) -> bool {
     let peer = socket.peer();
     let facts = socket.peer_facts();
+    let tcp = matches!(socket, Socket::Tcp(..));
     let (result, fd): (Result<_, NegotiateError>, OwnedFd) = match socket {
         Socket::Tcp(mut s, _) => {
             let _ = s.set_nodelay(true);
@@ -447,7 +448,8 @@ fn handshake(socket: Socket, ticket: Ticket, config: &AcceptConfig, dispatch: &d
                 crate::note!("{peer}: export {:?} was removed during the handshake; closing", export.info.name);
                 return false;
             };
-            let measured = incoming_cpu(&fd);
+            // A Unix socket has no incoming core to ask for.
+            let measured = if tcp { incoming_cpu(&fd) } else { None };
             dispatch.dispatch(NewConnection {
                 socket: fd,
                 negotiated,
@@ -456,6 +458,7 @@ fn handshake(socket: Socket, ticket: Ticket, config: &AcceptConfig, dispatch: &d
                 peer,
                 incoming_cpu: measured.or_else(current_cpu),
                 home_measured: measured.is_some(),
+                tcp,
                 tls,
                 slot,
             });

@@ -85,9 +85,8 @@ impl Worker {
         );
         let mut conn = Box::new(conn);
         conn.tls = new.tls.map(|parts| Box::new(TlsTransport::new(parts)));
-        // TLS encrypts every reply into a buffer of its own; Unix sockets
-        // have no zero-copy sends.
-        conn.zero_copy = self.config.zero_copy_sends != ZeroCopySends::Off && conn.tls.is_none() && is_tcp(conn.fd());
+        // TLS encrypts every reply into a buffer of its own.
+        conn.zero_copy = self.config.zero_copy_sends != ZeroCopySends::Off && conn.tls.is_none() && new.tcp;
         conn.slot = new.slot;
         conn.incoming_cpu = new.incoming_cpu;
         if !new.home_measured {
@@ -360,15 +359,4 @@ fn abort_on_close(fd: std::os::fd::RawFd) {
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
         );
     }
-}
-
-/// Whether `fd` is a TCP socket (SO_PROTOCOL).
-fn is_tcp(fd: std::os::fd::RawFd) -> bool {
-    let mut protocol: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into a live c_int.
-    let ok = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL, (&mut protocol as *mut libc::c_int).cast(), &mut len)
-    };
-    ok == 0 && protocol == libc::IPPROTO_TCP
 }
